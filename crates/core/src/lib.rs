@@ -1,0 +1,16 @@
+//! Strata's domain vocabulary, shared by every other crate: feature views and
+//! their typed features (the registry), feature values, rows with their event
+//! time, and the compact encoding a row has in a cache.
+//!
+//! This crate knows nothing about gRPC, Redis or PostgreSQL; the crates that
+//! talk to those translate to and from these types at their edges.
+
+#![forbid(unsafe_code)]
+
+mod codec;
+mod registry;
+mod value;
+
+pub use codec::{DecodeError, decode_row, encode_row};
+pub use registry::{Feature, FeatureView, FeatureViewSpec, FeatureSpec, Registry, RegistryError};
+pub use value::{EventTime, FeatureType, Row, Value};

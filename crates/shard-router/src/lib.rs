@@ -1,0 +1,291 @@
+//! Strata's source of truth: PostgreSQL, sharded by entity key.
+//!
+//! This crate owns the routing rule ([`shard_for`]), one deadpool-postgres
+//! pool per shard, the per-view tables, and the queries: a batch read is one
+//! `= ANY($1)` query per shard, shards queried concurrently; a batch write is
+//! one transaction per shard, guarded by event time.
+//!
+//! It knows nothing about gRPC or the cache tiers.
+
+#![forbid(unsafe_code)]
+
+mod routing;
+mod schema;
+mod sql;
+
+use std::str::FromStr;
+use std::sync::Arc;
+use std::time::{Duration, Instant};
+
+use deadpool_postgres::{Manager, ManagerConfig, Pool, RecyclingMethod, Runtime};
+use futures::future::join_all;
+use strata_core::{FeatureView, Row};
+use tokio_postgres::NoTls;
+
+pub use routing::{jump_hash, shard_for};
+
+/// One shard as configured: a name for logs and metrics, and where it is.
+#[derive(Clone, Debug)]
+pub struct ShardConfig {
+    pub name: String,
+    /// A libpq-style connection string or `postgres://` URL.
+    pub url: String,
+}
+
+/// Connection pool settings, shared by every shard.
+#[derive(Clone, Debug)]
+pub struct PoolOptions {
+    /// Most connections open to one shard.
+    pub max_connections: usize,
+    /// Longest wait for a free connection or a new one.
+    pub connect_timeout: Duration,
+}
+
+impl Default for PoolOptions {
+    fn default() -> Self {
+        PoolOptions { max_connections: 16, connect_timeout: Duration::from_secs(2) }
+    }
+}
+
+#[derive(Debug, thiserror::Error)]
+pub enum ShardError {
+    #[error("shard {shard}: bad connection string: {source}")]
+    Config { shard: String, source: tokio_postgres::Error },
+    #[error("shard {shard}: cannot build pool: {message}")]
+    Pool { shard: String, message: String },
+    #[error("shard {shard}: {source}")]
+    Connect { shard: String, source: deadpool_postgres::PoolError },
+    #[error("shard {shard}: {source}")]
+    Query { shard: String, source: tokio_postgres::Error },
+    #[error("shard {shard}: view {view}: column {column} has type {found}, the view declares {expected}")]
+    Schema { shard: String, view: String, column: String, found: String, expected: String },
+    #[error("shard {shard}: view {view}: {message}")]
+    Decode { shard: String, view: String, message: String },
+    #[error("no shards are configured")]
+    NoShards,
+}
+
+/// What a batch read found for one key.
+#[derive(Clone, Debug, PartialEq)]
+pub enum Fetched {
+    Found(Row),
+    NotFound,
+    /// The owning shard could not be read; the error was logged and counted.
+    Unavailable,
+}
+
+/// What a batch write did.
+#[derive(Debug, Default)]
+pub struct UpsertOutcome {
+    /// Keys whose row is now the written one.
+    pub written: Vec<String>,
+    /// Keys not applied because a newer event time is stored.
+    pub skipped_older: Vec<String>,
+    /// Shards whose transaction failed, with the keys it held. Nothing of
+    /// such a shard's part of the batch was applied.
+    pub failed: Vec<(ShardError, Vec<String>)>,
+}
+
+struct Shard {
+    name: String,
+    /// The shard index as a metrics label.
+    label: String,
+    pool: Pool,
+}
+
+/// Routes keys to shards and runs the batch queries.
+#[derive(Clone)]
+pub struct ShardRouter {
+    shards: Arc<Vec<Shard>>,
+}
+
+impl ShardRouter {
+    /// Builds one pool per shard. Connections are opened on first use, so a
+    /// shard that is down does not stop start-up.
+    pub fn new(configs: &[ShardConfig], options: &PoolOptions) -> Result<ShardRouter, ShardError> {
+        if configs.is_empty() {
+            return Err(ShardError::NoShards);
+        }
+        let mut shards = Vec::with_capacity(configs.len());
+        for (index, config) in configs.iter().enumerate() {
+            let mut pg = tokio_postgres::Config::from_str(&config.url)
+                .map_err(|source| ShardError::Config { shard: config.name.clone(), source })?;
+            if pg.get_application_name().is_none() {
+                pg.application_name("strata");
+            }
+            pg.connect_timeout(options.connect_timeout);
+            let manager = Manager::from_config(pg, NoTls, ManagerConfig { recycling_method: RecyclingMethod::Fast });
+            let pool = Pool::builder(manager)
+                .max_size(options.max_connections)
+                .runtime(Runtime::Tokio1)
+                .wait_timeout(Some(options.connect_timeout))
+                .create_timeout(Some(options.connect_timeout))
+                .build()
+                .map_err(|e| ShardError::Pool { shard: config.name.clone(), message: e.to_string() })?;
+            shards.push(Shard { name: config.name.clone(), label: index.to_string(), pool });
+        }
+        Ok(ShardRouter { shards: Arc::new(shards) })
+    }
+
+    pub fn shard_count(&self) -> usize {
+        self.shards.len()
+    }
+
+    /// The index of the shard that owns `key`, in config order.
+    pub fn shard_of(&self, key: &str) -> usize {
+        // The shard count came from a Vec, so it fits a u32 in any real config.
+        shard_for(key, self.shards.len() as u32) as usize
+    }
+
+    /// Creates the schema and each view's table on every shard, adding
+    /// columns for features new to the config. Idempotent; safe to run from
+    /// several servers at once.
+    pub async fn migrate(&self, views: &[Arc<FeatureView>]) -> Result<(), ShardError> {
+        let runs = self.shards.iter().map(|shard| async move {
+            let client = shard.client().await?;
+            schema::migrate(&client, &shard.name, views).await
+        });
+        join_all(runs).await.into_iter().collect()
+    }
+
+    /// Reads the rows of `keys` (which must be distinct): one query per shard
+    /// that owns any of them, all shards at once. The answer is aligned with
+    /// `keys`. A shard that fails marks its keys [`Fetched::Unavailable`].
+    pub async fn fetch(&self, view: &FeatureView, keys: &[&str]) -> Vec<Fetched> {
+        let mut by_shard: Vec<Vec<usize>> = vec![Vec::new(); self.shards.len()];
+        for (i, key) in keys.iter().enumerate() {
+            by_shard[self.shard_of(key)].push(i);
+        }
+        let queries = by_shard.iter().enumerate().filter(|(_, idx)| !idx.is_empty()).map(|(s, idx)| {
+            let shard = &self.shards[s];
+            let shard_keys: Vec<&str> = idx.iter().map(|&i| keys[i]).collect();
+            async move {
+                let started = Instant::now();
+                let result = shard.fetch(view, &shard_keys).await;
+                shard.observe("fetch", started, result.is_ok());
+                (idx, result)
+            }
+        });
+        let mut out = vec![Fetched::NotFound; keys.len()];
+        for (idx, result) in join_all(queries).await {
+            match result {
+                Ok(mut found) => {
+                    for &i in idx {
+                        if let Some(row) = found.remove(keys[i]) {
+                            out[i] = Fetched::Found(row);
+                        }
+                    }
+                }
+                Err(error) => {
+                    tracing::warn!(view = %view.name, keys = idx.len(), %error, "shard read failed");
+                    for &i in idx {
+                        out[i] = Fetched::Unavailable;
+                    }
+                }
+            }
+        }
+        out
+    }
+
+    /// Upserts rows (distinct keys): one transaction per shard, all shards at
+    /// once. A row replaces the stored one only if its event time is not
+    /// older.
+    pub async fn upsert(&self, view: &FeatureView, rows: &[(String, Row)]) -> UpsertOutcome {
+        let mut by_shard: Vec<Vec<&(String, Row)>> = vec![Vec::new(); self.shards.len()];
+        for row in rows {
+            by_shard[self.shard_of(&row.0)].push(row);
+        }
+        let writes = by_shard.into_iter().enumerate().filter(|(_, r)| !r.is_empty()).map(|(s, shard_rows)| {
+            let shard = &self.shards[s];
+            async move {
+                let started = Instant::now();
+                let result = shard.upsert(view, &shard_rows).await;
+                shard.observe("upsert", started, result.is_ok());
+                (shard_rows, result)
+            }
+        });
+        let mut outcome = UpsertOutcome::default();
+        for (shard_rows, result) in join_all(writes).await {
+            match result {
+                Ok(written) => {
+                    for (key, _) in shard_rows {
+                        if written.contains(key) {
+                            outcome.written.push(key.clone());
+                        } else {
+                            outcome.skipped_older.push(key.clone());
+                        }
+                    }
+                }
+                Err(error) => outcome.failed.push((error, shard_rows.iter().map(|(k, _)| k.clone()).collect())),
+            }
+        }
+        outcome
+    }
+
+    /// Counts the rows of a view on each shard, in config order.
+    pub async fn count_rows(&self, view: &FeatureView) -> Result<Vec<u64>, ShardError> {
+        let counts = self.shards.iter().map(|shard| async move {
+            let client = shard.client().await?;
+            let sql = format!("SELECT count(*) FROM {}", sql::table(view));
+            let row = client.query_one(&sql, &[]).await.map_err(|e| shard.query_error(e))?;
+            Ok(row.get::<_, i64>(0).unsigned_abs())
+        });
+        join_all(counts).await.into_iter().collect()
+    }
+}
+
+impl Shard {
+    async fn client(&self) -> Result<deadpool_postgres::Client, ShardError> {
+        self.pool.get().await.map_err(|source| ShardError::Connect { shard: self.name.clone(), source })
+    }
+
+    fn query_error(&self, source: tokio_postgres::Error) -> ShardError {
+        ShardError::Query { shard: self.name.clone(), source }
+    }
+
+    fn observe(&self, op: &'static str, started: Instant, ok: bool) {
+        metrics::histogram!("strata_shard_query_duration_seconds", "shard" => self.label.clone(), "op" => op)
+            .record(started.elapsed());
+        if !ok {
+            metrics::counter!("strata_shard_errors_total", "shard" => self.label.clone(), "op" => op).increment(1);
+        }
+    }
+
+    async fn fetch(
+        &self,
+        view: &FeatureView,
+        keys: &[&str],
+    ) -> Result<std::collections::HashMap<String, Row>, ShardError> {
+        let client = self.client().await?;
+        let statement = client.prepare_cached(&sql::select(view)).await.map_err(|e| self.query_error(e))?;
+        let rows = client.query(&statement, &[&keys]).await.map_err(|e| self.query_error(e))?;
+        rows.iter()
+            .map(|row| {
+                sql::decode_row(view, row).map_err(|message| ShardError::Decode {
+                    shard: self.name.clone(),
+                    view: view.name.clone(),
+                    message,
+                })
+            })
+            .collect()
+    }
+
+    /// Returns the keys that were applied.
+    async fn upsert(
+        &self,
+        view: &FeatureView,
+        rows: &[&(String, Row)],
+    ) -> Result<std::collections::HashSet<String>, ShardError> {
+        let mut client = self.client().await?;
+        let tx = client.transaction().await.map_err(|e| self.query_error(e))?;
+        let mut written = std::collections::HashSet::with_capacity(rows.len());
+        for chunk in rows.chunks(sql::upsert_chunk_rows(view)) {
+            let times: Vec<_> = chunk.iter().map(|(_, row)| row.event_time.to_system_time()).collect();
+            let params = sql::upsert_params(view, chunk, &times);
+            let applied = tx.query(&sql::upsert(view, chunk.len()), &params).await.map_err(|e| self.query_error(e))?;
+            written.extend(applied.iter().map(|r| r.get::<_, String>(0)));
+        }
+        tx.commit().await.map_err(|e| self.query_error(e))?;
+        Ok(written)
+    }
+}

@@ -1,0 +1,179 @@
+//! SQL text and the mapping between feature values and PostgreSQL types.
+//!
+//! Each view is a table `strata.<view>` with `entity_key text PRIMARY KEY`,
+//! `event_time timestamptz`, `updated_at timestamptz` and one typed, nullable
+//! column per feature, so the data stays readable with plain SQL.
+
+use std::fmt::Write as _;
+use std::time::SystemTime;
+
+use strata_core::{EventTime, FeatureType, FeatureView, Row, Value};
+use tokio_postgres::types::ToSql;
+
+/// PostgreSQL allows 65,535 bind parameters per statement.
+const MAX_PARAMS: usize = 60_000;
+/// Rows per INSERT statement: large enough to amortise round trips.
+const MAX_ROWS_PER_STATEMENT: usize = 1_000;
+
+pub(crate) fn table(view: &FeatureView) -> String {
+    format!("strata.\"{}\"", view.name)
+}
+
+/// The column type of a feature.
+pub(crate) fn column_type(ty: FeatureType) -> &'static str {
+    match ty {
+        FeatureType::Int64 => "bigint",
+        FeatureType::Double => "double precision",
+        FeatureType::String => "text",
+        FeatureType::Bool => "boolean",
+        FeatureType::Bytes => "bytea",
+        FeatureType::FloatList => "real[]",
+        FeatureType::Int64List => "bigint[]",
+    }
+}
+
+fn feature_columns(view: &FeatureView) -> String {
+    let mut cols = String::new();
+    for f in &view.features {
+        let _ = write!(cols, ", \"{}\"", f.name);
+    }
+    cols
+}
+
+pub(crate) fn select(view: &FeatureView) -> String {
+    format!(
+        "SELECT entity_key, event_time{} FROM {} WHERE entity_key = ANY($1)",
+        feature_columns(view),
+        table(view)
+    )
+}
+
+pub(crate) fn upsert_chunk_rows(view: &FeatureView) -> usize {
+    (MAX_PARAMS / (view.features.len() + 2)).clamp(1, MAX_ROWS_PER_STATEMENT)
+}
+
+/// An upsert of `rows` rows that applies a row only when its event time is
+/// not older than the stored one, and returns the keys it applied.
+pub(crate) fn upsert(view: &FeatureView, rows: usize) -> String {
+    let width = view.features.len() + 2;
+    let mut sql = format!("INSERT INTO {} AS t (entity_key, event_time{}) VALUES ", table(view), feature_columns(view));
+    for r in 0..rows {
+        sql.push_str(if r == 0 { "(" } else { ", (" });
+        for c in 0..width {
+            let _ = write!(sql, "{}${}", if c == 0 { "" } else { ", " }, r * width + c + 1);
+        }
+        sql.push(')');
+    }
+    sql.push_str(" ON CONFLICT (entity_key) DO UPDATE SET event_time = EXCLUDED.event_time, updated_at = now()");
+    for f in &view.features {
+        let _ = write!(sql, ", \"{0}\" = EXCLUDED.\"{0}\"", f.name);
+    }
+    sql.push_str(" WHERE t.event_time <= EXCLUDED.event_time RETURNING entity_key");
+    sql
+}
+
+static NULL_INT64: Option<i64> = None;
+static NULL_DOUBLE: Option<f64> = None;
+static NULL_STRING: Option<String> = None;
+static NULL_BOOL: Option<bool> = None;
+static NULL_BYTES: Option<Vec<u8>> = None;
+static NULL_FLOAT_LIST: Option<Vec<f32>> = None;
+static NULL_INT64_LIST: Option<Vec<i64>> = None;
+
+/// The bind parameters of [`upsert`], borrowing from the rows. `times` holds
+/// each row's event time, converted once by the caller.
+pub(crate) fn upsert_params<'a>(
+    view: &FeatureView,
+    rows: &'a [&'a (String, Row)],
+    times: &'a [SystemTime],
+) -> Vec<&'a (dyn ToSql + Sync)> {
+    let mut params: Vec<&(dyn ToSql + Sync)> = Vec::with_capacity(rows.len() * (view.features.len() + 2));
+    for ((key, row), time) in rows.iter().map(|r| (&r.0, &r.1)).zip(times) {
+        params.push(key);
+        params.push(time);
+        for (feature, value) in view.features.iter().zip(&row.values) {
+            params.push(param(feature.ty, value));
+        }
+    }
+    params
+}
+
+/// A value as a bind parameter of its feature's column type. Values were
+/// checked against the view before they got here; a mismatch binds null.
+fn param(ty: FeatureType, value: &Value) -> &(dyn ToSql + Sync) {
+    match (ty, value) {
+        (FeatureType::Int64, Value::Int64(v)) => v,
+        (FeatureType::Double, Value::Double(v)) => v,
+        (FeatureType::String, Value::String(v)) => v,
+        (FeatureType::Bool, Value::Bool(v)) => v,
+        (FeatureType::Bytes, Value::Bytes(v)) => v,
+        (FeatureType::FloatList, Value::FloatList(v)) => v,
+        (FeatureType::Int64List, Value::Int64List(v)) => v,
+        (FeatureType::Int64, _) => &NULL_INT64,
+        (FeatureType::Double, _) => &NULL_DOUBLE,
+        (FeatureType::String, _) => &NULL_STRING,
+        (FeatureType::Bool, _) => &NULL_BOOL,
+        (FeatureType::Bytes, _) => &NULL_BYTES,
+        (FeatureType::FloatList, _) => &NULL_FLOAT_LIST,
+        (FeatureType::Int64List, _) => &NULL_INT64_LIST,
+    }
+}
+
+/// Decodes a row of [`select`] into its key and row.
+pub(crate) fn decode_row(view: &FeatureView, row: &tokio_postgres::Row) -> Result<(String, Row), String> {
+    let key: String = row.try_get(0).map_err(|e| e.to_string())?;
+    let time: SystemTime = row.try_get(1).map_err(|e| e.to_string())?;
+    let mut values = Vec::with_capacity(view.features.len());
+    for (i, feature) in view.features.iter().enumerate() {
+        let col = i + 2;
+        let value = match feature.ty {
+            FeatureType::Int64 => row.try_get::<_, Option<i64>>(col).map(|v| v.map(Value::Int64)),
+            FeatureType::Double => row.try_get::<_, Option<f64>>(col).map(|v| v.map(Value::Double)),
+            FeatureType::String => row.try_get::<_, Option<String>>(col).map(|v| v.map(Value::String)),
+            FeatureType::Bool => row.try_get::<_, Option<bool>>(col).map(|v| v.map(Value::Bool)),
+            FeatureType::Bytes => row.try_get::<_, Option<Vec<u8>>>(col).map(|v| v.map(Value::Bytes)),
+            FeatureType::FloatList => row.try_get::<_, Option<Vec<f32>>>(col).map(|v| v.map(Value::FloatList)),
+            FeatureType::Int64List => row.try_get::<_, Option<Vec<i64>>>(col).map(|v| v.map(Value::Int64List)),
+        }
+        .map_err(|e| format!("key {key:?}, feature {}: {e}", feature.name))?;
+        values.push(value.unwrap_or(Value::Null));
+    }
+    Ok((key, Row { event_time: EventTime::from_system_time(time), values }))
+}
+
+#[cfg(test)]
+mod tests {
+    use std::time::Duration;
+
+    use strata_core::{FeatureSpec, FeatureViewSpec};
+
+    use super::*;
+
+    fn view() -> FeatureView {
+        FeatureViewSpec {
+            name: "v".into(),
+            description: String::new(),
+            features: vec![
+                FeatureSpec { name: "a".into(), ty: FeatureType::Int64 },
+                FeatureSpec { name: "b".into(), ty: FeatureType::FloatList },
+            ],
+            l1_ttl: Duration::from_secs(1),
+            l2_ttl: Duration::from_secs(1),
+        }
+        .validate()
+        .unwrap()
+    }
+
+    #[test]
+    fn upsert_numbers_parameters_row_by_row_and_guards_on_event_time() {
+        let sql = upsert(&view(), 2);
+        assert!(sql.starts_with("INSERT INTO strata.\"v\" AS t (entity_key, event_time, \"a\", \"b\") VALUES ($1, $2, $3, $4), ($5, $6, $7, $8) ON CONFLICT"), "{sql}");
+        assert!(sql.ends_with("WHERE t.event_time <= EXCLUDED.event_time RETURNING entity_key"), "{sql}");
+    }
+
+    #[test]
+    fn chunks_stay_under_the_parameter_limit() {
+        let view = view();
+        assert!(upsert_chunk_rows(&view) * (view.features.len() + 2) <= MAX_PARAMS);
+    }
+}
