@@ -12,5 +12,5 @@ mod registry;
 mod value;
 
 pub use codec::{DecodeError, decode_row, encode_row};
-pub use registry::{Feature, FeatureView, FeatureViewSpec, FeatureSpec, Registry, RegistryError};
+pub use registry::{Feature, FeatureSpec, FeatureView, FeatureViewSpec, Registry, RegistryError};
 pub use value::{EventTime, FeatureType, Row, Value};

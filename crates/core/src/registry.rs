@@ -35,6 +35,8 @@ pub struct FeatureSpec {
 /// one row per entity key.
 #[derive(Debug)]
 pub struct FeatureView {
+    /// Position in the registry; a compact stand-in for the name in cache keys.
+    pub id: u32,
     pub name: String,
     pub description: String,
     pub features: Vec<Feature>,
@@ -62,9 +64,13 @@ impl FeatureView {
 
 #[derive(Debug, thiserror::Error, PartialEq, Eq)]
 pub enum RegistryError {
-    #[error("view name {0:?} is not a valid identifier (lowercase letters, digits and '_', starting with a letter or '_', at most 63 bytes)")]
+    #[error(
+        "view name {0:?} is not a valid identifier (lowercase letters, digits and '_', starting with a letter or '_', at most 63 bytes)"
+    )]
     BadViewName(String),
-    #[error("view {view}: feature name {feature:?} is not a valid identifier (lowercase letters, digits and '_', starting with a letter or '_', at most 63 bytes)")]
+    #[error(
+        "view {view}: feature name {feature:?} is not a valid identifier (lowercase letters, digits and '_', starting with a letter or '_', at most 63 bytes)"
+    )]
     BadFeatureName { view: String, feature: String },
     #[error("view {view}: feature name {feature:?} is reserved")]
     ReservedFeatureName { view: String, feature: String },
@@ -90,7 +96,13 @@ fn is_identifier(s: &str) -> bool {
 
 impl FeatureViewSpec {
     pub fn validate(self) -> Result<FeatureView, RegistryError> {
-        let FeatureViewSpec { name, description, features, l1_ttl, l2_ttl } = self;
+        let FeatureViewSpec {
+            name,
+            description,
+            features,
+            l1_ttl,
+            l2_ttl,
+        } = self;
         if !is_identifier(&name) {
             return Err(RegistryError::BadViewName(name));
         }
@@ -106,13 +118,22 @@ impl FeatureViewSpec {
         let mut shape = String::new();
         for (i, f) in features.iter().enumerate() {
             if !is_identifier(&f.name) {
-                return Err(RegistryError::BadFeatureName { view: name, feature: f.name.clone() });
+                return Err(RegistryError::BadFeatureName {
+                    view: name,
+                    feature: f.name.clone(),
+                });
             }
             if RESERVED.contains(&f.name.as_str()) {
-                return Err(RegistryError::ReservedFeatureName { view: name, feature: f.name.clone() });
+                return Err(RegistryError::ReservedFeatureName {
+                    view: name,
+                    feature: f.name.clone(),
+                });
             }
             if positions.insert(f.name.clone(), i).is_some() {
-                return Err(RegistryError::DuplicateFeature { view: name, feature: f.name.clone() });
+                return Err(RegistryError::DuplicateFeature {
+                    view: name,
+                    feature: f.name.clone(),
+                });
             }
             shape.push_str(&f.name);
             shape.push(':');
@@ -122,9 +143,16 @@ impl FeatureViewSpec {
         // Truncation keeps 32 bits of a 64-bit hash: enough to tell shapes apart.
         let fingerprint = xxh3_64(shape.as_bytes()) as u32;
         Ok(FeatureView {
+            id: 0,
             name,
             description,
-            features: features.into_iter().map(|f| Feature { name: f.name, ty: f.ty }).collect(),
+            features: features
+                .into_iter()
+                .map(|f| Feature {
+                    name: f.name,
+                    ty: f.ty,
+                })
+                .collect(),
             l1_ttl,
             l2_ttl,
             fingerprint,
@@ -143,9 +171,15 @@ pub struct Registry {
 impl Registry {
     pub fn new(specs: Vec<FeatureViewSpec>) -> Result<Registry, RegistryError> {
         let mut registry = Registry::default();
-        for spec in specs {
-            let view = Arc::new(spec.validate()?);
-            if registry.by_name.insert(view.name.clone(), view.clone()).is_some() {
+        for (id, spec) in specs.into_iter().enumerate() {
+            let mut view = spec.validate()?;
+            view.id = u32::try_from(id).unwrap_or(u32::MAX);
+            let view = Arc::new(view);
+            if registry
+                .by_name
+                .insert(view.name.clone(), view.clone())
+                .is_some()
+            {
                 return Err(RegistryError::DuplicateView(view.name.clone()));
             }
             registry.views.push(view);
@@ -171,7 +205,13 @@ mod tests {
         FeatureViewSpec {
             name: name.into(),
             description: String::new(),
-            features: features.iter().map(|(n, ty)| FeatureSpec { name: (*n).into(), ty: *ty }).collect(),
+            features: features
+                .iter()
+                .map(|(n, ty)| FeatureSpec {
+                    name: (*n).into(),
+                    ty: *ty,
+                })
+                .collect(),
             l1_ttl: Duration::from_secs(30),
             l2_ttl: Duration::from_secs(600),
         }
@@ -179,7 +219,12 @@ mod tests {
 
     #[test]
     fn positions_follow_declaration_order() {
-        let view = spec("v", &[("a", FeatureType::Int64), ("b", FeatureType::String)]).validate().unwrap();
+        let view = spec(
+            "v",
+            &[("a", FeatureType::Int64), ("b", FeatureType::String)],
+        )
+        .validate()
+        .unwrap();
         assert_eq!(view.position("a"), Some(0));
         assert_eq!(view.position("b"), Some(1));
         assert_eq!(view.position("c"), None);
@@ -197,16 +242,25 @@ mod tests {
 
     #[test]
     fn invalid_declarations_are_rejected_with_the_offending_name() {
-        let err = spec("Bad-Name", &[("a", FeatureType::Int64)]).validate().unwrap_err();
+        let err = spec("Bad-Name", &[("a", FeatureType::Int64)])
+            .validate()
+            .unwrap_err();
         assert_eq!(err, RegistryError::BadViewName("Bad-Name".into()));
-        let err = spec("v", &[("a", FeatureType::Int64), ("a", FeatureType::Bool)]).validate().unwrap_err();
+        let err = spec("v", &[("a", FeatureType::Int64), ("a", FeatureType::Bool)])
+            .validate()
+            .unwrap_err();
         assert!(err.to_string().contains("\"a\" is declared twice"), "{err}");
-        let err = spec("v", &[("event_time", FeatureType::Int64)]).validate().unwrap_err();
+        let err = spec("v", &[("event_time", FeatureType::Int64)])
+            .validate()
+            .unwrap_err();
         assert!(matches!(err, RegistryError::ReservedFeatureName { .. }));
         let err = spec("v", &[]).validate().unwrap_err();
         assert_eq!(err, RegistryError::NoFeatures("v".into()));
-        let err = Registry::new(vec![spec("v", &[("a", FeatureType::Int64)]), spec("v", &[("b", FeatureType::Int64)])])
-            .unwrap_err();
+        let err = Registry::new(vec![
+            spec("v", &[("a", FeatureType::Int64)]),
+            spec("v", &[("b", FeatureType::Int64)]),
+        ])
+        .unwrap_err();
         assert_eq!(err, RegistryError::DuplicateView("v".into()));
     }
 }

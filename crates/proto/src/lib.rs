@@ -1,1 +1,24 @@
-//! placeholder
+//! Strata's gRPC API: the code generated from `proto/strata/v1`, the encoded
+//! descriptor set that server reflection serves, and the conversions between
+//! wire messages and the domain types of `strata-core`.
+//!
+//! Bad input is turned into [`InvalidRequest`] here, once, so the service
+//! works only with validated requests; it never reaches a tier.
+
+#![forbid(unsafe_code)]
+
+mod convert;
+
+pub use convert::{
+    FeatureRead, FeatureWrite, InvalidRequest, Limits, read_request, value_from_wire,
+    value_to_wire, view_to_wire, write_request,
+};
+
+/// Generated messages, client and server of `strata.v1`.
+pub mod v1 {
+    #![allow(clippy::all, clippy::pedantic, clippy::unwrap_used, missing_docs)]
+    tonic::include_proto!("strata.v1");
+
+    /// The encoded `FileDescriptorSet` of the API, for server reflection.
+    pub const FILE_DESCRIPTOR_SET: &[u8] = tonic::include_file_descriptor_set!("strata_descriptor");
+}

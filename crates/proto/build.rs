@@ -1,0 +1,19 @@
+//! Generates the tonic/prost code and the descriptor set (for reflection)
+//! from `proto/`, with protox: no system `protoc` needed.
+
+use std::path::PathBuf;
+
+use prost::Message as _;
+
+fn main() -> Result<(), Box<dyn std::error::Error>> {
+    let root = PathBuf::from(std::env::var("CARGO_MANIFEST_DIR")?).join("../../proto");
+    println!("cargo:rerun-if-changed={}", root.display());
+    let files = protox::compile(["strata/v1/feature_store.proto"], [&root])?;
+    let out = PathBuf::from(std::env::var("OUT_DIR")?);
+    std::fs::write(out.join("strata_descriptor.bin"), files.encode_to_vec())?;
+    tonic_prost_build::configure()
+        .build_server(true)
+        .build_client(true)
+        .compile_fds(files)?;
+    Ok(())
+}

@@ -1,0 +1,328 @@
+use std::collections::HashMap;
+use std::collections::hash_map::Entry;
+use std::sync::Arc;
+
+use strata_core::{EventTime, FeatureType, FeatureView, Registry, Row, Value};
+
+use crate::v1;
+
+/// Request size limits, from the server's configuration.
+#[derive(Clone, Debug)]
+pub struct Limits {
+    pub max_keys_per_request: usize,
+    pub max_key_bytes: usize,
+    pub max_rows_per_write: usize,
+}
+
+impl Default for Limits {
+    fn default() -> Self {
+        Limits {
+            max_keys_per_request: 1_000,
+            max_key_bytes: 256,
+            max_rows_per_write: 1_000,
+        }
+    }
+}
+
+/// A validated GetFeatures request.
+#[derive(Debug)]
+pub struct FeatureRead {
+    pub view: Arc<FeatureView>,
+    /// As requested: in order, duplicates kept.
+    pub keys: Vec<String>,
+    /// Positions of the requested features in the view, in answer order.
+    pub columns: Vec<usize>,
+}
+
+/// A validated WriteFeatures request.
+#[derive(Debug)]
+pub struct FeatureWrite {
+    pub view: Arc<FeatureView>,
+    /// One row per distinct key, with one value per feature of the view.
+    pub rows: Vec<(String, Row)>,
+    /// Rows dropped because the same key came again in the request with a
+    /// newer event time (or the same one, later in the request).
+    pub superseded: usize,
+}
+
+/// Why a request was rejected. Every message names the offending field.
+#[derive(Debug, thiserror::Error, PartialEq, Eq)]
+pub enum InvalidRequest {
+    #[error("feature_view is empty")]
+    NoView,
+    #[error("unknown feature_view {name:?} (known: {known})")]
+    UnknownView { name: String, known: String },
+    #[error("feature view {view:?} has no feature {feature:?}")]
+    UnknownFeature { view: String, feature: String },
+    #[error("features lists {0:?} twice")]
+    DuplicateFeature(String),
+    #[error("entity_keys is empty")]
+    NoKeys,
+    #[error("{count} entity_keys, over the limit of {limit} per request")]
+    TooManyKeys { count: usize, limit: usize },
+    #[error("{field} is empty")]
+    EmptyKey { field: String },
+    #[error("{field} is {len} bytes, over the limit of {limit}")]
+    KeyTooLong {
+        field: String,
+        len: usize,
+        limit: usize,
+    },
+    #[error("{field} contains a NUL character")]
+    NulCharacter { field: String },
+    #[error("rows is empty")]
+    NoRows,
+    #[error("{count} rows, over the limit of {limit} per request")]
+    TooManyRows { count: usize, limit: usize },
+    #[error("{field} is required")]
+    MissingEventTime { field: String },
+    #[error("{field} is out of range (years 1 to 9999)")]
+    BadEventTime { field: String },
+    #[error("{field}: expected {expected}, got {got}")]
+    WrongType {
+        field: String,
+        expected: FeatureType,
+        got: FeatureType,
+    },
+}
+
+impl From<InvalidRequest> for tonic::Status {
+    fn from(e: InvalidRequest) -> tonic::Status {
+        tonic::Status::invalid_argument(e.to_string())
+    }
+}
+
+fn view<'r>(registry: &'r Registry, name: &str) -> Result<&'r Arc<FeatureView>, InvalidRequest> {
+    if name.is_empty() {
+        return Err(InvalidRequest::NoView);
+    }
+    registry
+        .get(name)
+        .ok_or_else(|| InvalidRequest::UnknownView {
+            name: name.to_owned(),
+            known: registry
+                .views()
+                .iter()
+                .map(|v| v.name.as_str())
+                .collect::<Vec<_>>()
+                .join(", "),
+        })
+}
+
+fn check_key(key: &str, field: impl Fn() -> String, limits: &Limits) -> Result<(), InvalidRequest> {
+    if key.is_empty() {
+        return Err(InvalidRequest::EmptyKey { field: field() });
+    }
+    if key.len() > limits.max_key_bytes {
+        return Err(InvalidRequest::KeyTooLong {
+            field: field(),
+            len: key.len(),
+            limit: limits.max_key_bytes,
+        });
+    }
+    // PostgreSQL text cannot hold NUL.
+    if key.contains('\0') {
+        return Err(InvalidRequest::NulCharacter { field: field() });
+    }
+    Ok(())
+}
+
+/// Validates a GetFeatures request against the registry.
+pub fn read_request(
+    request: v1::GetFeaturesRequest,
+    registry: &Registry,
+    limits: &Limits,
+) -> Result<FeatureRead, InvalidRequest> {
+    let v1::GetFeaturesRequest {
+        feature_view,
+        entity_keys,
+        features,
+    } = request;
+    let view = view(registry, &feature_view)?.clone();
+    if entity_keys.is_empty() {
+        return Err(InvalidRequest::NoKeys);
+    }
+    if entity_keys.len() > limits.max_keys_per_request {
+        return Err(InvalidRequest::TooManyKeys {
+            count: entity_keys.len(),
+            limit: limits.max_keys_per_request,
+        });
+    }
+    for (i, key) in entity_keys.iter().enumerate() {
+        check_key(key, || format!("entity_keys[{i}]"), limits)?;
+    }
+    let columns = if features.is_empty() {
+        (0..view.features.len()).collect()
+    } else {
+        let mut columns = Vec::with_capacity(features.len());
+        for name in features {
+            let position = view
+                .position(&name)
+                .ok_or_else(|| InvalidRequest::UnknownFeature {
+                    view: view.name.clone(),
+                    feature: name.clone(),
+                })?;
+            if columns.contains(&position) {
+                return Err(InvalidRequest::DuplicateFeature(name));
+            }
+            columns.push(position);
+        }
+        columns
+    };
+    Ok(FeatureRead {
+        view,
+        keys: entity_keys,
+        columns,
+    })
+}
+
+/// Validates a WriteFeatures request against the registry: every row, every
+/// value, before anything is written.
+pub fn write_request(
+    request: v1::WriteFeaturesRequest,
+    registry: &Registry,
+    limits: &Limits,
+) -> Result<FeatureWrite, InvalidRequest> {
+    let v1::WriteFeaturesRequest { feature_view, rows } = request;
+    let view = view(registry, &feature_view)?.clone();
+    if rows.is_empty() {
+        return Err(InvalidRequest::NoRows);
+    }
+    if rows.len() > limits.max_rows_per_write {
+        return Err(InvalidRequest::TooManyRows {
+            count: rows.len(),
+            limit: limits.max_rows_per_write,
+        });
+    }
+    let mut out: Vec<(String, Row)> = Vec::with_capacity(rows.len());
+    let mut index: HashMap<String, usize> = HashMap::with_capacity(rows.len());
+    let mut superseded = 0;
+    for (i, row) in rows.into_iter().enumerate() {
+        let v1::WriteRow {
+            entity_key,
+            features,
+            event_time,
+        } = row;
+        check_key(&entity_key, || format!("rows[{i}].entity_key"), limits)?;
+        let event_time = event_time.ok_or_else(|| InvalidRequest::MissingEventTime {
+            field: format!("rows[{i}].event_time"),
+        })?;
+        let event_time =
+            EventTime::from_parts(event_time.seconds, event_time.nanos).ok_or_else(|| {
+                InvalidRequest::BadEventTime {
+                    field: format!("rows[{i}].event_time"),
+                }
+            })?;
+        let mut values = vec![Value::Null; view.features.len()];
+        for (name, value) in features {
+            let field = || format!("rows[{i}].features[{name:?}]");
+            let position = view
+                .position(&name)
+                .ok_or_else(|| InvalidRequest::UnknownFeature {
+                    view: view.name.clone(),
+                    feature: name.clone(),
+                })?;
+            let value = value_from_wire(value);
+            let expected = view.features[position].ty;
+            if let Some(got) = value.feature_type().filter(|got| *got != expected) {
+                return Err(InvalidRequest::WrongType {
+                    field: field(),
+                    expected,
+                    got,
+                });
+            }
+            if matches!(&value, Value::String(s) if s.contains('\0')) {
+                return Err(InvalidRequest::NulCharacter { field: field() });
+            }
+            values[position] = value;
+        }
+        let row = Row { event_time, values };
+        match index.entry(entity_key) {
+            Entry::Vacant(slot) => {
+                out.push((slot.key().clone(), row));
+                slot.insert(out.len() - 1);
+            }
+            Entry::Occupied(slot) => {
+                superseded += 1;
+                let kept = &mut out[*slot.get()].1;
+                if row.event_time >= kept.event_time {
+                    *kept = row;
+                }
+            }
+        }
+    }
+    Ok(FeatureWrite {
+        view,
+        rows: out,
+        superseded,
+    })
+}
+
+pub fn value_from_wire(value: v1::Value) -> Value {
+    use v1::value::Kind;
+    match value.kind {
+        None | Some(Kind::NullValue(_)) => Value::Null,
+        Some(Kind::Int64Value(v)) => Value::Int64(v),
+        Some(Kind::DoubleValue(v)) => Value::Double(v),
+        Some(Kind::StringValue(v)) => Value::String(v),
+        Some(Kind::BoolValue(v)) => Value::Bool(v),
+        Some(Kind::BytesValue(v)) => Value::Bytes(v),
+        Some(Kind::FloatListValue(v)) => Value::FloatList(v.values),
+        Some(Kind::Int64ListValue(v)) => Value::Int64List(v.values),
+    }
+}
+
+pub fn value_to_wire(value: &Value) -> v1::Value {
+    use v1::value::Kind;
+    let kind = match value {
+        Value::Null => Kind::NullValue(v1::Null {}),
+        Value::Int64(v) => Kind::Int64Value(*v),
+        Value::Double(v) => Kind::DoubleValue(*v),
+        Value::String(v) => Kind::StringValue(v.clone()),
+        Value::Bool(v) => Kind::BoolValue(*v),
+        Value::Bytes(v) => Kind::BytesValue(v.clone()),
+        Value::FloatList(v) => Kind::FloatListValue(v1::FloatList { values: v.clone() }),
+        Value::Int64List(v) => Kind::Int64ListValue(v1::Int64List { values: v.clone() }),
+    };
+    v1::Value { kind: Some(kind) }
+}
+
+fn feature_type_to_wire(ty: FeatureType) -> v1::FeatureType {
+    match ty {
+        FeatureType::Int64 => v1::FeatureType::Int64,
+        FeatureType::Double => v1::FeatureType::Double,
+        FeatureType::String => v1::FeatureType::String,
+        FeatureType::Bool => v1::FeatureType::Bool,
+        FeatureType::Bytes => v1::FeatureType::Bytes,
+        FeatureType::FloatList => v1::FeatureType::FloatList,
+        FeatureType::Int64List => v1::FeatureType::Int64List,
+    }
+}
+
+fn duration_to_wire(d: std::time::Duration) -> prost_types::Duration {
+    prost_types::Duration {
+        seconds: i64::try_from(d.as_secs()).unwrap_or(i64::MAX),
+        // Sub-second nanoseconds are below 1e9 and fit an i32.
+        nanos: d.subsec_nanos() as i32,
+    }
+}
+
+pub fn view_to_wire(view: &FeatureView) -> v1::FeatureView {
+    v1::FeatureView {
+        name: view.name.clone(),
+        description: view.description.clone(),
+        features: view
+            .features
+            .iter()
+            .map(|f| v1::Feature {
+                name: f.name.clone(),
+                r#type: feature_type_to_wire(f.ty) as i32,
+            })
+            .collect(),
+        l1_ttl: Some(duration_to_wire(view.l1_ttl)),
+        l2_ttl: Some(duration_to_wire(view.l2_ttl)),
+    }
+}
+
+#[cfg(test)]
+mod tests;
