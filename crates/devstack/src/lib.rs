@@ -1,1 +1,154 @@
-//! placeholder
+//! Starts the backing services of a local Strata stack as plain processes
+//! under one data folder: a Redis Cluster (3 primaries, 3 replicas) and
+//! PostgreSQL shards, from the binaries installed on the machine.
+//!
+//! The demo command (`strata dev`) and the integration tests both start
+//! their stack with [`Stack::start`], so the two never drift apart. This
+//! crate knows nothing about Strata's server; it only runs Redis and
+//! PostgreSQL and describes what it started in `stack.json`.
+
+#![forbid(unsafe_code)]
+
+mod ports;
+mod postgres;
+mod process;
+mod redis;
+
+use std::collections::BTreeMap;
+use std::path::{Path, PathBuf};
+
+use anyhow::{Context, Result};
+use serde::{Deserialize, Serialize};
+
+pub use ports::PortPlan;
+use process::Managed;
+
+/// What to start.
+#[derive(Clone, Debug)]
+pub struct StackOptions {
+    /// Everything the stack writes goes under this folder.
+    pub data_dir: PathBuf,
+    pub ports: PortPlan,
+    /// Number of PostgreSQL shards.
+    pub shards: usize,
+}
+
+/// The machine-readable description of a running stack, written to
+/// `<data_dir>/stack.json`.
+#[derive(Clone, Debug, Serialize, Deserialize)]
+pub struct Description {
+    pub redis_nodes: Vec<RedisNode>,
+    pub shards: Vec<ShardInfo>,
+    /// Endpoints added by whoever runs on top of the stack (the server's
+    /// gRPC and metrics addresses).
+    #[serde(default)]
+    pub services: BTreeMap<String, String>,
+}
+
+#[derive(Clone, Debug, Serialize, Deserialize)]
+pub struct RedisNode {
+    pub host: String,
+    pub port: u16,
+    /// "master" or "replica", as the cluster first assigned them.
+    pub role: String,
+    pub pid: u32,
+}
+
+#[derive(Clone, Debug, Serialize, Deserialize)]
+pub struct ShardInfo {
+    pub name: String,
+    /// A libpq connection string.
+    pub url: String,
+    pub port: u16,
+    pub data_dir: PathBuf,
+    pub pid: u32,
+}
+
+/// A running stack. Stop it with [`Stack::stop`]; dropping it kills the
+/// processes without ceremony.
+pub struct Stack {
+    data_dir: PathBuf,
+    description: Description,
+    redis: Vec<Managed>,
+    postgres: Vec<Managed>,
+}
+
+impl Stack {
+    /// Starts Redis and PostgreSQL under `options.data_dir`, which is
+    /// emptied first. Leftover processes of an earlier stack in the same
+    /// folder (one that was killed without stopping) are stopped first.
+    pub async fn start(options: StackOptions) -> Result<Stack> {
+        let data_dir = &options.data_dir;
+        process::stop_leftovers(&data_dir.join("stack.json")).await;
+        if data_dir.exists() {
+            std::fs::remove_dir_all(data_dir).with_context(|| format!("cannot empty {}", data_dir.display()))?;
+        }
+        std::fs::create_dir_all(data_dir).with_context(|| format!("cannot create {}", data_dir.display()))?;
+        let data_dir = std::fs::canonicalize(data_dir)?;
+        // PostgreSQL may run as another user (see `postgres::run_as`), who
+        // must be able to reach its folder.
+        process::make_traversable(&data_dir)?;
+
+        let redis_ports = options.ports.redis_ports(6)?;
+        let pg_ports = options.ports.postgres_ports(options.shards)?;
+        let (redis, postgres) =
+            tokio::try_join!(redis::start_cluster(&data_dir, &redis_ports), postgres::start_shards(&data_dir, &pg_ports))?;
+        let description = Description {
+            redis_nodes: redis.iter().map(|(node, _)| node.clone()).collect(),
+            shards: postgres.iter().map(|(shard, _)| shard.clone()).collect(),
+            services: BTreeMap::new(),
+        };
+        let stack = Stack {
+            data_dir,
+            description,
+            redis: redis.into_iter().map(|(_, p)| p).collect(),
+            postgres: postgres.into_iter().map(|(_, p)| p).collect(),
+        };
+        stack.write_description()?;
+        Ok(stack)
+    }
+
+    pub fn description(&self) -> &Description {
+        &self.description
+    }
+
+    pub fn data_dir(&self) -> &Path {
+        &self.data_dir
+    }
+
+    /// Where the description is written.
+    pub fn description_path(&self) -> PathBuf {
+        self.data_dir.join("stack.json")
+    }
+
+    /// Redis nodes as `host:port`, primaries first.
+    pub fn redis_nodes(&self) -> Vec<String> {
+        let mut nodes: Vec<&RedisNode> = self.description.redis_nodes.iter().collect();
+        nodes.sort_by_key(|n| n.role != "master");
+        nodes.iter().map(|n| format!("{}:{}", n.host, n.port)).collect()
+    }
+
+    /// Connection strings of the shards, in shard order.
+    pub fn shard_urls(&self) -> Vec<String> {
+        self.description.shards.iter().map(|s| s.url.clone()).collect()
+    }
+
+    /// Records an endpoint of a service running on top of the stack and
+    /// rewrites the description.
+    pub fn add_service(&mut self, name: &str, endpoint: String) -> Result<()> {
+        self.description.services.insert(name.to_owned(), endpoint);
+        self.write_description()
+    }
+
+    fn write_description(&self) -> Result<()> {
+        let json = serde_json::to_string_pretty(&self.description)?;
+        std::fs::write(self.description_path(), json + "\n").context("cannot write stack.json")
+    }
+
+    /// Stops every process: PostgreSQL with a fast shutdown, Redis with
+    /// SIGTERM; anything still running after a grace period is killed.
+    pub async fn stop(self) {
+        let all = self.redis.into_iter().chain(self.postgres);
+        futures::future::join_all(all.map(Managed::stop)).await;
+    }
+}

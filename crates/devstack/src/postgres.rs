@@ -1,0 +1,153 @@
+//! PostgreSQL shards: one `initdb` cluster and server process each.
+
+use std::os::unix::fs::PermissionsExt;
+use std::path::{Path, PathBuf};
+use std::time::Duration;
+
+use anyhow::{Context, Result, bail};
+use nix::sys::signal::Signal;
+use nix::unistd::{Gid, Uid, User};
+use tokio::process::Command;
+
+use crate::ShardInfo;
+use crate::process::{Managed, output, wait_until, which};
+
+const READY_TIMEOUT: Duration = Duration::from_secs(60);
+
+/// The folder holding PostgreSQL's programs: `$STRATA_PG_BIN`, else the
+/// newest `/usr/lib/postgresql/*/bin` (Debian's layout), else the PATH.
+fn bin_dir() -> Result<PathBuf> {
+    if let Some(dir) = std::env::var_os("STRATA_PG_BIN") {
+        return Ok(PathBuf::from(dir));
+    }
+    let mut versions: Vec<(u32, PathBuf)> = std::fs::read_dir("/usr/lib/postgresql")
+        .into_iter()
+        .flatten()
+        .flatten()
+        .filter_map(|e| Some((e.file_name().to_str()?.parse().ok()?, e.path().join("bin"))))
+        .filter(|(_, bin)| bin.join("postgres").is_file())
+        .collect();
+    versions.sort();
+    if let Some((_, bin)) = versions.pop() {
+        return Ok(bin);
+    }
+    which("initdb")
+        .and_then(|p| p.parent().map(Path::to_path_buf))
+        .context("PostgreSQL server programs not found (apt-get install postgresql, or set STRATA_PG_BIN)")
+}
+
+/// PostgreSQL refuses to run as root. When we are root, it runs as the
+/// `postgres` user that Debian's package creates.
+fn run_as() -> Result<Option<(Uid, Gid)>> {
+    if !Uid::effective().is_root() {
+        return Ok(None);
+    }
+    let user = User::from_name("postgres")?
+        .context("running as root needs a 'postgres' user to run PostgreSQL as (apt-get install postgresql creates it)")?;
+    Ok(Some((user.uid, user.gid)))
+}
+
+/// Whether every folder from `/` to `dir` lets other users through.
+fn reachable_by_others(dir: &Path) -> bool {
+    dir.ancestors().all(|d| std::fs::metadata(d).is_ok_and(|m| m.permissions().mode() & 0o001 != 0))
+}
+
+pub(crate) async fn start_shards(data_dir: &Path, ports: &[u16]) -> Result<Vec<(ShardInfo, Managed)>> {
+    let bin = bin_dir()?;
+    let user = run_as()?;
+    let runs = ports.iter().enumerate().map(|(i, &port)| start_shard(&bin, user, data_dir, i, port));
+    futures::future::try_join_all(runs).await
+}
+
+async fn start_shard(
+    bin: &Path,
+    user: Option<(Uid, Gid)>,
+    data_dir: &Path,
+    index: usize,
+    port: u16,
+) -> Result<(ShardInfo, Managed)> {
+    let name = format!("shard-{index}");
+    let mut dir = data_dir.join(format!("postgres-{index}"));
+    if user.is_some() && !reachable_by_others(data_dir) {
+        // The postgres user cannot reach the data folder (under /root, say):
+        // keep this shard's files in the temp folder, linked from the data
+        // folder so they are still found there.
+        let outside = std::env::temp_dir().join(format!(
+            "strata-{}-postgres-{index}",
+            path_tag(data_dir.to_string_lossy().as_bytes())
+        ));
+        if outside.exists() {
+            std::fs::remove_dir_all(&outside)?;
+        }
+        std::fs::create_dir_all(&outside)?;
+        std::os::unix::fs::symlink(&outside, &dir)?;
+        dir = outside;
+    } else {
+        std::fs::create_dir_all(&dir)?;
+    }
+    std::fs::set_permissions(&dir, std::fs::Permissions::from_mode(0o700))?;
+    if let Some((uid, gid)) = user {
+        std::os::unix::fs::chown(&dir, Some(uid.as_raw()), Some(gid.as_raw()))?;
+    }
+    let pgdata = dir.join("data");
+    let dir_str = dir.to_str().context("data folder path is not UTF-8")?;
+    let pgdata_str = pgdata.to_str().context("data folder path is not UTF-8")?;
+
+    let mut initdb = Command::new(bin.join("initdb"));
+    initdb.args(["-D", pgdata_str, "-U", "strata", "--auth=trust", "-E", "UTF8", "--locale=C", "--no-sync"]);
+    if let Some((uid, gid)) = user {
+        initdb.uid(uid.as_raw()).gid(gid.as_raw());
+    }
+    let out = initdb.output().await.context("cannot run initdb")?;
+    if !out.status.success() {
+        bail!("initdb for {name} failed: {}", String::from_utf8_lossy(&out.stderr));
+    }
+
+    let mut server = Command::new(bin.join("postgres"));
+    server.args(["-D", pgdata_str, "-p", &port.to_string(), "-k", dir_str]);
+    // A local development and test stack: durability is traded for speed.
+    for setting in [
+        "listen_addresses=127.0.0.1",
+        "fsync=off",
+        "synchronous_commit=off",
+        "full_page_writes=off",
+        "max_connections=200",
+        "shared_buffers=128MB",
+        "shared_preload_libraries=pg_stat_statements",
+    ] {
+        server.args(["-c", setting]);
+    }
+    if let Some((uid, gid)) = user {
+        server.uid(uid.as_raw()).gid(gid.as_raw());
+    }
+    let log = data_dir.join(format!("postgres-{index}.log"));
+    let mut process = Managed::spawn(&format!("postgres {name} on port {port}"), server, &log, Signal::SIGINT)?;
+
+    let isready = bin.join("pg_isready");
+    let port_arg = port.to_string();
+    wait_until(&format!("postgres {name} on port {port}"), READY_TIMEOUT, || {
+        let running = process.check_running(&log);
+        let isready = isready.clone();
+        let port_arg = port_arg.clone();
+        async move {
+            running?;
+            Ok(output(&isready, &["-h", "127.0.0.1", "-p", &port_arg, "-U", "strata", "-d", "postgres"]).await.is_ok())
+        }
+    })
+    .await?;
+    output(&bin.join("createdb"), &["-h", "127.0.0.1", "-p", &port_arg, "-U", "strata", "strata"]).await?;
+
+    let url = format!("host=127.0.0.1 port={port} user=strata dbname=strata");
+    let pid = process.pid();
+    Ok((ShardInfo { name, url, port, data_dir: pgdata, pid }, process))
+}
+
+fn path_tag(bytes: &[u8]) -> String {
+    // A short, stable tag for a path (FNV-1a); collisions only matter
+    // between two stacks started as root from unreachable folders at once.
+    let mut h: u64 = 0xcbf2_9ce4_8422_2325;
+    for b in bytes {
+        h = (h ^ u64::from(*b)).wrapping_mul(0x0100_0000_01b3);
+    }
+    format!("{h:016x}")
+}

@@ -1,0 +1,143 @@
+//! Child processes of the stack: spawning with logs, stopping politely,
+//! and cleaning up after a stack that was killed without stopping.
+
+use std::fs::File;
+use std::os::unix::fs::PermissionsExt;
+use std::path::Path;
+use std::process::Stdio;
+use std::time::Duration;
+
+use anyhow::{Context, Result, bail};
+use nix::sys::signal::{Signal, kill};
+use nix::unistd::Pid;
+use tokio::process::{Child, Command};
+
+/// How long a process gets to stop after its stop signal.
+const STOP_GRACE: Duration = Duration::from_secs(10);
+
+/// A process the stack started.
+pub(crate) struct Managed {
+    name: String,
+    child: Child,
+    stop_signal: Signal,
+}
+
+impl Managed {
+    /// Starts `command` with stdout and stderr appended to `log`. The process
+    /// gets its own process group, so a Ctrl-C meant for the stack's owner
+    /// does not kill it before the owner stops it in order.
+    pub(crate) fn spawn(name: &str, mut command: Command, log: &Path, stop_signal: Signal) -> Result<Managed> {
+        let out = File::options().create(true).append(true).open(log)?;
+        let err = out.try_clone()?;
+        command.stdin(Stdio::null()).stdout(out).stderr(err).kill_on_drop(true).process_group(0);
+        let child = command.spawn().with_context(|| format!("cannot start {name}"))?;
+        Ok(Managed { name: name.to_owned(), child, stop_signal })
+    }
+
+    pub(crate) fn pid(&self) -> u32 {
+        self.child.id().unwrap_or(0)
+    }
+
+    /// Fails if the process has already exited, pointing at its log.
+    pub(crate) fn check_running(&mut self, log: &Path) -> Result<()> {
+        if let Some(status) = self.child.try_wait()? {
+            let tail = std::fs::read_to_string(log).unwrap_or_default();
+            let tail: Vec<&str> = tail.lines().rev().take(15).collect();
+            let tail: Vec<&str> = tail.into_iter().rev().collect();
+            bail!("{} exited ({status}); last lines of {}:\n{}", self.name, log.display(), tail.join("\n"));
+        }
+        Ok(())
+    }
+
+    pub(crate) async fn stop(mut self) {
+        if let Some(pid) = self.child.id() {
+            let _ = kill(Pid::from_raw(pid as i32), self.stop_signal);
+            if tokio::time::timeout(STOP_GRACE, self.child.wait()).await.is_ok() {
+                return;
+            }
+            tracing::warn!(process = %self.name, "did not stop in time; killing it");
+        }
+        let _ = self.child.kill().await;
+    }
+}
+
+/// Stops processes recorded in an earlier stack's description that are
+/// still running, so their ports are free again.
+pub(crate) async fn stop_leftovers(description: &Path) {
+    let Ok(text) = std::fs::read_to_string(description) else { return };
+    let Ok(old) = serde_json::from_str::<crate::Description>(&text) else { return };
+    let pids = old.redis_nodes.iter().map(|n| n.pid).chain(old.shards.iter().map(|s| s.pid));
+    for pid in pids {
+        let comm = std::fs::read_to_string(format!("/proc/{pid}/comm")).unwrap_or_default();
+        if !(comm.starts_with("redis-server") || comm.starts_with("postgres")) {
+            continue;
+        }
+        tracing::info!(pid, process = comm.trim(), "stopping a leftover process of an earlier stack");
+        let _ = kill(Pid::from_raw(pid as i32), Signal::SIGTERM);
+        let gone = async {
+            while Path::new(&format!("/proc/{pid}")).exists() {
+                tokio::time::sleep(Duration::from_millis(50)).await;
+            }
+        };
+        if tokio::time::timeout(STOP_GRACE, gone).await.is_err() {
+            let _ = kill(Pid::from_raw(pid as i32), Signal::SIGKILL);
+        }
+    }
+}
+
+/// Lets other users enter (not list) `dir`.
+pub(crate) fn make_traversable(dir: &Path) -> Result<()> {
+    let mut perms = std::fs::metadata(dir)?.permissions();
+    perms.set_mode(perms.mode() | 0o711);
+    std::fs::set_permissions(dir, perms)?;
+    Ok(())
+}
+
+/// Polls `check` until it succeeds or `timeout` passes. For readiness of a
+/// process that offers no event to wait on (a port that starts answering).
+pub(crate) async fn wait_until<F, Fut>(what: &str, timeout: Duration, mut check: F) -> Result<()>
+where
+    F: FnMut() -> Fut,
+    Fut: std::future::Future<Output = Result<bool>>,
+{
+    let deadline = tokio::time::Instant::now() + timeout;
+    let mut delay = Duration::from_millis(20);
+    loop {
+        if check().await? {
+            return Ok(());
+        }
+        if tokio::time::Instant::now() >= deadline {
+            bail!("timed out after {timeout:?} waiting for {what}");
+        }
+        tokio::time::sleep(delay).await;
+        delay = (delay * 2).min(Duration::from_millis(250));
+    }
+}
+
+/// Runs a short command to completion and returns its stdout; fails with
+/// its stderr if it exits non-zero.
+pub(crate) async fn output(program: &Path, args: &[&str]) -> Result<String> {
+    let out = Command::new(program)
+        .args(args)
+        .stdin(Stdio::null())
+        .output()
+        .await
+        .with_context(|| format!("cannot run {}", program.display()))?;
+    if !out.status.success() {
+        bail!(
+            "{} {} failed ({}): {}{}",
+            program.display(),
+            args.join(" "),
+            out.status,
+            String::from_utf8_lossy(&out.stderr),
+            String::from_utf8_lossy(&out.stdout)
+        );
+    }
+    Ok(String::from_utf8_lossy(&out.stdout).into_owned())
+}
+
+/// Finds an executable on the PATH.
+pub(crate) fn which(name: &str) -> Option<std::path::PathBuf> {
+    let path = std::env::var_os("PATH")?;
+    std::env::split_paths(&path).map(|dir| dir.join(name)).find(|p| p.is_file())
+}

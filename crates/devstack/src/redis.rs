@@ -1,0 +1,93 @@
+//! A Redis Cluster of three primaries with one replica each.
+
+use std::path::Path;
+use std::time::Duration;
+
+use anyhow::{Context, Result, bail};
+use nix::sys::signal::Signal;
+use tokio::process::Command;
+
+use crate::RedisNode;
+use crate::process::{Managed, output, wait_until, which};
+
+const READY_TIMEOUT: Duration = Duration::from_secs(30);
+
+pub(crate) async fn start_cluster(data_dir: &Path, ports: &[u16]) -> Result<Vec<(RedisNode, Managed)>> {
+    let server = which("redis-server").context("redis-server is not installed (apt-get install redis-server)")?;
+    let cli = which("redis-cli").context("redis-cli is not installed (apt-get install redis-tools)")?;
+    let mut nodes = Vec::with_capacity(ports.len());
+    for &port in ports {
+        let dir = data_dir.join(format!("redis-{port}"));
+        std::fs::create_dir_all(&dir)?;
+        let mut command = Command::new(&server);
+        command.args([
+            "--port",
+            &port.to_string(),
+            "--bind",
+            "127.0.0.1",
+            "--dir",
+            dir.to_str().context("data folder path is not UTF-8")?,
+            "--cluster-enabled",
+            "yes",
+            "--cluster-config-file",
+            "nodes.conf",
+            "--cluster-node-timeout",
+            "2000",
+            "--save",
+            "",
+            "--appendonly",
+            "no",
+            "--daemonize",
+            "no",
+        ]);
+        let log = dir.join("redis.log");
+        let process = Managed::spawn(&format!("redis-server on port {port}"), command, &log, Signal::SIGTERM)?;
+        nodes.push((port, process, log));
+    }
+    for (port, process, log) in &mut nodes {
+        let port_arg = port.to_string();
+        wait_until(&format!("redis on port {port}"), READY_TIMEOUT, || {
+            let ready = process.check_running(log).map(|()| {
+                let cli = cli.clone();
+                let port_arg = port_arg.clone();
+                async move { Ok(output(&cli, &["-p", &port_arg, "ping"]).await.is_ok_and(|o| o.trim() == "PONG")) }
+            });
+            async move { ready?.await }
+        })
+        .await?;
+    }
+
+    let addresses: Vec<String> = ports.iter().map(|p| format!("127.0.0.1:{p}")).collect();
+    let mut create: Vec<&str> = vec!["--cluster", "create"];
+    create.extend(addresses.iter().map(String::as_str));
+    create.extend(["--cluster-replicas", "1", "--cluster-yes"]);
+    output(&cli, &create).await.context("cannot form the redis cluster")?;
+
+    // `--cluster create` returns once the primaries agree on the slots;
+    // wait until every node, replicas included, says the cluster is ok.
+    for &port in ports {
+        let port_arg = port.to_string();
+        wait_until(&format!("cluster state ok on port {port}"), READY_TIMEOUT, || {
+            let cli = cli.clone();
+            let port_arg = port_arg.clone();
+            async move {
+                let info = output(&cli, &["-p", &port_arg, "cluster", "info"]).await?;
+                Ok(info.contains("cluster_state:ok") && info.contains("cluster_known_nodes:6"))
+            }
+        })
+        .await?;
+    }
+
+    let mut started = Vec::with_capacity(nodes.len());
+    for (port, process, _) in nodes {
+        let role = output(&cli, &["-p", &port.to_string(), "role"]).await?;
+        let role = match role.lines().next().map(str::trim) {
+            Some("master") => "master",
+            Some("slave") => "replica",
+            other => bail!("redis on port {port} reports an unknown role {other:?}"),
+        };
+        let pid = process.pid();
+        started.push((RedisNode { host: "127.0.0.1".into(), port, role: role.into(), pid }, process));
+    }
+    Ok(started)
+}
