@@ -11,9 +11,6 @@ fn main() -> Result<(), Box<dyn std::error::Error>> {
     let files = protox::compile(["strata/v1/feature_store.proto"], [&root])?;
     let out = PathBuf::from(std::env::var("OUT_DIR")?);
     std::fs::write(out.join("strata_descriptor.bin"), files.encode_to_vec())?;
-    tonic_prost_build::configure()
-        .build_server(true)
-        .build_client(true)
-        .compile_fds(files)?;
+    tonic_prost_build::configure().build_server(true).build_client(true).compile_fds(files)?;
     Ok(())
 }

@@ -23,13 +23,7 @@ impl Expiry<Key, Arc<Entry>> for PerEntryTtl {
         Some(entry.ttl)
     }
 
-    fn expire_after_update(
-        &self,
-        _: &Key,
-        entry: &Arc<Entry>,
-        _: Instant,
-        _: Option<Duration>,
-    ) -> Option<Duration> {
+    fn expire_after_update(&self, _: &Key, entry: &Arc<Entry>, _: Instant, _: Option<Duration>) -> Option<Duration> {
         Some(entry.ttl)
     }
 }
@@ -69,21 +63,9 @@ impl L1Cache {
     }
 
     /// Caches rows of a view for the view's L1 TTL.
-    pub async fn insert_many(
-        &self,
-        view: &FeatureView,
-        rows: impl IntoIterator<Item = (String, Arc<Row>)>,
-    ) {
+    pub async fn insert_many(&self, view: &FeatureView, rows: impl IntoIterator<Item = (String, Arc<Row>)>) {
         for (key, row) in rows {
-            self.cache
-                .insert(
-                    (view.id, key),
-                    Arc::new(Entry {
-                        row,
-                        ttl: view.l1_ttl,
-                    }),
-                )
-                .await;
+            self.cache.insert((view.id, key), Arc::new(Entry { row, ttl: view.l1_ttl })).await;
         }
     }
 
@@ -116,10 +98,7 @@ mod tests {
         let spec = |name: &str| FeatureViewSpec {
             name: name.into(),
             description: String::new(),
-            features: vec![FeatureSpec {
-                name: "s".into(),
-                ty: FeatureType::String,
-            }],
+            features: vec![FeatureSpec { name: "s".into(), ty: FeatureType::String }],
             l1_ttl: Duration::from_secs(60),
             l2_ttl: Duration::from_secs(60),
         };
@@ -127,10 +106,7 @@ mod tests {
     }
 
     fn row(s: &str) -> Arc<Row> {
-        Arc::new(Row {
-            event_time: EventTime(1),
-            values: vec![Value::String(s.into())],
-        })
+        Arc::new(Row { event_time: EventTime(1), values: vec![Value::String(s.into())] })
     }
 
     #[tokio::test]
@@ -139,10 +115,7 @@ mod tests {
         let (a, b) = (registry.get("a").unwrap(), registry.get("b").unwrap());
         let l1 = L1Cache::new(1 << 20);
         l1.insert_many(a, [("k".to_owned(), row("from a"))]).await;
-        assert_eq!(
-            l1.get_many(a, &["k", "x"]).await,
-            vec![Some(row("from a")), None]
-        );
+        assert_eq!(l1.get_many(a, &["k", "x"]).await, vec![Some(row("from a")), None]);
         assert_eq!(l1.get_many(b, &["k"]).await, vec![None]);
         l1.invalidate_many(a, &["k"]).await;
         assert_eq!(l1.get_many(a, &["k"]).await, vec![None]);
@@ -154,8 +127,7 @@ mod tests {
         let a = registry.get("a").unwrap();
         let l1 = L1Cache::new(64 * 1024);
         let big = "x".repeat(1000);
-        l1.insert_many(a, (0..1000).map(|i| (format!("k{i}"), row(&big))))
-            .await;
+        l1.insert_many(a, (0..1000).map(|i| (format!("k{i}"), row(&big)))).await;
         let (entries, bytes) = l1.size().await;
         assert!(bytes <= 64 * 1024, "{bytes} bytes");
         assert!(entries > 0 && entries < 1000, "{entries} entries");

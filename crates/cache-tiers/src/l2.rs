@@ -45,19 +45,11 @@ impl L2Cache {
         }
         let mut hosts = Vec::with_capacity(config.nodes.len());
         for node in &config.nodes {
-            let (host, port) = node
-                .rsplit_once(':')
-                .ok_or_else(|| L2Error::BadAddress(node.clone()))?;
-            let port: u16 = port
-                .parse()
-                .map_err(|_| L2Error::BadAddress(node.clone()))?;
+            let (host, port) = node.rsplit_once(':').ok_or_else(|| L2Error::BadAddress(node.clone()))?;
+            let port: u16 = port.parse().map_err(|_| L2Error::BadAddress(node.clone()))?;
             hosts.push((host.to_owned(), port));
         }
-        let fred_config = Config {
-            server: ServerConfig::new_clustered(hosts),
-            fail_fast: true,
-            ..Default::default()
-        };
+        let fred_config = Config { server: ServerConfig::new_clustered(hosts), fail_fast: true, ..Default::default() };
         let command_timeout = config.command_timeout;
         let connect_timeout = config.connect_timeout;
         let client = Builder::from_config(fred_config)
@@ -72,10 +64,7 @@ impl L2Cache {
             .set_policy(ReconnectPolicy::new_exponential(0, 50, 5_000, 2))
             .build()?;
         client.init().await?;
-        Ok(L2Cache {
-            client,
-            prefix: config.key_prefix.clone(),
-        })
+        Ok(L2Cache { client, prefix: config.key_prefix.clone() })
     }
 
     fn key(&self, view: &FeatureView, entity: &str) -> String {
@@ -84,11 +73,7 @@ impl L2Cache {
 
     /// Looks up a batch with one pipeline; the answer is aligned with `keys`.
     /// A cached row of an older shape of the view reads as a miss.
-    pub async fn get_many(
-        &self,
-        view: &FeatureView,
-        keys: &[&str],
-    ) -> Result<Vec<Option<Row>>, L2Error> {
+    pub async fn get_many(&self, view: &FeatureView, keys: &[&str]) -> Result<Vec<Option<Row>>, L2Error> {
         let pipeline = self.client.pipeline();
         for key in keys {
             let () = pipeline.get(self.key(view, key)).await?;
@@ -97,10 +82,7 @@ impl L2Cache {
         if results.len() != keys.len() {
             return Err(match results.into_iter().find_map(Result::err) {
                 Some(e) => e.into(),
-                None => L2Error::ShortPipeline {
-                    got: 0,
-                    want: keys.len(),
-                },
+                None => L2Error::ShortPipeline { got: 0, want: keys.len() },
             });
         }
         let mut out = Vec::with_capacity(keys.len());
@@ -125,21 +107,11 @@ impl L2Cache {
         if rows.is_empty() {
             return Ok(());
         }
-        let ttl_ms = i64::try_from(view.l2_ttl.as_millis())
-            .unwrap_or(i64::MAX)
-            .max(1);
+        let ttl_ms = i64::try_from(view.l2_ttl.as_millis()).unwrap_or(i64::MAX).max(1);
         let pipeline = self.client.pipeline();
         for (key, row) in rows {
             let bytes = Bytes::from(encode_row(view.fingerprint, row));
-            let () = pipeline
-                .set(
-                    self.key(view, key),
-                    bytes,
-                    Some(Expiration::PX(ttl_ms)),
-                    None,
-                    false,
-                )
-                .await?;
+            let () = pipeline.set(self.key(view, key), bytes, Some(Expiration::PX(ttl_ms)), None, false).await?;
         }
         Self::expect_all_ok(pipeline.try_all::<Value>().await, rows.len())
     }
@@ -157,19 +129,12 @@ impl L2Cache {
         Self::expect_all_ok(pipeline.try_all::<Value>().await, keys.len())
     }
 
-    fn expect_all_ok(
-        results: Vec<Result<Value, fred::error::Error>>,
-        want: usize,
-    ) -> Result<(), L2Error> {
+    fn expect_all_ok(results: Vec<Result<Value, fred::error::Error>>, want: usize) -> Result<(), L2Error> {
         let got = results.len();
         for result in results {
             result?;
         }
-        if got == want {
-            Ok(())
-        } else {
-            Err(L2Error::ShortPipeline { got, want })
-        }
+        if got == want { Ok(()) } else { Err(L2Error::ShortPipeline { got, want }) }
     }
 
     /// Removes every key from every primary of the cluster (all of Strata's

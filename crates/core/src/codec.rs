@@ -69,10 +69,7 @@ mod tests {
 
     #[test]
     fn another_view_shape_reads_as_a_fingerprint_mismatch() {
-        assert_eq!(
-            decode_row(43, &encode_row(42, &row())),
-            Err(DecodeError::Fingerprint)
-        );
+        assert_eq!(decode_row(43, &encode_row(42, &row())), Err(DecodeError::Fingerprint));
     }
 
     #[test]

@@ -96,13 +96,7 @@ fn is_identifier(s: &str) -> bool {
 
 impl FeatureViewSpec {
     pub fn validate(self) -> Result<FeatureView, RegistryError> {
-        let FeatureViewSpec {
-            name,
-            description,
-            features,
-            l1_ttl,
-            l2_ttl,
-        } = self;
+        let FeatureViewSpec { name, description, features, l1_ttl, l2_ttl } = self;
         if !is_identifier(&name) {
             return Err(RegistryError::BadViewName(name));
         }
@@ -118,22 +112,13 @@ impl FeatureViewSpec {
         let mut shape = String::new();
         for (i, f) in features.iter().enumerate() {
             if !is_identifier(&f.name) {
-                return Err(RegistryError::BadFeatureName {
-                    view: name,
-                    feature: f.name.clone(),
-                });
+                return Err(RegistryError::BadFeatureName { view: name, feature: f.name.clone() });
             }
             if RESERVED.contains(&f.name.as_str()) {
-                return Err(RegistryError::ReservedFeatureName {
-                    view: name,
-                    feature: f.name.clone(),
-                });
+                return Err(RegistryError::ReservedFeatureName { view: name, feature: f.name.clone() });
             }
             if positions.insert(f.name.clone(), i).is_some() {
-                return Err(RegistryError::DuplicateFeature {
-                    view: name,
-                    feature: f.name.clone(),
-                });
+                return Err(RegistryError::DuplicateFeature { view: name, feature: f.name.clone() });
             }
             shape.push_str(&f.name);
             shape.push(':');
@@ -146,13 +131,7 @@ impl FeatureViewSpec {
             id: 0,
             name,
             description,
-            features: features
-                .into_iter()
-                .map(|f| Feature {
-                    name: f.name,
-                    ty: f.ty,
-                })
-                .collect(),
+            features: features.into_iter().map(|f| Feature { name: f.name, ty: f.ty }).collect(),
             l1_ttl,
             l2_ttl,
             fingerprint,
@@ -175,11 +154,7 @@ impl Registry {
             let mut view = spec.validate()?;
             view.id = u32::try_from(id).unwrap_or(u32::MAX);
             let view = Arc::new(view);
-            if registry
-                .by_name
-                .insert(view.name.clone(), view.clone())
-                .is_some()
-            {
+            if registry.by_name.insert(view.name.clone(), view.clone()).is_some() {
                 return Err(RegistryError::DuplicateView(view.name.clone()));
             }
             registry.views.push(view);
@@ -205,13 +180,7 @@ mod tests {
         FeatureViewSpec {
             name: name.into(),
             description: String::new(),
-            features: features
-                .iter()
-                .map(|(n, ty)| FeatureSpec {
-                    name: (*n).into(),
-                    ty: *ty,
-                })
-                .collect(),
+            features: features.iter().map(|(n, ty)| FeatureSpec { name: (*n).into(), ty: *ty }).collect(),
             l1_ttl: Duration::from_secs(30),
             l2_ttl: Duration::from_secs(600),
         }
@@ -219,12 +188,7 @@ mod tests {
 
     #[test]
     fn positions_follow_declaration_order() {
-        let view = spec(
-            "v",
-            &[("a", FeatureType::Int64), ("b", FeatureType::String)],
-        )
-        .validate()
-        .unwrap();
+        let view = spec("v", &[("a", FeatureType::Int64), ("b", FeatureType::String)]).validate().unwrap();
         assert_eq!(view.position("a"), Some(0));
         assert_eq!(view.position("b"), Some(1));
         assert_eq!(view.position("c"), None);
@@ -242,25 +206,16 @@ mod tests {
 
     #[test]
     fn invalid_declarations_are_rejected_with_the_offending_name() {
-        let err = spec("Bad-Name", &[("a", FeatureType::Int64)])
-            .validate()
-            .unwrap_err();
+        let err = spec("Bad-Name", &[("a", FeatureType::Int64)]).validate().unwrap_err();
         assert_eq!(err, RegistryError::BadViewName("Bad-Name".into()));
-        let err = spec("v", &[("a", FeatureType::Int64), ("a", FeatureType::Bool)])
-            .validate()
-            .unwrap_err();
+        let err = spec("v", &[("a", FeatureType::Int64), ("a", FeatureType::Bool)]).validate().unwrap_err();
         assert!(err.to_string().contains("\"a\" is declared twice"), "{err}");
-        let err = spec("v", &[("event_time", FeatureType::Int64)])
-            .validate()
-            .unwrap_err();
+        let err = spec("v", &[("event_time", FeatureType::Int64)]).validate().unwrap_err();
         assert!(matches!(err, RegistryError::ReservedFeatureName { .. }));
         let err = spec("v", &[]).validate().unwrap_err();
         assert_eq!(err, RegistryError::NoFeatures("v".into()));
-        let err = Registry::new(vec![
-            spec("v", &[("a", FeatureType::Int64)]),
-            spec("v", &[("b", FeatureType::Int64)]),
-        ])
-        .unwrap_err();
+        let err = Registry::new(vec![spec("v", &[("a", FeatureType::Int64)]), spec("v", &[("b", FeatureType::Int64)])])
+            .unwrap_err();
         assert_eq!(err, RegistryError::DuplicateView("v".into()));
     }
 }

@@ -108,9 +108,7 @@ impl EventTime {
     /// Builds an event time from protobuf-style seconds and nanoseconds,
     /// truncating to microseconds. `None` when out of the supported range.
     pub fn from_parts(seconds: i64, nanos: i32) -> Option<EventTime> {
-        if !(Self::MIN_SECONDS..=Self::MAX_SECONDS).contains(&seconds)
-            || !(0..1_000_000_000).contains(&nanos)
-        {
+        if !(Self::MIN_SECONDS..=Self::MAX_SECONDS).contains(&seconds) || !(0..1_000_000_000).contains(&nanos) {
             return None;
         }
         Some(EventTime(seconds * 1_000_000 + i64::from(nanos / 1_000)))
@@ -135,9 +133,7 @@ impl EventTime {
     pub fn from_system_time(t: SystemTime) -> EventTime {
         match t.duration_since(UNIX_EPOCH) {
             Ok(after) => EventTime(i64::try_from(after.as_micros()).unwrap_or(i64::MAX)),
-            Err(before) => {
-                EventTime(-i64::try_from(before.duration().as_micros()).unwrap_or(i64::MAX))
-            }
+            Err(before) => EventTime(-i64::try_from(before.duration().as_micros()).unwrap_or(i64::MAX)),
         }
     }
 }
@@ -163,12 +159,7 @@ mod tests {
 
     #[test]
     fn event_time_round_trips_through_parts_before_and_after_the_epoch() {
-        for (s, n) in [
-            (0, 0),
-            (1_700_000_000, 123_456_000),
-            (-1, 999_999_000),
-            (-62_135_596_800, 0),
-        ] {
+        for (s, n) in [(0, 0), (1_700_000_000, 123_456_000), (-1, 999_999_000), (-62_135_596_800, 0)] {
             let t = EventTime::from_parts(s, n).unwrap();
             assert_eq!(t.to_parts(), (s, n));
             assert_eq!(EventTime::from_system_time(t.to_system_time()), t);
@@ -177,10 +168,7 @@ mod tests {
 
     #[test]
     fn event_time_truncates_nanoseconds_to_microseconds() {
-        assert_eq!(
-            EventTime::from_parts(1, 1_999).unwrap(),
-            EventTime(1_000_001)
-        );
+        assert_eq!(EventTime::from_parts(1, 1_999).unwrap(), EventTime(1_000_001));
     }
 
     #[test]

@@ -91,8 +91,10 @@ impl Stack {
 
         let redis_ports = options.ports.redis_ports(6)?;
         let pg_ports = options.ports.postgres_ports(options.shards)?;
-        let (redis, postgres) =
-            tokio::try_join!(redis::start_cluster(&data_dir, &redis_ports), postgres::start_shards(&data_dir, &pg_ports))?;
+        let (redis, postgres) = tokio::try_join!(
+            redis::start_cluster(&data_dir, &redis_ports),
+            postgres::start_shards(&data_dir, &pg_ports)
+        )?;
         let description = Description {
             redis_nodes: redis.iter().map(|(node, _)| node.clone()).collect(),
             shards: postgres.iter().map(|(shard, _)| shard.clone()).collect(),

@@ -38,7 +38,11 @@ impl PortPlan {
                 if let Some(busy) = ports.iter().find(|p| !usable(**p)) {
                     bail!(
                         "port {busy} is in use{}; stop whatever holds it (another stack?) and try again",
-                        if with_bus { format!(" (or its cluster bus port {})", busy + BUS_OFFSET) } else { String::new() }
+                        if with_bus {
+                            format!(" (or its cluster bus port {})", busy + BUS_OFFSET)
+                        } else {
+                            String::new()
+                        }
                     );
                 }
                 Ok(ports)

@@ -42,8 +42,9 @@ fn run_as() -> Result<Option<(Uid, Gid)>> {
     if !Uid::effective().is_root() {
         return Ok(None);
     }
-    let user = User::from_name("postgres")?
-        .context("running as root needs a 'postgres' user to run PostgreSQL as (apt-get install postgresql creates it)")?;
+    let user = User::from_name("postgres")?.context(
+        "running as root needs a 'postgres' user to run PostgreSQL as (apt-get install postgresql creates it)",
+    )?;
     Ok(Some((user.uid, user.gid)))
 }
 
@@ -72,10 +73,8 @@ async fn start_shard(
         // The postgres user cannot reach the data folder (under /root, say):
         // keep this shard's files in the temp folder, linked from the data
         // folder so they are still found there.
-        let outside = std::env::temp_dir().join(format!(
-            "strata-{}-postgres-{index}",
-            path_tag(data_dir.to_string_lossy().as_bytes())
-        ));
+        let outside = std::env::temp_dir()
+            .join(format!("strata-{}-postgres-{index}", path_tag(data_dir.to_string_lossy().as_bytes())));
         if outside.exists() {
             std::fs::remove_dir_all(&outside)?;
         }

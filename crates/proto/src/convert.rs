@@ -16,11 +16,7 @@ pub struct Limits {
 
 impl Default for Limits {
     fn default() -> Self {
-        Limits {
-            max_keys_per_request: 1_000,
-            max_key_bytes: 256,
-            max_rows_per_write: 1_000,
-        }
+        Limits { max_keys_per_request: 1_000, max_key_bytes: 256, max_rows_per_write: 1_000 }
     }
 }
 
@@ -63,11 +59,7 @@ pub enum InvalidRequest {
     #[error("{field} is empty")]
     EmptyKey { field: String },
     #[error("{field} is {len} bytes, over the limit of {limit}")]
-    KeyTooLong {
-        field: String,
-        len: usize,
-        limit: usize,
-    },
+    KeyTooLong { field: String, len: usize, limit: usize },
     #[error("{field} contains a NUL character")]
     NulCharacter { field: String },
     #[error("rows is empty")]
@@ -79,11 +71,7 @@ pub enum InvalidRequest {
     #[error("{field} is out of range (years 1 to 9999)")]
     BadEventTime { field: String },
     #[error("{field}: expected {expected}, got {got}")]
-    WrongType {
-        field: String,
-        expected: FeatureType,
-        got: FeatureType,
-    },
+    WrongType { field: String, expected: FeatureType, got: FeatureType },
 }
 
 impl From<InvalidRequest> for tonic::Status {
@@ -96,17 +84,10 @@ fn view<'r>(registry: &'r Registry, name: &str) -> Result<&'r Arc<FeatureView>, 
     if name.is_empty() {
         return Err(InvalidRequest::NoView);
     }
-    registry
-        .get(name)
-        .ok_or_else(|| InvalidRequest::UnknownView {
-            name: name.to_owned(),
-            known: registry
-                .views()
-                .iter()
-                .map(|v| v.name.as_str())
-                .collect::<Vec<_>>()
-                .join(", "),
-        })
+    registry.get(name).ok_or_else(|| InvalidRequest::UnknownView {
+        name: name.to_owned(),
+        known: registry.views().iter().map(|v| v.name.as_str()).collect::<Vec<_>>().join(", "),
+    })
 }
 
 fn check_key(key: &str, field: impl Fn() -> String, limits: &Limits) -> Result<(), InvalidRequest> {
@@ -114,11 +95,7 @@ fn check_key(key: &str, field: impl Fn() -> String, limits: &Limits) -> Result<(
         return Err(InvalidRequest::EmptyKey { field: field() });
     }
     if key.len() > limits.max_key_bytes {
-        return Err(InvalidRequest::KeyTooLong {
-            field: field(),
-            len: key.len(),
-            limit: limits.max_key_bytes,
-        });
+        return Err(InvalidRequest::KeyTooLong { field: field(), len: key.len(), limit: limits.max_key_bytes });
     }
     // PostgreSQL text cannot hold NUL.
     if key.contains('\0') {
@@ -133,20 +110,13 @@ pub fn read_request(
     registry: &Registry,
     limits: &Limits,
 ) -> Result<FeatureRead, InvalidRequest> {
-    let v1::GetFeaturesRequest {
-        feature_view,
-        entity_keys,
-        features,
-    } = request;
+    let v1::GetFeaturesRequest { feature_view, entity_keys, features } = request;
     let view = view(registry, &feature_view)?.clone();
     if entity_keys.is_empty() {
         return Err(InvalidRequest::NoKeys);
     }
     if entity_keys.len() > limits.max_keys_per_request {
-        return Err(InvalidRequest::TooManyKeys {
-            count: entity_keys.len(),
-            limit: limits.max_keys_per_request,
-        });
+        return Err(InvalidRequest::TooManyKeys { count: entity_keys.len(), limit: limits.max_keys_per_request });
     }
     for (i, key) in entity_keys.iter().enumerate() {
         check_key(key, || format!("entity_keys[{i}]"), limits)?;
@@ -158,10 +128,7 @@ pub fn read_request(
         for name in features {
             let position = view
                 .position(&name)
-                .ok_or_else(|| InvalidRequest::UnknownFeature {
-                    view: view.name.clone(),
-                    feature: name.clone(),
-                })?;
+                .ok_or_else(|| InvalidRequest::UnknownFeature { view: view.name.clone(), feature: name.clone() })?;
             if columns.contains(&position) {
                 return Err(InvalidRequest::DuplicateFeature(name));
             }
@@ -169,11 +136,7 @@ pub fn read_request(
         }
         columns
     };
-    Ok(FeatureRead {
-        view,
-        keys: entity_keys,
-        columns,
-    })
+    Ok(FeatureRead { view, keys: entity_keys, columns })
 }
 
 /// Validates a WriteFeatures request against the registry: every row, every
@@ -189,47 +152,28 @@ pub fn write_request(
         return Err(InvalidRequest::NoRows);
     }
     if rows.len() > limits.max_rows_per_write {
-        return Err(InvalidRequest::TooManyRows {
-            count: rows.len(),
-            limit: limits.max_rows_per_write,
-        });
+        return Err(InvalidRequest::TooManyRows { count: rows.len(), limit: limits.max_rows_per_write });
     }
     let mut out: Vec<(String, Row)> = Vec::with_capacity(rows.len());
     let mut index: HashMap<String, usize> = HashMap::with_capacity(rows.len());
     let mut superseded = 0;
     for (i, row) in rows.into_iter().enumerate() {
-        let v1::WriteRow {
-            entity_key,
-            features,
-            event_time,
-        } = row;
+        let v1::WriteRow { entity_key, features, event_time } = row;
         check_key(&entity_key, || format!("rows[{i}].entity_key"), limits)?;
-        let event_time = event_time.ok_or_else(|| InvalidRequest::MissingEventTime {
-            field: format!("rows[{i}].event_time"),
-        })?;
         let event_time =
-            EventTime::from_parts(event_time.seconds, event_time.nanos).ok_or_else(|| {
-                InvalidRequest::BadEventTime {
-                    field: format!("rows[{i}].event_time"),
-                }
-            })?;
+            event_time.ok_or_else(|| InvalidRequest::MissingEventTime { field: format!("rows[{i}].event_time") })?;
+        let event_time = EventTime::from_parts(event_time.seconds, event_time.nanos)
+            .ok_or_else(|| InvalidRequest::BadEventTime { field: format!("rows[{i}].event_time") })?;
         let mut values = vec![Value::Null; view.features.len()];
         for (name, value) in features {
             let field = || format!("rows[{i}].features[{name:?}]");
             let position = view
                 .position(&name)
-                .ok_or_else(|| InvalidRequest::UnknownFeature {
-                    view: view.name.clone(),
-                    feature: name.clone(),
-                })?;
+                .ok_or_else(|| InvalidRequest::UnknownFeature { view: view.name.clone(), feature: name.clone() })?;
             let value = value_from_wire(value);
             let expected = view.features[position].ty;
             if let Some(got) = value.feature_type().filter(|got| *got != expected) {
-                return Err(InvalidRequest::WrongType {
-                    field: field(),
-                    expected,
-                    got,
-                });
+                return Err(InvalidRequest::WrongType { field: field(), expected, got });
             }
             if matches!(&value, Value::String(s) if s.contains('\0')) {
                 return Err(InvalidRequest::NulCharacter { field: field() });
@@ -251,11 +195,7 @@ pub fn write_request(
             }
         }
     }
-    Ok(FeatureWrite {
-        view,
-        rows: out,
-        superseded,
-    })
+    Ok(FeatureWrite { view, rows: out, superseded })
 }
 
 pub fn value_from_wire(value: v1::Value) -> Value {
@@ -287,6 +227,11 @@ pub fn value_to_wire(value: &Value) -> v1::Value {
     v1::Value { kind: Some(kind) }
 }
 
+pub fn event_time_to_wire(time: EventTime) -> prost_types::Timestamp {
+    let (seconds, nanos) = time.to_parts();
+    prost_types::Timestamp { seconds, nanos }
+}
+
 fn feature_type_to_wire(ty: FeatureType) -> v1::FeatureType {
     match ty {
         FeatureType::Int64 => v1::FeatureType::Int64,
@@ -314,10 +259,7 @@ pub fn view_to_wire(view: &FeatureView) -> v1::FeatureView {
         features: view
             .features
             .iter()
-            .map(|f| v1::Feature {
-                name: f.name.clone(),
-                r#type: feature_type_to_wire(f.ty) as i32,
-            })
+            .map(|f| v1::Feature { name: f.name.clone(), r#type: feature_type_to_wire(f.ty) as i32 })
             .collect(),
         l1_ttl: Some(duration_to_wire(view.l1_ttl)),
         l2_ttl: Some(duration_to_wire(view.l2_ttl)),

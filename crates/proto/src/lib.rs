@@ -9,8 +9,10 @@
 
 mod convert;
 
+pub use prost_types;
+
 pub use convert::{
-    FeatureRead, FeatureWrite, InvalidRequest, Limits, read_request, value_from_wire,
+    FeatureRead, FeatureWrite, InvalidRequest, Limits, event_time_to_wire, read_request, value_from_wire,
     value_to_wire, view_to_wire, write_request,
 };
 

@@ -1,1 +1,18 @@
-//! placeholder
+//! The Strata server: the `strata.v1.FeatureStore` gRPC service over three
+//! tiers (moka L1, Redis Cluster L2, sharded PostgreSQL L3), its
+//! configuration, metrics, and the `strata` binary's commands.
+//!
+//! This is the only crate that knows gRPC status codes; the tier crates
+//! report domain errors, mapped to statuses in `service`.
+
+#![forbid(unsafe_code)]
+
+pub mod config;
+pub mod demo;
+pub mod dev;
+pub mod metrics;
+mod server;
+mod service;
+pub mod tiers;
+
+pub use server::RunningServer;

@@ -43,48 +43,24 @@ pub struct PoolOptions {
 
 impl Default for PoolOptions {
     fn default() -> Self {
-        PoolOptions {
-            max_connections: 16,
-            connect_timeout: Duration::from_secs(2),
-        }
+        PoolOptions { max_connections: 16, connect_timeout: Duration::from_secs(2) }
     }
 }
 
 #[derive(Debug, thiserror::Error)]
 pub enum ShardError {
     #[error("shard {shard}: bad connection string: {source}")]
-    Config {
-        shard: String,
-        source: tokio_postgres::Error,
-    },
+    Config { shard: String, source: tokio_postgres::Error },
     #[error("shard {shard}: cannot build pool: {message}")]
     Pool { shard: String, message: String },
     #[error("shard {shard}: {source}")]
-    Connect {
-        shard: String,
-        source: deadpool_postgres::PoolError,
-    },
+    Connect { shard: String, source: deadpool_postgres::PoolError },
     #[error("shard {shard}: {source}")]
-    Query {
-        shard: String,
-        source: tokio_postgres::Error,
-    },
-    #[error(
-        "shard {shard}: view {view}: column {column} has type {found}, the view declares {expected}"
-    )]
-    Schema {
-        shard: String,
-        view: String,
-        column: String,
-        found: String,
-        expected: String,
-    },
+    Query { shard: String, source: tokio_postgres::Error },
+    #[error("shard {shard}: view {view}: column {column} has type {found}, the view declares {expected}")]
+    Schema { shard: String, view: String, column: String, found: String, expected: String },
     #[error("shard {shard}: view {view}: {message}")]
-    Decode {
-        shard: String,
-        view: String,
-        message: String,
-    },
+    Decode { shard: String, view: String, message: String },
     #[error("no shards are configured")]
     NoShards,
 }
@@ -132,42 +108,23 @@ impl ShardRouter {
         }
         let mut shards = Vec::with_capacity(configs.len());
         for (index, config) in configs.iter().enumerate() {
-            let mut pg = tokio_postgres::Config::from_str(&config.url).map_err(|source| {
-                ShardError::Config {
-                    shard: config.name.clone(),
-                    source,
-                }
-            })?;
+            let mut pg = tokio_postgres::Config::from_str(&config.url)
+                .map_err(|source| ShardError::Config { shard: config.name.clone(), source })?;
             if pg.get_application_name().is_none() {
                 pg.application_name("strata");
             }
             pg.connect_timeout(options.connect_timeout);
-            let manager = Manager::from_config(
-                pg,
-                NoTls,
-                ManagerConfig {
-                    recycling_method: RecyclingMethod::Fast,
-                },
-            );
+            let manager = Manager::from_config(pg, NoTls, ManagerConfig { recycling_method: RecyclingMethod::Fast });
             let pool = Pool::builder(manager)
                 .max_size(options.max_connections)
                 .runtime(Runtime::Tokio1)
                 .wait_timeout(Some(options.connect_timeout))
                 .create_timeout(Some(options.connect_timeout))
                 .build()
-                .map_err(|e| ShardError::Pool {
-                    shard: config.name.clone(),
-                    message: e.to_string(),
-                })?;
-            shards.push(Shard {
-                name: config.name.clone(),
-                label: index.to_string(),
-                pool,
-            });
+                .map_err(|e| ShardError::Pool { shard: config.name.clone(), message: e.to_string() })?;
+            shards.push(Shard { name: config.name.clone(), label: index.to_string(), pool });
         }
-        Ok(ShardRouter {
-            shards: Arc::new(shards),
-        })
+        Ok(ShardRouter { shards: Arc::new(shards) })
     }
 
     pub fn shard_count(&self) -> usize {
@@ -199,20 +156,16 @@ impl ShardRouter {
         for (i, key) in keys.iter().enumerate() {
             by_shard[self.shard_of(key)].push(i);
         }
-        let queries = by_shard
-            .iter()
-            .enumerate()
-            .filter(|(_, idx)| !idx.is_empty())
-            .map(|(s, idx)| {
-                let shard = &self.shards[s];
-                let shard_keys: Vec<&str> = idx.iter().map(|&i| keys[i]).collect();
-                async move {
-                    let started = Instant::now();
-                    let result = shard.fetch(view, &shard_keys).await;
-                    shard.observe("fetch", started, result.is_ok());
-                    (idx, result)
-                }
-            });
+        let queries = by_shard.iter().enumerate().filter(|(_, idx)| !idx.is_empty()).map(|(s, idx)| {
+            let shard = &self.shards[s];
+            let shard_keys: Vec<&str> = idx.iter().map(|&i| keys[i]).collect();
+            async move {
+                let started = Instant::now();
+                let result = shard.fetch(view, &shard_keys).await;
+                shard.observe("fetch", started, result.is_ok());
+                (idx, result)
+            }
+        });
         let mut out = vec![Fetched::NotFound; keys.len()];
         for (idx, result) in join_all(queries).await {
             match result {
@@ -242,19 +195,15 @@ impl ShardRouter {
         for row in rows {
             by_shard[self.shard_of(&row.0)].push(row);
         }
-        let writes = by_shard
-            .into_iter()
-            .enumerate()
-            .filter(|(_, r)| !r.is_empty())
-            .map(|(s, shard_rows)| {
-                let shard = &self.shards[s];
-                async move {
-                    let started = Instant::now();
-                    let result = shard.upsert(view, &shard_rows).await;
-                    shard.observe("upsert", started, result.is_ok());
-                    (shard_rows, result)
-                }
-            });
+        let writes = by_shard.into_iter().enumerate().filter(|(_, r)| !r.is_empty()).map(|(s, shard_rows)| {
+            let shard = &self.shards[s];
+            async move {
+                let started = Instant::now();
+                let result = shard.upsert(view, &shard_rows).await;
+                shard.observe("upsert", started, result.is_ok());
+                (shard_rows, result)
+            }
+        });
         let mut outcome = UpsertOutcome::default();
         for (shard_rows, result) in join_all(writes).await {
             match result {
@@ -267,9 +216,7 @@ impl ShardRouter {
                         }
                     }
                 }
-                Err(error) => outcome
-                    .failed
-                    .push((error, shard_rows.iter().map(|(k, _)| k.clone()).collect())),
+                Err(error) => outcome.failed.push((error, shard_rows.iter().map(|(k, _)| k.clone()).collect())),
             }
         }
         outcome
@@ -280,10 +227,7 @@ impl ShardRouter {
         let counts = self.shards.iter().map(|shard| async move {
             let client = shard.client().await?;
             let sql = format!("SELECT count(*) FROM {}", sql::table(view));
-            let row = client
-                .query_one(&sql, &[])
-                .await
-                .map_err(|e| shard.query_error(e))?;
+            let row = client.query_one(&sql, &[]).await.map_err(|e| shard.query_error(e))?;
             Ok(row.get::<_, i64>(0).unsigned_abs())
         });
         join_all(counts).await.into_iter().collect()
@@ -292,17 +236,11 @@ impl ShardRouter {
 
 impl Shard {
     async fn client(&self) -> Result<deadpool_postgres::Client, ShardError> {
-        self.pool.get().await.map_err(|source| ShardError::Connect {
-            shard: self.name.clone(),
-            source,
-        })
+        self.pool.get().await.map_err(|source| ShardError::Connect { shard: self.name.clone(), source })
     }
 
     fn query_error(&self, source: tokio_postgres::Error) -> ShardError {
-        ShardError::Query {
-            shard: self.name.clone(),
-            source,
-        }
+        ShardError::Query { shard: self.name.clone(), source }
     }
 
     fn observe(&self, op: &'static str, started: Instant, ok: bool) {
@@ -319,14 +257,8 @@ impl Shard {
         keys: &[&str],
     ) -> Result<std::collections::HashMap<String, Row>, ShardError> {
         let client = self.client().await?;
-        let statement = client
-            .prepare_cached(&sql::select(view))
-            .await
-            .map_err(|e| self.query_error(e))?;
-        let rows = client
-            .query(&statement, &[&keys])
-            .await
-            .map_err(|e| self.query_error(e))?;
+        let statement = client.prepare_cached(&sql::select(view)).await.map_err(|e| self.query_error(e))?;
+        let rows = client.query(&statement, &[&keys]).await.map_err(|e| self.query_error(e))?;
         rows.iter()
             .map(|row| {
                 sql::decode_row(view, row).map_err(|message| ShardError::Decode {
@@ -345,21 +277,12 @@ impl Shard {
         rows: &[&(String, Row)],
     ) -> Result<std::collections::HashSet<String>, ShardError> {
         let mut client = self.client().await?;
-        let tx = client
-            .transaction()
-            .await
-            .map_err(|e| self.query_error(e))?;
+        let tx = client.transaction().await.map_err(|e| self.query_error(e))?;
         let mut written = std::collections::HashSet::with_capacity(rows.len());
         for chunk in rows.chunks(sql::upsert_chunk_rows(view)) {
-            let times: Vec<_> = chunk
-                .iter()
-                .map(|(_, row)| row.event_time.to_system_time())
-                .collect();
+            let times: Vec<_> = chunk.iter().map(|(_, row)| row.event_time.to_system_time()).collect();
             let params = sql::upsert_params(view, chunk, &times);
-            let applied = tx
-                .query(&sql::upsert(view, chunk.len()), &params)
-                .await
-                .map_err(|e| self.query_error(e))?;
+            let applied = tx.query(&sql::upsert(view, chunk.len()), &params).await.map_err(|e| self.query_error(e))?;
             written.extend(applied.iter().map(|r| r.get::<_, String>(0)));
         }
         tx.commit().await.map_err(|e| self.query_error(e))?;

@@ -59,14 +59,7 @@ mod tests {
     /// the paper's jump hash.
     #[test]
     fn shard_of_named_keys_is_pinned() {
-        let keys = [
-            "user_000001",
-            "user_000002",
-            "user_000003",
-            "user_042000",
-            "merchant:77",
-            "größe",
-        ];
+        let keys = ["user_000001", "user_000002", "user_000003", "user_042000", "merchant:77", "größe"];
         let two: Vec<u32> = keys.iter().map(|k| shard_for(k, 2)).collect();
         let three: Vec<u32> = keys.iter().map(|k| shard_for(k, 3)).collect();
         assert_eq!(two, GOLDEN_TWO);
@@ -89,10 +82,7 @@ mod tests {
         for i in 0..n {
             let key = format!("user_{i:06}");
             let (before, after) = (shard_for(&key, 4), shard_for(&key, 5));
-            assert!(
-                before == after || after == 4,
-                "{key} moved from {before} to {after}"
-            );
+            assert!(before == after || after == 4, "{key} moved from {before} to {after}");
         }
     }
 

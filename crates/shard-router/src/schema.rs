@@ -16,21 +16,12 @@ pub(crate) async fn migrate(
     shard: &str,
     views: &[Arc<FeatureView>],
 ) -> Result<(), ShardError> {
-    let query_error = |source| ShardError::Query {
-        shard: shard.to_owned(),
-        source,
-    };
+    let query_error = |source| ShardError::Query { shard: shard.to_owned(), source };
     // The client is borrowed from the pool; a transaction needs `&mut`, so
     // the lock is taken at session level and released explicitly.
-    client
-        .execute("SELECT pg_advisory_lock($1)", &[&MIGRATION_LOCK])
-        .await
-        .map_err(query_error)?;
+    client.execute("SELECT pg_advisory_lock($1)", &[&MIGRATION_LOCK]).await.map_err(query_error)?;
     let result = migrate_locked(client, shard, views).await;
-    client
-        .execute("SELECT pg_advisory_unlock($1)", &[&MIGRATION_LOCK])
-        .await
-        .map_err(query_error)?;
+    client.execute("SELECT pg_advisory_unlock($1)", &[&MIGRATION_LOCK]).await.map_err(query_error)?;
     result
 }
 
@@ -39,14 +30,8 @@ async fn migrate_locked(
     shard: &str,
     views: &[Arc<FeatureView>],
 ) -> Result<(), ShardError> {
-    let query_error = |source| ShardError::Query {
-        shard: shard.to_owned(),
-        source,
-    };
-    client
-        .batch_execute("CREATE SCHEMA IF NOT EXISTS strata")
-        .await
-        .map_err(query_error)?;
+    let query_error = |source| ShardError::Query { shard: shard.to_owned(), source };
+    client.batch_execute("CREATE SCHEMA IF NOT EXISTS strata").await.map_err(query_error)?;
     for view in views {
         let mut ddl = format!(
             "CREATE TABLE IF NOT EXISTS {0} (entity_key text PRIMARY KEY, event_time timestamptz NOT NULL, \
@@ -75,10 +60,7 @@ async fn migrate_locked(
             .map_err(query_error)?;
         for f in &view.features {
             let expected = column_type(f.ty);
-            let found = rows
-                .iter()
-                .find(|r| r.get::<_, &str>(0) == f.name)
-                .map(|r| r.get::<_, String>(1));
+            let found = rows.iter().find(|r| r.get::<_, &str>(0) == f.name).map(|r| r.get::<_, String>(1));
             if found.as_deref() != Some(expected) {
                 return Err(ShardError::Schema {
                     shard: shard.to_owned(),

@@ -41,11 +41,7 @@ fn feature_columns(view: &FeatureView) -> String {
 }
 
 pub(crate) fn select(view: &FeatureView) -> String {
-    format!(
-        "SELECT entity_key, event_time{} FROM {} WHERE entity_key = ANY($1)",
-        feature_columns(view),
-        table(view)
-    )
+    format!("SELECT entity_key, event_time{} FROM {} WHERE entity_key = ANY($1)", feature_columns(view), table(view))
 }
 
 pub(crate) fn upsert_chunk_rows(view: &FeatureView) -> usize {
@@ -56,20 +52,11 @@ pub(crate) fn upsert_chunk_rows(view: &FeatureView) -> usize {
 /// not older than the stored one, and returns the keys it applied.
 pub(crate) fn upsert(view: &FeatureView, rows: usize) -> String {
     let width = view.features.len() + 2;
-    let mut sql = format!(
-        "INSERT INTO {} AS t (entity_key, event_time{}) VALUES ",
-        table(view),
-        feature_columns(view)
-    );
+    let mut sql = format!("INSERT INTO {} AS t (entity_key, event_time{}) VALUES ", table(view), feature_columns(view));
     for r in 0..rows {
         sql.push_str(if r == 0 { "(" } else { ", (" });
         for c in 0..width {
-            let _ = write!(
-                sql,
-                "{}${}",
-                if c == 0 { "" } else { ", " },
-                r * width + c + 1
-            );
+            let _ = write!(sql, "{}${}", if c == 0 { "" } else { ", " }, r * width + c + 1);
         }
         sql.push(')');
     }
@@ -96,8 +83,7 @@ pub(crate) fn upsert_params<'a>(
     rows: &'a [&'a (String, Row)],
     times: &'a [SystemTime],
 ) -> Vec<&'a (dyn ToSql + Sync)> {
-    let mut params: Vec<&(dyn ToSql + Sync)> =
-        Vec::with_capacity(rows.len() * (view.features.len() + 2));
+    let mut params: Vec<&(dyn ToSql + Sync)> = Vec::with_capacity(rows.len() * (view.features.len() + 2));
     for ((key, row), time) in rows.iter().map(|r| (&r.0, &r.1)).zip(times) {
         params.push(key);
         params.push(time);
@@ -130,48 +116,25 @@ fn param(ty: FeatureType, value: &Value) -> &(dyn ToSql + Sync) {
 }
 
 /// Decodes a row of [`select`] into its key and row.
-pub(crate) fn decode_row(
-    view: &FeatureView,
-    row: &tokio_postgres::Row,
-) -> Result<(String, Row), String> {
+pub(crate) fn decode_row(view: &FeatureView, row: &tokio_postgres::Row) -> Result<(String, Row), String> {
     let key: String = row.try_get(0).map_err(|e| e.to_string())?;
     let time: SystemTime = row.try_get(1).map_err(|e| e.to_string())?;
     let mut values = Vec::with_capacity(view.features.len());
     for (i, feature) in view.features.iter().enumerate() {
         let col = i + 2;
         let value = match feature.ty {
-            FeatureType::Int64 => row
-                .try_get::<_, Option<i64>>(col)
-                .map(|v| v.map(Value::Int64)),
-            FeatureType::Double => row
-                .try_get::<_, Option<f64>>(col)
-                .map(|v| v.map(Value::Double)),
-            FeatureType::String => row
-                .try_get::<_, Option<String>>(col)
-                .map(|v| v.map(Value::String)),
-            FeatureType::Bool => row
-                .try_get::<_, Option<bool>>(col)
-                .map(|v| v.map(Value::Bool)),
-            FeatureType::Bytes => row
-                .try_get::<_, Option<Vec<u8>>>(col)
-                .map(|v| v.map(Value::Bytes)),
-            FeatureType::FloatList => row
-                .try_get::<_, Option<Vec<f32>>>(col)
-                .map(|v| v.map(Value::FloatList)),
-            FeatureType::Int64List => row
-                .try_get::<_, Option<Vec<i64>>>(col)
-                .map(|v| v.map(Value::Int64List)),
+            FeatureType::Int64 => row.try_get::<_, Option<i64>>(col).map(|v| v.map(Value::Int64)),
+            FeatureType::Double => row.try_get::<_, Option<f64>>(col).map(|v| v.map(Value::Double)),
+            FeatureType::String => row.try_get::<_, Option<String>>(col).map(|v| v.map(Value::String)),
+            FeatureType::Bool => row.try_get::<_, Option<bool>>(col).map(|v| v.map(Value::Bool)),
+            FeatureType::Bytes => row.try_get::<_, Option<Vec<u8>>>(col).map(|v| v.map(Value::Bytes)),
+            FeatureType::FloatList => row.try_get::<_, Option<Vec<f32>>>(col).map(|v| v.map(Value::FloatList)),
+            FeatureType::Int64List => row.try_get::<_, Option<Vec<i64>>>(col).map(|v| v.map(Value::Int64List)),
         }
         .map_err(|e| format!("key {key:?}, feature {}: {e}", feature.name))?;
         values.push(value.unwrap_or(Value::Null));
     }
-    Ok((
-        key,
-        Row {
-            event_time: EventTime::from_system_time(time),
-            values,
-        },
-    ))
+    Ok((key, Row { event_time: EventTime::from_system_time(time), values }))
 }
 
 #[cfg(test)]
@@ -187,14 +150,8 @@ mod tests {
             name: "v".into(),
             description: String::new(),
             features: vec![
-                FeatureSpec {
-                    name: "a".into(),
-                    ty: FeatureType::Int64,
-                },
-                FeatureSpec {
-                    name: "b".into(),
-                    ty: FeatureType::FloatList,
-                },
+                FeatureSpec { name: "a".into(), ty: FeatureType::Int64 },
+                FeatureSpec { name: "b".into(), ty: FeatureType::FloatList },
             ],
             l1_ttl: Duration::from_secs(1),
             l2_ttl: Duration::from_secs(1),
@@ -207,10 +164,7 @@ mod tests {
     fn upsert_numbers_parameters_row_by_row_and_guards_on_event_time() {
         let sql = upsert(&view(), 2);
         assert!(sql.starts_with("INSERT INTO strata.\"v\" AS t (entity_key, event_time, \"a\", \"b\") VALUES ($1, $2, $3, $4), ($5, $6, $7, $8) ON CONFLICT"), "{sql}");
-        assert!(
-            sql.ends_with("WHERE t.event_time <= EXCLUDED.event_time RETURNING entity_key"),
-            "{sql}"
-        );
+        assert!(sql.ends_with("WHERE t.event_time <= EXCLUDED.event_time RETURNING entity_key"), "{sql}");
     }
 
     #[test]

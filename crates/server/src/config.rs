@@ -1,0 +1,271 @@
+//! Configuration in two stages: [`FileConfig`] is what the TOML file (and
+//! `STRATA_*` environment variables) say, with defaults; [`FileConfig::validate`]
+//! turns it into the [`Config`] the server runs with, or an error that names
+//! the setting.
+//!
+//! Unknown settings are rejected (`deny_unknown_fields`): a misspelt setting
+//! that silently fell back to its default is worse than a refusal to start.
+
+use std::net::SocketAddr;
+use std::path::Path;
+use std::sync::Arc;
+use std::time::Duration;
+
+use anyhow::{Context, Result, bail};
+use figment::Figment;
+use figment::providers::{Env, Format, Toml};
+use serde::Deserialize;
+use strata_cache_tiers::L2Config;
+use strata_core::{FeatureViewSpec, Registry};
+use strata_proto::Limits;
+use strata_shard_router::{PoolOptions, ShardConfig};
+
+/// The environment variable prefix; `__` separates levels, so
+/// `STRATA_SERVER__GRPC_ADDR` overrides `server.grpc_addr`.
+pub const ENV_PREFIX: &str = "STRATA_";
+
+#[derive(Debug, Deserialize)]
+#[serde(default, deny_unknown_fields)]
+pub struct FileConfig {
+    pub server: ServerSection,
+    pub limits: LimitsSection,
+    pub l1: L1Section,
+    pub redis: RedisSection,
+    pub postgres: PostgresSection,
+    pub views: Vec<FeatureViewSpec>,
+}
+
+#[derive(Debug, Deserialize)]
+#[serde(default, deny_unknown_fields)]
+pub struct ServerSection {
+    pub grpc_addr: String,
+    pub metrics_addr: String,
+}
+
+#[derive(Debug, Deserialize)]
+#[serde(default, deny_unknown_fields)]
+pub struct LimitsSection {
+    pub max_keys_per_request: usize,
+    pub max_key_bytes: usize,
+    pub max_rows_per_write: usize,
+}
+
+#[derive(Debug, Deserialize)]
+#[serde(default, deny_unknown_fields)]
+pub struct L1Section {
+    /// Upper bound of the in-process cache, in bytes of cached rows.
+    pub max_bytes: u64,
+}
+
+#[derive(Debug, Deserialize)]
+#[serde(default, deny_unknown_fields)]
+pub struct RedisSection {
+    pub nodes: Vec<String>,
+    #[serde(with = "humantime_serde")]
+    pub command_timeout: Duration,
+    #[serde(with = "humantime_serde")]
+    pub connect_timeout: Duration,
+    pub key_prefix: String,
+}
+
+#[derive(Debug, Deserialize)]
+#[serde(default, deny_unknown_fields)]
+pub struct PostgresSection {
+    pub max_connections_per_shard: usize,
+    #[serde(with = "humantime_serde")]
+    pub connect_timeout: Duration,
+    pub shards: Vec<ShardSection>,
+}
+
+#[derive(Debug, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct ShardSection {
+    pub name: String,
+    pub url: String,
+}
+
+impl Default for FileConfig {
+    fn default() -> Self {
+        FileConfig {
+            server: ServerSection::default(),
+            limits: LimitsSection::default(),
+            l1: L1Section::default(),
+            redis: RedisSection::default(),
+            postgres: PostgresSection::default(),
+            views: Vec::new(),
+        }
+    }
+}
+
+impl Default for ServerSection {
+    fn default() -> Self {
+        ServerSection { grpc_addr: "127.0.0.1:50051".into(), metrics_addr: "127.0.0.1:9090".into() }
+    }
+}
+
+impl Default for LimitsSection {
+    fn default() -> Self {
+        let limits = Limits::default();
+        LimitsSection {
+            max_keys_per_request: limits.max_keys_per_request,
+            max_key_bytes: limits.max_key_bytes,
+            max_rows_per_write: limits.max_rows_per_write,
+        }
+    }
+}
+
+impl Default for L1Section {
+    fn default() -> Self {
+        L1Section { max_bytes: 256 * 1024 * 1024 }
+    }
+}
+
+impl Default for RedisSection {
+    fn default() -> Self {
+        RedisSection {
+            nodes: Vec::new(),
+            command_timeout: Duration::from_millis(250),
+            connect_timeout: Duration::from_secs(2),
+            key_prefix: "strata:".into(),
+        }
+    }
+}
+
+impl Default for PostgresSection {
+    fn default() -> Self {
+        let pool = PoolOptions::default();
+        PostgresSection {
+            max_connections_per_shard: pool.max_connections,
+            connect_timeout: pool.connect_timeout,
+            shards: Vec::new(),
+        }
+    }
+}
+
+/// The validated configuration the server runs with.
+#[derive(Clone, Debug)]
+pub struct Config {
+    pub grpc_addr: SocketAddr,
+    pub metrics_addr: SocketAddr,
+    pub limits: Limits,
+    pub l1_max_bytes: u64,
+    pub redis: L2Config,
+    pub pool: PoolOptions,
+    pub shards: Vec<ShardConfig>,
+    pub registry: Arc<Registry>,
+}
+
+impl FileConfig {
+    /// Reads `path` (if given), then the `STRATA_*` environment variables.
+    pub fn load(path: Option<&Path>) -> Result<FileConfig> {
+        let mut figment = Figment::new();
+        if let Some(path) = path {
+            if !path.is_file() {
+                bail!("config file {} does not exist", path.display());
+            }
+            figment = figment.merge(Toml::file(path));
+        }
+        figment = figment.merge(Env::prefixed(ENV_PREFIX).split("__"));
+        figment.extract().map_err(|e| anyhow::anyhow!("invalid configuration: {e}"))
+    }
+
+    /// Reads a configuration from TOML text alone (tests, tools).
+    pub fn from_toml(text: &str) -> Result<FileConfig> {
+        Figment::new().merge(Toml::string(text)).extract().map_err(|e| anyhow::anyhow!("invalid configuration: {e}"))
+    }
+
+    pub fn validate(self) -> Result<Config> {
+        let FileConfig { server, limits, l1, redis, postgres, views } = self;
+        let ServerSection { grpc_addr, metrics_addr } = server;
+        let grpc_addr =
+            grpc_addr.parse().with_context(|| format!("server.grpc_addr: {grpc_addr:?} is not an address"))?;
+        let metrics_addr =
+            metrics_addr.parse().with_context(|| format!("server.metrics_addr: {metrics_addr:?} is not an address"))?;
+
+        let LimitsSection { max_keys_per_request, max_key_bytes, max_rows_per_write } = limits;
+        for (name, value) in [
+            ("limits.max_keys_per_request", max_keys_per_request),
+            ("limits.max_key_bytes", max_key_bytes),
+            ("limits.max_rows_per_write", max_rows_per_write),
+        ] {
+            if value == 0 {
+                bail!("{name} must be greater than zero");
+            }
+        }
+
+        let L1Section { max_bytes } = l1;
+
+        let RedisSection { nodes, command_timeout, connect_timeout, key_prefix } = redis;
+        if nodes.is_empty() {
+            bail!("redis.nodes: at least one node of the Redis Cluster is needed");
+        }
+        for node in &nodes {
+            if node.rsplit_once(':').is_none_or(|(_, port)| port.parse::<u16>().is_err()) {
+                bail!("redis.nodes: {node:?} is not host:port");
+            }
+        }
+
+        let PostgresSection { max_connections_per_shard, connect_timeout: pg_connect_timeout, shards } = postgres;
+        if shards.is_empty() {
+            bail!("postgres.shards: at least one shard is needed");
+        }
+        if max_connections_per_shard == 0 {
+            bail!("postgres.max_connections_per_shard must be greater than zero");
+        }
+        let mut names = std::collections::HashSet::new();
+        for shard in &shards {
+            if !names.insert(shard.name.as_str()) {
+                bail!("postgres.shards: name {:?} is used twice", shard.name);
+            }
+        }
+
+        if views.is_empty() {
+            bail!("views: no feature views are declared");
+        }
+        let registry = Registry::new(views).context("views")?;
+
+        Ok(Config {
+            grpc_addr,
+            metrics_addr,
+            limits: Limits { max_keys_per_request, max_key_bytes, max_rows_per_write },
+            l1_max_bytes: max_bytes,
+            redis: L2Config { nodes, command_timeout, connect_timeout, key_prefix },
+            pool: PoolOptions { max_connections: max_connections_per_shard, connect_timeout: pg_connect_timeout },
+            shards: shards.into_iter().map(|s| ShardConfig { name: s.name, url: s.url }).collect(),
+            registry: Arc::new(registry),
+        })
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    const SHIPPED: &str = include_str!("../../../config/strata.toml");
+
+    #[test]
+    fn the_shipped_config_is_valid() {
+        let config = FileConfig::from_toml(SHIPPED).unwrap().validate().unwrap();
+        assert!(config.registry.get("user_features").is_some());
+        assert_eq!(config.grpc_addr.port(), 50051);
+    }
+
+    #[test]
+    fn a_misspelt_setting_is_refused_with_its_name() {
+        let err = FileConfig::from_toml("[server]\ngrpc_adr = \"127.0.0.1:1\"\n").unwrap_err().to_string();
+        assert!(err.contains("grpc_adr"), "{err}");
+    }
+
+    #[test]
+    fn invalid_values_name_the_setting() {
+        let base = SHIPPED.to_owned();
+        let err = FileConfig::from_toml(&format!("{base}\n[limits]\nmax_key_bytes = 0\n"))
+            .unwrap()
+            .validate()
+            .unwrap_err()
+            .to_string();
+        assert_eq!(err, "limits.max_key_bytes must be greater than zero");
+        let err = FileConfig::from_toml("[redis]\ncommand_timeout = \"soon\"\n").unwrap_err().to_string();
+        assert!(err.contains("command_timeout"), "{err}");
+    }
+}

@@ -1,0 +1,82 @@
+//! `strata dev`: the whole local stack in one command. Starts a Redis
+//! Cluster and PostgreSQL shards as local processes, loads the demo data,
+//! serves, and stops everything on Ctrl-C.
+
+use std::path::PathBuf;
+use std::time::Instant;
+
+use anyhow::{Context, Result};
+use strata_devstack::{PortPlan, Stack, StackOptions};
+
+use crate::config::{FileConfig, ShardSection};
+use crate::demo;
+use crate::server::RunningServer;
+
+pub struct DevOptions {
+    pub config: Option<PathBuf>,
+    pub data_dir: PathBuf,
+    pub shards: usize,
+    pub demo_entities: u64,
+}
+
+/// Redis on 7000-7005 and PostgreSQL from 5433, as `config/strata.toml` says.
+pub const DEV_PORTS: PortPlan = PortPlan::Fixed { redis: 7000, postgres: 5433 };
+
+pub async fn run(options: DevOptions) -> Result<()> {
+    let mut file = FileConfig::load(options.config.as_deref())?;
+    let started = Instant::now();
+    println!("starting the local stack under {} ...", options.data_dir.display());
+    let mut stack =
+        Stack::start(StackOptions { data_dir: options.data_dir.clone(), ports: DEV_PORTS, shards: options.shards })
+            .await?;
+    println!("redis cluster and {} postgres shards up in {:.1?}", options.shards, started.elapsed());
+
+    // The rest may fail; the stack is stopped whatever happens.
+    let result = serve_on(&mut stack, &mut file, &options).await;
+    stack.stop().await;
+    result
+}
+
+/// Points a configuration at a running stack's Redis nodes and shards.
+pub fn use_stack(file: &mut FileConfig, stack: &Stack) {
+    file.redis.nodes = stack.redis_nodes();
+    file.postgres.shards =
+        stack.description().shards.iter().map(|s| ShardSection { name: s.name.clone(), url: s.url.clone() }).collect();
+}
+
+async fn serve_on(stack: &mut Stack, file: &mut FileConfig, options: &DevOptions) -> Result<()> {
+    use_stack(file, stack);
+    let config = std::mem::take(file).validate()?;
+    let registry = config.registry.clone();
+    let server = RunningServer::start(config).await?;
+    stack.add_service("grpc", server.grpc_addr().to_string())?;
+    stack.add_service("metrics", format!("http://{}/metrics", server.metrics_addr()))?;
+
+    if let Some(view) = registry.get("user_features") {
+        let started = Instant::now();
+        let written = demo::load(server.tiers(), view, options.demo_entities).await.context("demo data")?;
+        println!(
+            "demo data: {written} user_features rows written in {:.1?} (user_000001 .. {})",
+            started.elapsed(),
+            demo::demo_key(options.demo_entities)
+        );
+    }
+
+    println!();
+    println!("Strata is serving gRPC on {}", server.grpc_addr());
+    println!("metrics:      http://{}/metrics", server.metrics_addr());
+    println!("stack:        {}", stack.description_path().display());
+    println!();
+    println!("try:");
+    println!("  grpcurl -plaintext {} list", server.grpc_addr());
+    println!(
+        "  grpcurl -plaintext -d '{{\"feature_view\":\"user_features\",\"entity_keys\":[\"user_000001\",\"user_000002\"]}}' {} strata.v1.FeatureStore/GetFeatures",
+        server.grpc_addr()
+    );
+    println!();
+    println!("Ctrl-C stops the server and the stack.");
+    tokio::signal::ctrl_c().await.context("cannot wait for Ctrl-C")?;
+    println!("stopping ...");
+    server.shutdown().await;
+    Ok(())
+}

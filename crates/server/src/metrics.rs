@@ -1,0 +1,190 @@
+//! Prometheus metrics: the process-wide recorder, the `/metrics` endpoint,
+//! and the tower layer that records rate, errors and duration per RPC.
+
+use std::future::Future;
+use std::net::SocketAddr;
+use std::pin::Pin;
+use std::sync::OnceLock;
+use std::task::{Context, Poll};
+use std::time::{Duration, Instant};
+
+use metrics_exporter_prometheus::{Matcher, PrometheusBuilder, PrometheusHandle};
+use tonic::codegen::http;
+
+/// Latency buckets fit for a server that answers in well under a millisecond
+/// when it hits its cache, and in milliseconds when it goes to PostgreSQL.
+const LATENCY_BUCKETS: &[f64] =
+    &[0.0001, 0.00025, 0.0005, 0.001, 0.0025, 0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1.0, 2.5];
+
+static HANDLE: OnceLock<PrometheusHandle> = OnceLock::new();
+
+/// The process-wide recorder, installed on first use. Several servers in one
+/// process (tests) share it, as they share the process.
+pub fn handle() -> &'static PrometheusHandle {
+    HANDLE.get_or_init(|| {
+        let recorder = PrometheusBuilder::new()
+            .set_buckets_for_metric(Matcher::Suffix("_seconds".into()), LATENCY_BUCKETS)
+            .expect("the bucket list is not empty")
+            .build_recorder();
+        let handle = recorder.handle();
+        // Fails only if another recorder was installed first; then metrics
+        // go there and ours renders empty, which start-up logs.
+        if metrics::set_global_recorder(recorder).is_err() {
+            tracing::warn!("a metrics recorder was already installed; /metrics will be empty");
+        }
+        describe();
+        handle
+    })
+}
+
+fn describe() {
+    metrics::describe_counter!("strata_grpc_requests_total", "gRPC requests handled, by method and status code");
+    metrics::describe_histogram!(
+        "strata_grpc_request_duration_seconds",
+        metrics::Unit::Seconds,
+        "gRPC request duration, by method"
+    );
+    metrics::describe_counter!("strata_cache_hits_total", "Keys found in a cache tier, by tier and view");
+    metrics::describe_counter!("strata_cache_misses_total", "Keys not found in a cache tier, by tier and view");
+    metrics::describe_counter!("strata_cache_errors_total", "Failed cache tier operations, by tier and operation");
+    metrics::describe_counter!(
+        "strata_rows_served_total",
+        "Rows answered by GetFeatures, by view, source tier and status"
+    );
+    metrics::describe_counter!("strata_rows_written_total", "Rows applied by WriteFeatures, by view");
+    metrics::describe_counter!("strata_rows_skipped_older_total", "Rows skipped as older by WriteFeatures, by view");
+    metrics::describe_histogram!(
+        "strata_shard_query_duration_seconds",
+        metrics::Unit::Seconds,
+        "PostgreSQL query duration, by shard and operation"
+    );
+    metrics::describe_counter!("strata_shard_errors_total", "Failed PostgreSQL operations, by shard and operation");
+}
+
+/// Serves `GET /metrics` on `listener` until `shutdown` resolves.
+pub async fn serve(
+    listener: tokio::net::TcpListener,
+    shutdown: impl Future<Output = ()> + Send + 'static,
+) -> std::io::Result<()> {
+    let handle = handle().clone();
+    let upkeep = handle.clone();
+    // Upkeep bounds the memory of histograms between scrapes.
+    let upkeep = tokio::spawn(async move {
+        let mut every = tokio::time::interval(Duration::from_secs(5));
+        loop {
+            every.tick().await;
+            upkeep.run_upkeep();
+        }
+    });
+    let app = axum::Router::new().route(
+        "/metrics",
+        axum::routing::get(move || {
+            let handle = handle.clone();
+            async move { handle.render() }
+        }),
+    );
+    let result = axum::serve(listener, app).with_graceful_shutdown(shutdown).await;
+    upkeep.abort();
+    result
+}
+
+/// Binds the metrics listener.
+pub async fn bind(addr: SocketAddr) -> std::io::Result<tokio::net::TcpListener> {
+    tokio::net::TcpListener::bind(addr).await
+}
+
+/// Records `strata_grpc_requests_total{method, code}` and
+/// `strata_grpc_request_duration_seconds{method}` for every request,
+/// including those refused by layers further in.
+#[derive(Clone, Copy, Debug, Default)]
+pub struct GrpcMetricsLayer;
+
+impl<S> tower::Layer<S> for GrpcMetricsLayer {
+    type Service = GrpcMetrics<S>;
+
+    fn layer(&self, inner: S) -> GrpcMetrics<S> {
+        GrpcMetrics { inner }
+    }
+}
+
+#[derive(Clone, Debug)]
+pub struct GrpcMetrics<S> {
+    inner: S,
+}
+
+impl<S, B, R> tower::Service<http::Request<B>> for GrpcMetrics<S>
+where
+    S: tower::Service<http::Request<B>, Response = http::Response<R>> + Clone + Send + 'static,
+    S::Future: Send + 'static,
+    B: Send + 'static,
+{
+    type Response = S::Response;
+    type Error = S::Error;
+    type Future = Pin<Box<dyn Future<Output = Result<Self::Response, Self::Error>> + Send>>;
+
+    fn poll_ready(&mut self, cx: &mut Context<'_>) -> Poll<Result<(), Self::Error>> {
+        self.inner.poll_ready(cx)
+    }
+
+    fn call(&mut self, request: http::Request<B>) -> Self::Future {
+        // The service that was polled ready is the one to call.
+        let clone = self.inner.clone();
+        let mut inner = std::mem::replace(&mut self.inner, clone);
+        let method = method_label(request.uri().path());
+        Box::pin(async move {
+            let started = Instant::now();
+            let result = inner.call(request).await;
+            let code = match &result {
+                // Unary errors come back "trailers-only": the status is in the
+                // headers. A success carries it in the trailers, as OK.
+                Ok(response) => response
+                    .headers()
+                    .get("grpc-status")
+                    .and_then(|v| v.to_str().ok())
+                    .and_then(|v| v.parse::<i32>().ok())
+                    .map_or("OK", code_name),
+                Err(_) => "INTERNAL",
+            };
+            metrics::counter!("strata_grpc_requests_total", "method" => method, "code" => code).increment(1);
+            metrics::histogram!("strata_grpc_request_duration_seconds", "method" => method).record(started.elapsed());
+            result
+        })
+    }
+}
+
+/// The method name of a gRPC path, from a fixed set so that a client
+/// cannot grow the label space.
+fn method_label(path: &str) -> &'static str {
+    match path.rsplit('/').next() {
+        Some("GetFeatures") => "GetFeatures",
+        Some("WriteFeatures") => "WriteFeatures",
+        Some("ListFeatureViews") => "ListFeatureViews",
+        Some("Check") => "Health.Check",
+        Some("Watch") => "Health.Watch",
+        Some("ServerReflectionInfo") => "ServerReflectionInfo",
+        _ => "other",
+    }
+}
+
+fn code_name(code: i32) -> &'static str {
+    match code {
+        0 => "OK",
+        1 => "CANCELLED",
+        2 => "UNKNOWN",
+        3 => "INVALID_ARGUMENT",
+        4 => "DEADLINE_EXCEEDED",
+        5 => "NOT_FOUND",
+        6 => "ALREADY_EXISTS",
+        7 => "PERMISSION_DENIED",
+        8 => "RESOURCE_EXHAUSTED",
+        9 => "FAILED_PRECONDITION",
+        10 => "ABORTED",
+        11 => "OUT_OF_RANGE",
+        12 => "UNIMPLEMENTED",
+        13 => "INTERNAL",
+        14 => "UNAVAILABLE",
+        15 => "DATA_LOSS",
+        16 => "UNAUTHENTICATED",
+        _ => "OTHER",
+    }
+}
