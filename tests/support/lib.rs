@@ -1,1 +1,198 @@
-//! placeholder
+//! The integration-test harness: one real stack (a Redis Cluster of 3
+//! primaries and 3 replicas, 2 PostgreSQL shards) per test binary, started
+//! by the same code as `strata dev`, in a temporary folder on free ports,
+//! and stopped when the tests end.
+//!
+//! Tests are `async fn name(env: &'static Env) -> anyhow::Result<()>`,
+//! listed in [`integration_tests!`]; they run in parallel on one runtime,
+//! each with its own server(s), so they must use their own keys or views.
+
+use std::future::Future;
+use std::path::PathBuf;
+use std::pin::Pin;
+use std::sync::{Mutex, OnceLock};
+
+use anyhow::{Context, Result};
+use strata_devstack::{PortPlan, Stack, StackOptions};
+use strata_proto::v1::feature_store_client::FeatureStoreClient;
+use strata_server::RunningServer;
+use strata_server::config::FileConfig;
+use tokio::io::{AsyncReadExt, AsyncWriteExt};
+use tokio::runtime::Runtime;
+use tonic::transport::Channel;
+
+pub type TestFuture = Pin<Box<dyn Future<Output = Result<()>> + Send>>;
+pub type Test = (&'static str, fn(&'static Env) -> TestFuture);
+
+/// Declares the test binary's `main` from a list of async test functions.
+#[macro_export]
+macro_rules! integration_tests {
+    ($($name:ident),* $(,)?) => {
+        fn main() -> std::process::ExitCode {
+            $crate::run(vec![$((stringify!($name), |env| Box::pin($name(env)))),*])
+        }
+    };
+}
+
+/// Feature views the tests use besides the shipped `user_features`; each
+/// test that reads metrics has a view of its own, so counts do not mix.
+pub const TEST_VIEWS: &str = r#"
+[[views]]
+name = "typed"
+l1_ttl = "5m"
+l2_ttl = "10m"
+features = [
+  { name = "i", type = "int64" },
+  { name = "d", type = "double" },
+  { name = "s", type = "string" },
+  { name = "b", type = "bool" },
+  { name = "raw", type = "bytes" },
+  { name = "emb", type = "float_list" },
+  { name = "ids", type = "int64_list" },
+]
+
+[[views]]
+name = "fallthrough"
+l1_ttl = "5m"
+l2_ttl = "10m"
+features = [{ name = "n", type = "int64" }]
+
+[[views]]
+name = "routing"
+l1_ttl = "5m"
+l2_ttl = "10m"
+features = [{ name = "n", type = "int64" }]
+
+[[views]]
+name = "rejects"
+l1_ttl = "5m"
+l2_ttl = "10m"
+features = [{ name = "n", type = "int64" }, { name = "s", type = "string" }]
+"#;
+
+/// The shared environment of one test binary.
+pub struct Env {
+    runtime: Runtime,
+    stack: Mutex<Option<Stack>>,
+    /// Kept so the folder outlives the stack.
+    _dir: tempfile::TempDir,
+    redis_nodes: Vec<String>,
+    shard_urls: Vec<String>,
+}
+
+static ENV: OnceLock<Env> = OnceLock::new();
+
+fn env() -> &'static Env {
+    ENV.get_or_init(|| Env::start().unwrap_or_else(|e| panic!("cannot start the test stack: {e:#}")))
+}
+
+/// Runs the tests (honouring the usual test-binary arguments), then stops
+/// the stack if any test started it.
+pub fn run(tests: Vec<Test>) -> std::process::ExitCode {
+    let args = libtest_mimic::Arguments::from_args();
+    let trials = tests
+        .into_iter()
+        .map(|(name, test)| {
+            libtest_mimic::Trial::test(name, move || {
+                let env = env();
+                env.runtime.block_on(test(env)).map_err(|e| format!("{e:#}").into())
+            })
+        })
+        .collect();
+    let conclusion = libtest_mimic::run(&args, trials);
+    if let Some(env) = ENV.get() {
+        let stack = env.stack.lock().expect("stack lock").take();
+        if let Some(stack) = stack {
+            env.runtime.block_on(stack.stop());
+        }
+    }
+    conclusion.exit_code()
+}
+
+impl Env {
+    fn start() -> Result<Env> {
+        let runtime = tokio::runtime::Builder::new_multi_thread().enable_all().build()?;
+        let dir = tempfile::Builder::new().prefix("strata-test-").tempdir()?;
+        let stack = runtime.block_on(Stack::start(StackOptions {
+            data_dir: dir.path().join("stack"),
+            ports: PortPlan::Ephemeral,
+            shards: 2,
+        }))?;
+        let redis_nodes = stack.redis_nodes();
+        let shard_urls = stack.shard_urls();
+        Ok(Env { runtime, stack: Mutex::new(Some(stack)), _dir: dir, redis_nodes, shard_urls })
+    }
+
+    /// The shipped `config/strata.toml` plus [`TEST_VIEWS`], pointed at the
+    /// test stack, listening on free ports.
+    pub fn config(&self) -> Result<FileConfig> {
+        let shipped = std::fs::read_to_string(repo_root().join("config/strata.toml"))?;
+        let mut file = FileConfig::from_toml(&format!("{shipped}\n{TEST_VIEWS}"))?;
+        file.server.grpc_addr = "127.0.0.1:0".into();
+        file.server.metrics_addr = "127.0.0.1:0".into();
+        file.redis.nodes = self.redis_nodes.clone();
+        file.postgres.shards = self
+            .shard_urls
+            .iter()
+            .enumerate()
+            .map(|(i, url)| strata_server::config::ShardSection { name: format!("shard-{i}"), url: url.clone() })
+            .collect();
+        Ok(file)
+    }
+
+    /// Starts a server with [`Env::config`].
+    pub async fn server(&self) -> Result<RunningServer> {
+        RunningServer::start(self.config()?.validate()?).await
+    }
+
+    pub fn shard_count(&self) -> usize {
+        self.shard_urls.len()
+    }
+
+    /// A direct connection to shard `i`, bypassing Strata.
+    pub async fn shard(&self, i: usize) -> Result<tokio_postgres::Client> {
+        let (client, connection) = tokio_postgres::connect(&self.shard_urls[i], tokio_postgres::NoTls).await?;
+        tokio::spawn(connection);
+        Ok(client)
+    }
+
+    /// Entity keys of `view` stored on shard `i`, read directly.
+    pub async fn keys_on_shard(&self, i: usize, view: &str) -> Result<Vec<String>> {
+        let rows = self.shard(i).await?.query(&format!("SELECT entity_key FROM strata.\"{view}\""), &[]).await?;
+        Ok(rows.iter().map(|r| r.get(0)).collect())
+    }
+}
+
+/// A gRPC client of a server.
+pub async fn client(server: &RunningServer) -> Result<FeatureStoreClient<Channel>> {
+    Ok(FeatureStoreClient::connect(format!("http://{}", server.grpc_addr())).await?)
+}
+
+/// The server's `/metrics` page, fetched over HTTP.
+pub async fn scrape(server: &RunningServer) -> Result<String> {
+    let mut stream = tokio::net::TcpStream::connect(server.metrics_addr()).await?;
+    stream.write_all(b"GET /metrics HTTP/1.0\r\nHost: strata\r\n\r\n").await?;
+    let mut response = String::new();
+    stream.read_to_string(&mut response).await?;
+    let (head, body) = response.split_once("\r\n\r\n").context("malformed HTTP response")?;
+    anyhow::ensure!(head.starts_with("HTTP/1.0 200") || head.starts_with("HTTP/1.1 200"), "metrics: {head}");
+    Ok(body.to_owned())
+}
+
+/// The value of one sample in a Prometheus text page, 0 if absent. Labels
+/// are matched as written, in any order.
+pub fn sample(page: &str, name: &str, labels: &[(&str, &str)]) -> f64 {
+    page.lines()
+        .filter(|l| !l.starts_with('#'))
+        .filter_map(|l| l.rsplit_once(' '))
+        .filter(|(series, _)| {
+            let (metric, rest) = series.split_once('{').unwrap_or((series, ""));
+            metric == name && labels.iter().all(|(k, v)| rest.contains(&format!("{k}=\"{v}\"")))
+        })
+        .filter_map(|(_, value)| value.parse::<f64>().ok())
+        .sum()
+}
+
+pub fn repo_root() -> PathBuf {
+    PathBuf::from(env!("CARGO_MANIFEST_DIR")).join("..")
+}
