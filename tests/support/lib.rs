@@ -73,9 +73,9 @@ features = [{ name = "n", type = "int64" }, { name = "s", type = "string" }]
 /// The shared environment of one test binary.
 pub struct Env {
     runtime: Runtime,
-    stack: Mutex<Option<Stack>>,
-    /// Kept so the folder outlives the stack.
-    _dir: tempfile::TempDir,
+    /// The stack and its folder, taken and stopped when the tests end (a
+    /// static is never dropped).
+    stack: Mutex<Option<(Stack, tempfile::TempDir)>>,
     redis_nodes: Vec<String>,
     shard_urls: Vec<String>,
 }
@@ -102,8 +102,9 @@ pub fn run(tests: Vec<Test>) -> std::process::ExitCode {
     let conclusion = libtest_mimic::run(&args, trials);
     if let Some(env) = ENV.get() {
         let stack = env.stack.lock().expect("stack lock").take();
-        if let Some(stack) = stack {
+        if let Some((stack, dir)) = stack {
             env.runtime.block_on(stack.stop());
+            drop(dir);
         }
     }
     conclusion.exit_code()
@@ -120,7 +121,7 @@ impl Env {
         }))?;
         let redis_nodes = stack.redis_nodes();
         let shard_urls = stack.shard_urls();
-        Ok(Env { runtime, stack: Mutex::new(Some(stack)), _dir: dir, redis_nodes, shard_urls })
+        Ok(Env { runtime, stack: Mutex::new(Some((stack, dir))), redis_nodes, shard_urls })
     }
 
     /// The shipped `config/strata.toml` plus [`TEST_VIEWS`], pointed at the

@@ -79,7 +79,7 @@ pub async fn load(tiers: &Tiers, view: &FeatureView, count: u64) -> Result<u64> 
         }
         written += outcome.written.len() as u64;
         done += n as u64;
-        if done % 20_000 == 0 || done == count {
+        if done.is_multiple_of(20_000) || done == count {
             tracing::info!(rows = done, of = count, elapsed_ms = started.elapsed().as_millis() as u64, "demo data");
         }
     }

@@ -13,7 +13,7 @@ use crate::demo;
 use crate::server::RunningServer;
 
 pub struct DevOptions {
-    pub config: Option<PathBuf>,
+    pub config: Vec<PathBuf>,
     pub data_dir: PathBuf,
     pub shards: usize,
     pub demo_entities: u64,
@@ -23,7 +23,7 @@ pub struct DevOptions {
 pub const DEV_PORTS: PortPlan = PortPlan::Fixed { redis: 7000, postgres: 5433 };
 
 pub async fn run(options: DevOptions) -> Result<()> {
-    let mut file = FileConfig::load(options.config.as_deref())?;
+    let mut file = FileConfig::load(&options.config)?;
     let started = Instant::now();
     println!("starting the local stack under {} ...", options.data_dir.display());
     let mut stack =

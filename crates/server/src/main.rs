@@ -20,20 +20,21 @@ struct Cli {
 enum Command {
     /// Serve gRPC and metrics with the given configuration.
     Serve {
-        /// Configuration file (TOML); STRATA_* environment variables override it.
+        /// Configuration files (TOML), merged in order; STRATA_* environment
+        /// variables override them.
         #[arg(long, short, default_value = "config/strata.toml")]
-        config: PathBuf,
+        config: Vec<PathBuf>,
     },
     /// Create the feature views' tables on every shard, then exit.
     Migrate {
         #[arg(long, short, default_value = "config/strata.toml")]
-        config: PathBuf,
+        config: Vec<PathBuf>,
     },
     /// Start a whole local stack (Redis Cluster, PostgreSQL shards, demo
     /// data) as local processes and serve it until Ctrl-C.
     Dev {
         #[arg(long, short, default_value = "config/strata.toml")]
-        config: PathBuf,
+        config: Vec<PathBuf>,
         /// Folder for the stack's data and logs; emptied at start.
         #[arg(long, default_value = ".strata")]
         data_dir: PathBuf,
@@ -65,21 +66,21 @@ async fn main() -> std::process::ExitCode {
 async fn run(cli: Cli) -> Result<()> {
     match cli.command {
         Command::Serve { config } => {
-            let config = FileConfig::load(Some(&config))?.validate()?;
+            let config = FileConfig::load(&config)?.validate()?;
             let server = RunningServer::start(config).await?;
             shutdown_signal().await;
             server.shutdown().await;
             Ok(())
         }
         Command::Migrate { config } => {
-            let config = FileConfig::load(Some(&config))?.validate()?;
+            let config = FileConfig::load(&config)?.validate()?;
             let shards = ShardRouter::new(&config.shards, &config.pool)?;
             shards.migrate(config.registry.views()).await?;
             println!("{} views migrated on {} shards", config.registry.views().len(), config.shards.len());
             Ok(())
         }
         Command::Dev { config, data_dir, shards, demo_entities } => {
-            dev::run(DevOptions { config: Some(config), data_dir, shards, demo_entities }).await
+            dev::run(DevOptions { config, data_dir, shards, demo_entities }).await
         }
     }
 }

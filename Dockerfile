@@ -1,0 +1,14 @@
+# Multi-stage build of the `strata` binary.
+FROM rust:1-bookworm AS build
+WORKDIR /src
+COPY . .
+RUN cargo build --release --locked --bin strata
+
+FROM debian:bookworm-slim
+RUN apt-get update && apt-get install -y --no-install-recommends ca-certificates && rm -rf /var/lib/apt/lists/*
+COPY --from=build /src/target/release/strata /usr/local/bin/strata
+COPY config /etc/strata
+WORKDIR /etc/strata
+EXPOSE 50051 9090
+ENTRYPOINT ["strata"]
+CMD ["serve", "-c", "/etc/strata/strata.toml", "-c", "/etc/strata/docker.toml"]
