@@ -168,7 +168,7 @@ async fn a_fresh_key_falls_through_l3_then_l1_then_l2_then_l3(env: &'static Env)
             "L1 cleared" => server.tiers().l1.clear().await,
             "Redis flushed" => {
                 server.tiers().l1.clear().await;
-                server.tiers().l2.flush_all().await?;
+                server.tiers().l2().flush_all().await?;
             }
             _ => {}
         }

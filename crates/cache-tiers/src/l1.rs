@@ -1,17 +1,33 @@
 use std::sync::Arc;
-use std::time::{Duration, Instant};
+use std::sync::atomic::{AtomicBool, Ordering};
+use std::time::Duration;
 
 use moka::Expiry;
 use moka::future::Cache;
-use strata_core::{FeatureView, Row};
+use strata_core::{FeatureView, Lifetime, Row};
+use tokio::time::Instant;
+
+/// What a cache holds for a key: its row, or the knowledge that it does not
+/// exist (negative caching).
+#[derive(Clone, Debug, PartialEq)]
+pub enum Cached {
+    Found(Arc<Row>),
+    Missing,
+}
 
 /// A cache key: the view's registry id and the entity key.
 type Key = (u32, String);
 
 #[derive(Debug)]
 struct Entry {
-    row: Arc<Row>,
+    value: Cached,
+    /// Soft and hard expiry on tokio's clock, so paused-time tests drive
+    /// them; moka's own TTL (on the real clock) only reclaims memory.
+    soft_at: Instant,
+    hard_at: Instant,
     ttl: Duration,
+    /// Set by the one hit that schedules this entry's background reload.
+    refreshing: AtomicBool,
 }
 
 /// Each entry lives for the TTL it was inserted with, whether new or
@@ -19,13 +35,28 @@ struct Entry {
 struct PerEntryTtl;
 
 impl Expiry<Key, Arc<Entry>> for PerEntryTtl {
-    fn expire_after_create(&self, _: &Key, entry: &Arc<Entry>, _: Instant) -> Option<Duration> {
+    fn expire_after_create(&self, _: &Key, entry: &Arc<Entry>, _: std::time::Instant) -> Option<Duration> {
         Some(entry.ttl)
     }
 
-    fn expire_after_update(&self, _: &Key, entry: &Arc<Entry>, _: Instant, _: Option<Duration>) -> Option<Duration> {
+    fn expire_after_update(
+        &self,
+        _: &Key,
+        entry: &Arc<Entry>,
+        _: std::time::Instant,
+        _: Option<Duration>,
+    ) -> Option<Duration> {
         Some(entry.ttl)
     }
+}
+
+/// A hit in L1.
+#[derive(Clone, Debug, PartialEq)]
+pub struct L1Hit {
+    pub value: Cached,
+    /// The entry is past its soft expiry and this caller won the right to
+    /// schedule its one background reload. Concurrent hits get `false`.
+    pub refresh: bool,
 }
 
 /// The in-process cache. Cheap to clone; clones share the entries.
@@ -36,15 +67,18 @@ pub struct L1Cache {
 
 /// Per-entry bookkeeping of moka and of the key, counted in the weight so
 /// that many tiny rows cannot exceed the byte bound by much.
-const ENTRY_OVERHEAD: usize = 96;
+const ENTRY_OVERHEAD: usize = 128;
 
 impl L1Cache {
     /// A cache holding at most about `max_bytes` of rows.
     pub fn new(max_bytes: u64) -> L1Cache {
         let cache = Cache::builder()
             .weigher(|key: &Key, entry: &Arc<Entry>| {
-                let bytes = ENTRY_OVERHEAD + key.1.len() + entry.row.approx_bytes();
-                u32::try_from(bytes).unwrap_or(u32::MAX)
+                let row = match &entry.value {
+                    Cached::Found(row) => row.approx_bytes(),
+                    Cached::Missing => 0,
+                };
+                u32::try_from(ENTRY_OVERHEAD + key.1.len() + row).unwrap_or(u32::MAX)
             })
             .max_capacity(max_bytes)
             .expire_after(PerEntryTtl)
@@ -52,20 +86,42 @@ impl L1Cache {
         L1Cache { cache }
     }
 
-    /// Looks up a batch; the answer is aligned with `keys`.
-    pub async fn get_many(&self, view: &FeatureView, keys: &[&str]) -> Vec<Option<Arc<Row>>> {
+    /// Looks up a batch; the answer is aligned with `keys`. An entry past
+    /// its hard expiry is a miss.
+    pub async fn get_many(&self, view: &FeatureView, keys: &[&str]) -> Vec<Option<L1Hit>> {
+        let now = Instant::now();
         let mut out = Vec::with_capacity(keys.len());
         for key in keys {
             let entry = self.cache.get(&(view.id, (*key).to_owned())).await;
-            out.push(entry.map(|e| e.row.clone()));
+            out.push(entry.filter(|e| now < e.hard_at).map(|e| L1Hit {
+                value: e.value.clone(),
+                refresh: now >= e.soft_at
+                    && e.refreshing.compare_exchange(false, true, Ordering::AcqRel, Ordering::Acquire).is_ok(),
+            }));
         }
         out
     }
 
-    /// Caches rows of a view for the view's L1 TTL.
-    pub async fn insert_many(&self, view: &FeatureView, rows: impl IntoIterator<Item = (String, Arc<Row>)>) {
-        for (key, row) in rows {
-            self.cache.insert((view.id, key), Arc::new(Entry { row, ttl: view.l1_ttl })).await;
+    /// Caches values of a view, each with its own lifetime from now.
+    pub async fn insert_many(&self, view: &FeatureView, entries: impl IntoIterator<Item = (String, Cached, Lifetime)>) {
+        let now = Instant::now();
+        for (key, value, life) in entries {
+            let entry = Entry {
+                value,
+                soft_at: now + life.soft,
+                hard_at: now + life.hard,
+                ttl: life.hard,
+                refreshing: false.into(),
+            };
+            self.cache.insert((view.id, key), Arc::new(entry)).await;
+        }
+    }
+
+    /// A scheduled reload of `key` did not happen: keep the old value and
+    /// let a later hit schedule another.
+    pub async fn refresh_failed(&self, view: &FeatureView, key: &str) {
+        if let Some(entry) = self.cache.get(&(view.id, key.to_owned())).await {
+            entry.refreshing.store(false, Ordering::Release);
         }
     }
 
@@ -89,24 +145,25 @@ impl L1Cache {
 }
 
 #[cfg(test)]
-mod tests {
+pub(crate) mod tests {
     use strata_core::{EventTime, FeatureSpec, FeatureType, FeatureViewSpec, Registry, Value};
 
     use super::*;
 
-    fn registry() -> Registry {
-        let spec = |name: &str| FeatureViewSpec {
-            name: name.into(),
-            description: String::new(),
-            features: vec![FeatureSpec { name: "s".into(), ty: FeatureType::String }],
-            l1_ttl: Duration::from_secs(60),
-            l2_ttl: Duration::from_secs(60),
-        };
+    pub(crate) fn registry() -> Registry {
+        let spec =
+            |name: &str| FeatureViewSpec::new(name, vec![FeatureSpec { name: "s".into(), ty: FeatureType::String }]);
         Registry::new(vec![spec("a"), spec("b")]).unwrap()
     }
 
-    fn row(s: &str) -> Arc<Row> {
+    pub(crate) fn row(s: &str) -> Arc<Row> {
         Arc::new(Row { event_time: EventTime(1), values: vec![Value::String(s.into())] })
+    }
+
+    const LIFE: Lifetime = Lifetime { soft: Duration::from_secs(8), hard: Duration::from_secs(10) };
+
+    fn found(s: &str) -> Cached {
+        Cached::Found(row(s))
     }
 
     #[tokio::test]
@@ -114,8 +171,11 @@ mod tests {
         let registry = registry();
         let (a, b) = (registry.get("a").unwrap(), registry.get("b").unwrap());
         let l1 = L1Cache::new(1 << 20);
-        l1.insert_many(a, [("k".to_owned(), row("from a"))]).await;
-        assert_eq!(l1.get_many(a, &["k", "x"]).await, vec![Some(row("from a")), None]);
+        l1.insert_many(a, [("k".to_owned(), found("from a"), LIFE), ("gone".to_owned(), Cached::Missing, LIFE)]).await;
+        let hits = l1.get_many(a, &["k", "x", "gone"]).await;
+        assert_eq!(hits[0].as_ref().map(|h| &h.value), Some(&found("from a")));
+        assert_eq!(hits[1], None);
+        assert_eq!(hits[2].as_ref().map(|h| &h.value), Some(&Cached::Missing), "a negative entry is a hit");
         assert_eq!(l1.get_many(b, &["k"]).await, vec![None]);
         l1.invalidate_many(a, &["k"]).await;
         assert_eq!(l1.get_many(a, &["k"]).await, vec![None]);
@@ -127,9 +187,53 @@ mod tests {
         let a = registry.get("a").unwrap();
         let l1 = L1Cache::new(64 * 1024);
         let big = "x".repeat(1000);
-        l1.insert_many(a, (0..1000).map(|i| (format!("k{i}"), row(&big)))).await;
+        l1.insert_many(a, (0..1000).map(|i| (format!("k{i}"), found(&big), LIFE))).await;
         let (entries, bytes) = l1.size().await;
         assert!(bytes <= 64 * 1024, "{bytes} bytes");
         assert!(entries > 0 && entries < 1000, "{entries} entries");
+    }
+
+    #[tokio::test(start_paused = true)]
+    async fn fresh_then_soft_then_expired() {
+        let registry = registry();
+        let a = registry.get("a").unwrap();
+        let l1 = L1Cache::new(1 << 20);
+        l1.insert_many(a, [("k".to_owned(), found("v"), LIFE)]).await;
+
+        tokio::time::advance(Duration::from_millis(7_999)).await;
+        let hit = l1.get_many(a, &["k"]).await.remove(0).unwrap();
+        assert!(!hit.refresh, "before the soft expiry no refresh is due");
+
+        tokio::time::advance(Duration::from_millis(1)).await;
+        let hit = l1.get_many(a, &["k"]).await.remove(0).unwrap();
+        assert_eq!(hit.value, found("v"), "past the soft expiry the old value is still served");
+        assert!(hit.refresh, "and the first hit schedules the refresh");
+
+        tokio::time::advance(Duration::from_millis(1_999)).await;
+        assert!(l1.get_many(a, &["k"]).await[0].is_some(), "until the hard expiry");
+        tokio::time::advance(Duration::from_millis(1)).await;
+        assert_eq!(l1.get_many(a, &["k"]).await, vec![None], "at the hard expiry it is a miss");
+    }
+
+    #[tokio::test(start_paused = true)]
+    async fn a_refresh_is_scheduled_once_and_again_after_a_failure() {
+        let registry = registry();
+        let a = registry.get("a").unwrap();
+        let l1 = L1Cache::new(1 << 20);
+        l1.insert_many(a, [("k".to_owned(), found("v"), LIFE)]).await;
+        tokio::time::advance(Duration::from_secs(9)).await;
+        let hits = l1.get_many(a, &["k", "k", "k"]).await;
+        let winners = hits.iter().flatten().filter(|h| h.refresh).count();
+        assert_eq!(winners, 1, "concurrent hits schedule one refresh");
+        assert!(!l1.get_many(a, &["k"]).await[0].as_ref().unwrap().refresh);
+
+        l1.refresh_failed(a, "k").await;
+        let hit = l1.get_many(a, &["k"]).await.remove(0).unwrap();
+        assert_eq!(hit.value, found("v"), "a failed refresh keeps the old value");
+        assert!(hit.refresh, "and lets the next hit schedule another");
+
+        l1.insert_many(a, [("k".to_owned(), found("new"), LIFE)]).await;
+        let hit = l1.get_many(a, &["k"]).await.remove(0).unwrap();
+        assert_eq!((hit.value, hit.refresh), (found("new"), false), "a completed refresh starts a fresh lifetime");
     }
 }

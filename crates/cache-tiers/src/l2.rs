@@ -1,8 +1,11 @@
-use std::time::Duration;
+use std::sync::Arc;
+use std::time::{Duration, SystemTime, UNIX_EPOCH};
 
 use fred::bytes::Bytes;
 use fred::prelude::*;
-use strata_core::{FeatureView, Row, decode_row, encode_row};
+use strata_core::{FeatureView, Lifetime, Row, decode_entry, encode_entry};
+
+use crate::Cached;
 
 /// Where the Redis Cluster is and how patient to be with it.
 #[derive(Clone, Debug)]
@@ -28,6 +31,22 @@ pub enum L2Error {
     Redis(#[from] fred::error::Error),
     #[error("redis answered {got} results for {want} commands")]
     ShortPipeline { got: usize, want: usize },
+}
+
+/// A hit in Redis.
+#[derive(Clone, Debug, PartialEq)]
+pub struct L2Hit {
+    pub value: Cached,
+    /// Past its soft expiry: serve it, and reload it under a lease.
+    pub stale: bool,
+}
+
+fn now_ms() -> i64 {
+    SystemTime::now().duration_since(UNIX_EPOCH).map_or(0, |d| i64::try_from(d.as_millis()).unwrap_or(i64::MAX))
+}
+
+fn millis(d: Duration) -> i64 {
+    i64::try_from(d.as_millis()).unwrap_or(i64::MAX).max(1)
 }
 
 /// The Redis Cluster tier. Cheap to clone; clones share connections.
@@ -71,9 +90,13 @@ impl L2Cache {
         format!("{}{}:{}", self.prefix, view.name, entity)
     }
 
+    fn lease_key(&self, view: &FeatureView, entity: &str) -> String {
+        format!("{}lease:{}:{}", self.prefix, view.name, entity)
+    }
+
     /// Looks up a batch with one pipeline; the answer is aligned with `keys`.
-    /// A cached row of an older shape of the view reads as a miss.
-    pub async fn get_many(&self, view: &FeatureView, keys: &[&str]) -> Result<Vec<Option<Row>>, L2Error> {
+    /// An entry of an older shape of the view reads as a miss.
+    pub async fn get_many(&self, view: &FeatureView, keys: &[&str]) -> Result<Vec<Option<L2Hit>>, L2Error> {
         let pipeline = self.client.pipeline();
         for key in keys {
             let () = pipeline.get(self.key(view, key)).await?;
@@ -85,14 +108,18 @@ impl L2Cache {
                 None => L2Error::ShortPipeline { got: 0, want: keys.len() },
             });
         }
+        let now = now_ms();
         let mut out = Vec::with_capacity(keys.len());
         for (key, result) in keys.iter().zip(results) {
             out.push(match result? {
                 None => None,
-                Some(bytes) => match decode_row(view.fingerprint, &bytes) {
-                    Ok(row) => Some(row),
+                Some(bytes) => match decode_entry(view.fingerprint, &bytes) {
+                    Ok(entry) => Some(L2Hit {
+                        value: entry.row.map_or(Cached::Missing, |row| Cached::Found(Arc::new(row))),
+                        stale: entry.soft_expiry_ms <= now,
+                    }),
                     Err(error) => {
-                        tracing::debug!(view = %view.name, key, %error, "ignoring cached row");
+                        tracing::debug!(view = %view.name, key, %error, "ignoring cached entry");
                         metrics::counter!("strata_l2_undecodable_total", "view" => view.name.clone()).increment(1);
                         None
                     }
@@ -102,18 +129,54 @@ impl L2Cache {
         Ok(out)
     }
 
-    /// Stores rows of a view for the view's L2 TTL, with one pipeline.
-    pub async fn set_many(&self, view: &FeatureView, rows: &[(&str, &Row)]) -> Result<(), L2Error> {
-        if rows.is_empty() {
+    /// Stores entries of a view (a row, or `None` for "does not exist"),
+    /// each expiring after its lifetime's hard TTL and turning stale after
+    /// its soft one, with one pipeline.
+    pub async fn set_many(
+        &self,
+        view: &FeatureView,
+        entries: &[(&str, Option<&Row>, Lifetime)],
+    ) -> Result<(), L2Error> {
+        if entries.is_empty() {
             return Ok(());
         }
-        let ttl_ms = i64::try_from(view.l2_ttl.as_millis()).unwrap_or(i64::MAX).max(1);
+        let now = now_ms();
         let pipeline = self.client.pipeline();
-        for (key, row) in rows {
-            let bytes = Bytes::from(encode_row(view.fingerprint, row));
-            let () = pipeline.set(self.key(view, key), bytes, Some(Expiration::PX(ttl_ms)), None, false).await?;
+        for (key, row, life) in entries {
+            let bytes = Bytes::from(encode_entry(view.fingerprint, now.saturating_add(millis(life.soft)), *row));
+            let () =
+                pipeline.set(self.key(view, key), bytes, Some(Expiration::PX(millis(life.hard))), None, false).await?;
         }
-        Self::expect_all_ok(pipeline.try_all::<Value>().await, rows.len())
+        Self::expect_all_ok(pipeline.try_all::<Value>().await, entries.len())
+    }
+
+    /// Tries to take a short lease on each key (`SET lease NX PX ttl`): the
+    /// holder reloads the key from PostgreSQL, other instances wait for its
+    /// result in Redis. Aligned with `keys`: true where the lease was taken.
+    pub async fn try_leases(&self, view: &FeatureView, keys: &[&str], ttl: Duration) -> Result<Vec<bool>, L2Error> {
+        let pipeline = self.client.pipeline();
+        for key in keys {
+            let () = pipeline
+                .set(self.lease_key(view, key), 1, Some(Expiration::PX(millis(ttl))), Some(SetOptions::NX), false)
+                .await?;
+        }
+        let results = pipeline.try_all::<Option<String>>().await;
+        if results.len() != keys.len() {
+            return Err(L2Error::ShortPipeline { got: results.len(), want: keys.len() });
+        }
+        results.into_iter().map(|r| Ok(r?.is_some())).collect()
+    }
+
+    /// Gives leases back once their keys are reloaded.
+    pub async fn release_leases(&self, view: &FeatureView, keys: &[&str]) -> Result<(), L2Error> {
+        if keys.is_empty() {
+            return Ok(());
+        }
+        let pipeline = self.client.pipeline();
+        for key in keys {
+            let () = pipeline.del(self.lease_key(view, key)).await?;
+        }
+        Self::expect_all_ok(pipeline.try_all::<Value>().await, keys.len())
     }
 
     /// Removes cached rows of a view, with one pipeline (one DEL per key, so

@@ -1,44 +1,71 @@
-//! The encoding of a row in a shared cache (Redis): a format version, the
-//! view's fingerprint, then the row in postcard. Small and fast to decode;
-//! the fingerprint makes rows of an older view shape read as misses.
+//! The encoding of a cache entry in Redis: a format version, the view's
+//! fingerprint, the entry's soft expiry (Unix milliseconds, so every server
+//! instance reads the same point in time), whether the key exists, then the
+//! row in postcard. The fingerprint makes entries of an older view shape
+//! read as misses.
 
 use crate::Row;
 
-const FORMAT_VERSION: u8 = 1;
-const HEADER_LEN: usize = 5;
+const FORMAT_VERSION: u8 = 2;
+const HEADER_LEN: usize = 14;
+const MISSING: u8 = 0;
+const FOUND: u8 = 1;
 
 #[derive(Debug, thiserror::Error, PartialEq, Eq)]
 pub enum DecodeError {
-    #[error("cached row is too short")]
+    #[error("cached entry is too short")]
     Truncated,
-    #[error("cached row has format version {0}, expected {FORMAT_VERSION}")]
+    #[error("cached entry has format version {0}, expected {FORMAT_VERSION}")]
     Version(u8),
-    #[error("cached row belongs to another shape of the view")]
+    #[error("cached entry belongs to another shape of the view")]
     Fingerprint,
-    #[error("cached row is corrupt: {0}")]
+    #[error("cached entry is corrupt: {0}")]
     Corrupt(String),
 }
 
-/// Encodes a row of the view with the given fingerprint.
-pub fn encode_row(fingerprint: u32, row: &Row) -> Vec<u8> {
-    let mut out = Vec::with_capacity(HEADER_LEN + 16 + row.values.len() * 9);
+/// A decoded cache entry: the row, or `None` for a key known not to exist.
+#[derive(Clone, Debug, PartialEq)]
+pub struct Entry {
+    pub row: Option<Row>,
+    /// After this Unix time in milliseconds the entry should be reloaded.
+    pub soft_expiry_ms: i64,
+}
+
+/// Encodes an entry of the view with the given fingerprint.
+pub fn encode_entry(fingerprint: u32, soft_expiry_ms: i64, row: Option<&Row>) -> Vec<u8> {
+    let mut out = Vec::with_capacity(HEADER_LEN + row.map_or(0, |r| 16 + r.values.len() * 9));
     out.push(FORMAT_VERSION);
     out.extend_from_slice(&fingerprint.to_le_bytes());
-    // Serializing plain data into a Vec cannot fail.
-    postcard::to_io(row, &mut out).expect("postcard encodes rows into a Vec");
+    out.extend_from_slice(&soft_expiry_ms.to_le_bytes());
+    match row {
+        None => out.push(MISSING),
+        Some(row) => {
+            out.push(FOUND);
+            // Serializing plain data into a Vec cannot fail.
+            postcard::to_io(row, &mut out).expect("postcard encodes rows into a Vec");
+        }
+    }
     out
 }
 
-/// Decodes a row encoded by [`encode_row`] for the same view shape.
-pub fn decode_row(fingerprint: u32, bytes: &[u8]) -> Result<Row, DecodeError> {
+/// Decodes an entry encoded by [`encode_entry`] for the same view shape.
+pub fn decode_entry(fingerprint: u32, bytes: &[u8]) -> Result<Entry, DecodeError> {
     let header = bytes.get(..HEADER_LEN).ok_or(DecodeError::Truncated)?;
     if header[0] != FORMAT_VERSION {
         return Err(DecodeError::Version(header[0]));
     }
-    if header[1..] != fingerprint.to_le_bytes() {
+    if header[1..5] != fingerprint.to_le_bytes() {
         return Err(DecodeError::Fingerprint);
     }
-    postcard::from_bytes(&bytes[HEADER_LEN..]).map_err(|e| DecodeError::Corrupt(e.to_string()))
+    let mut soft = [0u8; 8];
+    soft.copy_from_slice(&header[5..13]);
+    let soft_expiry_ms = i64::from_le_bytes(soft);
+    let row = match header[13] {
+        MISSING if bytes.len() == HEADER_LEN => None,
+        FOUND => Some(postcard::from_bytes(&bytes[HEADER_LEN..]).map_err(|e| DecodeError::Corrupt(e.to_string()))?),
+        kind => return Err(DecodeError::Corrupt(format!("unknown entry kind {kind}"))),
+    };
+    Ok(Entry { row, soft_expiry_ms })
 }
 
 #[cfg(test)]
@@ -63,24 +90,30 @@ mod tests {
     }
 
     #[test]
-    fn rows_round_trip() {
-        assert_eq!(decode_row(42, &encode_row(42, &row())).unwrap(), row());
+    fn entries_round_trip() {
+        let found = decode_entry(42, &encode_entry(42, 1_700, Some(&row()))).unwrap();
+        assert_eq!(found, Entry { row: Some(row()), soft_expiry_ms: 1_700 });
+        let missing = decode_entry(42, &encode_entry(42, -5, None)).unwrap();
+        assert_eq!(missing, Entry { row: None, soft_expiry_ms: -5 });
     }
 
     #[test]
     fn another_view_shape_reads_as_a_fingerprint_mismatch() {
-        assert_eq!(decode_row(43, &encode_row(42, &row())), Err(DecodeError::Fingerprint));
+        assert_eq!(decode_entry(43, &encode_entry(42, 0, Some(&row()))), Err(DecodeError::Fingerprint));
     }
 
     #[test]
     fn truncated_or_corrupt_bytes_are_errors_not_panics() {
-        let bytes = encode_row(42, &row());
-        assert_eq!(decode_row(42, &bytes[..3]), Err(DecodeError::Truncated));
+        let bytes = encode_entry(42, 0, Some(&row()));
+        assert_eq!(decode_entry(42, &bytes[..3]), Err(DecodeError::Truncated));
         for cut in HEADER_LEN..bytes.len() {
-            assert!(decode_row(42, &bytes[..cut]).is_err());
+            assert!(decode_entry(42, &bytes[..cut]).is_err());
         }
         let mut other = bytes.clone();
         other[0] = 9;
-        assert_eq!(decode_row(42, &other), Err(DecodeError::Version(9)));
+        assert_eq!(decode_entry(42, &other), Err(DecodeError::Version(9)));
+        let mut missing_with_tail = encode_entry(42, 0, None);
+        missing_with_tail.push(1);
+        assert!(decode_entry(42, &missing_with_tail).is_err());
     }
 }

@@ -9,8 +9,10 @@
 
 mod codec;
 mod registry;
+mod ttl;
 mod value;
 
-pub use codec::{DecodeError, decode_row, encode_row};
+pub use codec::{DecodeError, Entry, decode_entry, encode_entry};
 pub use registry::{Feature, FeatureSpec, FeatureView, FeatureViewSpec, Registry, RegistryError};
+pub use ttl::{Lifetime, jittered, soft_after};
 pub use value::{EventTime, FeatureType, Row, Value};

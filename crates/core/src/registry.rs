@@ -21,6 +21,33 @@ pub struct FeatureViewSpec {
     /// How long a row may live in Redis.
     #[serde(with = "humantime_serde")]
     pub l2_ttl: Duration,
+    /// Each TTL is multiplied by a random factor in `1 ± jitter`, so entries
+    /// filled together do not expire together.
+    #[serde(default = "default_jitter")]
+    pub jitter: f64,
+    /// Soft expiry, as a fraction of the TTL: a hit past it is answered from
+    /// the cache and schedules one background reload.
+    #[serde(default = "default_refresh_ahead")]
+    pub refresh_ahead: f64,
+    /// How long "this key does not exist" is cached, in L1 and L2.
+    #[serde(default = "default_negative_ttl", with = "humantime_serde")]
+    pub negative_ttl: Duration,
+    /// Values whose event time is older than this are answered with status
+    /// OUTSIDE_MAX_AGE. None: no limit.
+    #[serde(default, with = "humantime_serde")]
+    pub max_age: Option<Duration>,
+}
+
+fn default_jitter() -> f64 {
+    0.1
+}
+
+fn default_refresh_ahead() -> f64 {
+    0.8
+}
+
+fn default_negative_ttl() -> Duration {
+    Duration::from_secs(5)
 }
 
 #[derive(Clone, Debug, PartialEq, Serialize, Deserialize)]
@@ -42,6 +69,10 @@ pub struct FeatureView {
     pub features: Vec<Feature>,
     pub l1_ttl: Duration,
     pub l2_ttl: Duration,
+    pub jitter: f64,
+    pub refresh_ahead: f64,
+    pub negative_ttl: Duration,
+    pub max_age: Option<Duration>,
     /// Hash of the feature names and types, in order. A cached row encoded
     /// under another fingerprint belongs to an older shape of the view and
     /// is treated as a miss.
@@ -62,7 +93,7 @@ impl FeatureView {
     }
 }
 
-#[derive(Debug, thiserror::Error, PartialEq, Eq)]
+#[derive(Debug, thiserror::Error, PartialEq)]
 pub enum RegistryError {
     #[error(
         "view name {0:?} is not a valid identifier (lowercase letters, digits and '_', starting with a letter or '_', at most 63 bytes)"
@@ -80,6 +111,8 @@ pub enum RegistryError {
     NoFeatures(String),
     #[error("view {view}: {field} must be greater than zero")]
     ZeroTtl { view: String, field: &'static str },
+    #[error("view {view}: {field} must be between {min} and {max}, not {value}")]
+    OutOfRange { view: String, field: &'static str, min: f64, max: f64, value: f64 },
     #[error("view {0} is declared twice")]
     DuplicateView(String),
 }
@@ -95,15 +128,47 @@ fn is_identifier(s: &str) -> bool {
 }
 
 impl FeatureViewSpec {
+    /// A view with the default TTL policy: 30s in L1, 10m in L2, the
+    /// default jitter, refresh-ahead point and negative TTL, no max age.
+    pub fn new(name: &str, features: Vec<FeatureSpec>) -> FeatureViewSpec {
+        FeatureViewSpec {
+            name: name.to_owned(),
+            description: String::new(),
+            features,
+            l1_ttl: Duration::from_secs(30),
+            l2_ttl: Duration::from_secs(600),
+            jitter: default_jitter(),
+            refresh_ahead: default_refresh_ahead(),
+            negative_ttl: default_negative_ttl(),
+            max_age: None,
+        }
+    }
+
     pub fn validate(self) -> Result<FeatureView, RegistryError> {
-        let FeatureViewSpec { name, description, features, l1_ttl, l2_ttl } = self;
+        let FeatureViewSpec {
+            name,
+            description,
+            features,
+            l1_ttl,
+            l2_ttl,
+            jitter,
+            refresh_ahead,
+            negative_ttl,
+            max_age,
+        } = self;
         if !is_identifier(&name) {
             return Err(RegistryError::BadViewName(name));
         }
         if features.is_empty() {
             return Err(RegistryError::NoFeatures(name));
         }
-        for (field, ttl) in [("l1_ttl", l1_ttl), ("l2_ttl", l2_ttl)] {
+        for (field, value, min, max) in [("jitter", jitter, 0.0, 0.5), ("refresh_ahead", refresh_ahead, 0.1, 1.0)] {
+            // Written so that NaN is out of range too.
+            if !(value >= min && value <= max) {
+                return Err(RegistryError::OutOfRange { view: name, field, min, max, value });
+            }
+        }
+        for (field, ttl) in [("l1_ttl", l1_ttl), ("l2_ttl", l2_ttl), ("negative_ttl", negative_ttl)] {
             if ttl.is_zero() {
                 return Err(RegistryError::ZeroTtl { view: name, field });
             }
@@ -134,6 +199,10 @@ impl FeatureViewSpec {
             features: features.into_iter().map(|f| Feature { name: f.name, ty: f.ty }).collect(),
             l1_ttl,
             l2_ttl,
+            jitter,
+            refresh_ahead,
+            negative_ttl,
+            max_age,
             fingerprint,
             positions,
         })
@@ -177,13 +246,7 @@ mod tests {
     use super::*;
 
     fn spec(name: &str, features: &[(&str, FeatureType)]) -> FeatureViewSpec {
-        FeatureViewSpec {
-            name: name.into(),
-            description: String::new(),
-            features: features.iter().map(|(n, ty)| FeatureSpec { name: (*n).into(), ty: *ty }).collect(),
-            l1_ttl: Duration::from_secs(30),
-            l2_ttl: Duration::from_secs(600),
-        }
+        FeatureViewSpec::new(name, features.iter().map(|(n, ty)| FeatureSpec { name: (*n).into(), ty: *ty }).collect())
     }
 
     #[test]
@@ -212,6 +275,9 @@ mod tests {
         assert!(err.to_string().contains("\"a\" is declared twice"), "{err}");
         let err = spec("v", &[("event_time", FeatureType::Int64)]).validate().unwrap_err();
         assert!(matches!(err, RegistryError::ReservedFeatureName { .. }));
+        let mut jittery = spec("v", &[("a", FeatureType::Int64)]);
+        jittery.jitter = 0.9;
+        assert_eq!(jittery.validate().unwrap_err().to_string(), "view v: jitter must be between 0 and 0.5, not 0.9");
         let err = spec("v", &[]).validate().unwrap_err();
         assert_eq!(err, RegistryError::NoFeatures("v".into()));
         let err = Registry::new(vec![spec("v", &[("a", FeatureType::Int64)]), spec("v", &[("b", FeatureType::Int64)])])

@@ -263,6 +263,10 @@ pub fn view_to_wire(view: &FeatureView) -> v1::FeatureView {
             .collect(),
         l1_ttl: Some(duration_to_wire(view.l1_ttl)),
         l2_ttl: Some(duration_to_wire(view.l2_ttl)),
+        jitter: view.jitter,
+        refresh_ahead: view.refresh_ahead,
+        negative_ttl: Some(duration_to_wire(view.negative_ttl)),
+        max_age: view.max_age.map(duration_to_wire),
     }
 }
 

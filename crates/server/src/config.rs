@@ -20,6 +20,8 @@ use strata_core::{FeatureViewSpec, Registry};
 use strata_proto::Limits;
 use strata_shard_router::{PoolOptions, ShardConfig};
 
+use crate::tiers::Protection;
+
 /// The environment variable prefix; `__` separates levels, so
 /// `STRATA_SERVER__GRPC_ADDR` overrides `server.grpc_addr`.
 pub const ENV_PREFIX: &str = "STRATA_";
@@ -32,7 +34,37 @@ pub struct FileConfig {
     pub l1: L1Section,
     pub redis: RedisSection,
     pub postgres: PostgresSection,
+    pub stampede: StampedeSection,
     pub views: Vec<FeatureViewSpec>,
+}
+
+/// The stampede protections: single flight, Redis leases, refresh-ahead,
+/// negative caching and TTL jitter. `enabled = false` turns them all off,
+/// to measure what they save.
+#[derive(Debug, Deserialize)]
+#[serde(default, deny_unknown_fields)]
+pub struct StampedeSection {
+    pub enabled: bool,
+    /// How long one instance holds the right to reload a key from
+    /// PostgreSQL; others wait that long for its result in Redis.
+    #[serde(with = "humantime_serde")]
+    pub lease_ttl: Duration,
+    /// Background reloads waiting at most; more are dropped and counted.
+    pub refresh_queue: usize,
+    /// Background reload batches running at once.
+    pub refresh_concurrency: usize,
+}
+
+impl Default for StampedeSection {
+    fn default() -> Self {
+        let p = Protection::default();
+        StampedeSection {
+            enabled: p.enabled,
+            lease_ttl: p.lease_ttl,
+            refresh_queue: p.refresh_queue,
+            refresh_concurrency: p.refresh_concurrency,
+        }
+    }
 }
 
 #[derive(Debug, Deserialize)]
@@ -139,6 +171,7 @@ pub struct Config {
     pub redis: L2Config,
     pub pool: PoolOptions,
     pub shards: Vec<ShardConfig>,
+    pub protection: Protection,
     pub registry: Arc<Registry>,
 }
 
@@ -165,7 +198,7 @@ impl FileConfig {
     }
 
     pub fn validate(self) -> Result<Config> {
-        let FileConfig { server, limits, l1, redis, postgres, views } = self;
+        let FileConfig { server, limits, l1, redis, postgres, stampede, views } = self;
         let ServerSection { grpc_addr, metrics_addr } = server;
         let grpc_addr =
             grpc_addr.parse().with_context(|| format!("server.grpc_addr: {grpc_addr:?} is not an address"))?;
@@ -209,6 +242,18 @@ impl FileConfig {
             }
         }
 
+        let StampedeSection { enabled, lease_ttl, refresh_queue, refresh_concurrency } = stampede;
+        for (name, value) in
+            [("stampede.refresh_queue", refresh_queue), ("stampede.refresh_concurrency", refresh_concurrency)]
+        {
+            if value == 0 {
+                bail!("{name} must be greater than zero");
+            }
+        }
+        if lease_ttl.is_zero() {
+            bail!("stampede.lease_ttl must be greater than zero");
+        }
+
         if views.is_empty() {
             bail!("views: no feature views are declared");
         }
@@ -222,6 +267,7 @@ impl FileConfig {
             redis: L2Config { nodes, command_timeout, connect_timeout, key_prefix },
             pool: PoolOptions { max_connections: max_connections_per_shard, connect_timeout: pg_connect_timeout },
             shards: shards.into_iter().map(|s| ShardConfig { name: s.name, url: s.url }).collect(),
+            protection: Protection { enabled, lease_ttl, refresh_queue, refresh_concurrency },
             registry: Arc::new(registry),
         })
     }

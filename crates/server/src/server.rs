@@ -44,7 +44,7 @@ impl RunningServer {
         let shards = ShardRouter::new(&config.shards, &config.pool)?;
         shards.migrate(config.registry.views()).await.context("cannot create the feature view tables")?;
         let l2 = L2Cache::connect(&config.redis).await.context("cannot connect to the redis cluster")?;
-        let tiers = Tiers { l1: L1Cache::new(config.l1_max_bytes), l2, shards };
+        let tiers = Tiers::new(L1Cache::new(config.l1_max_bytes), l2, shards, config.protection.clone());
 
         let (health, health_service) = tonic_health::server::health_reporter();
         health.set_serving::<FeatureStoreServer<FeatureStoreService>>().await;
@@ -112,6 +112,6 @@ impl RunningServer {
             Err(_) => tracing::warn!("in-flight requests did not finish within {DRAIN_TIMEOUT:?}"),
         }
         let _ = tokio::time::timeout(DRAIN_TIMEOUT, self.metrics).await;
-        self.tiers.l2.close().await;
+        self.tiers.l2().close().await;
     }
 }

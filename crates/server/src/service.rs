@@ -4,8 +4,9 @@
 use std::collections::HashMap;
 use std::collections::hash_map::Entry;
 use std::sync::Arc;
+use std::time::SystemTime;
 
-use strata_core::{Registry, Value};
+use strata_core::{EventTime, Registry, Value};
 use strata_proto::v1::feature_store_server::FeatureStore;
 use strata_proto::{
     InvalidRequest, Limits, event_time_to_wire, read_request, v1, value_to_wire, view_to_wire, write_request,
@@ -52,6 +53,7 @@ fn status_label(status: v1::RowStatus) -> &'static str {
         v1::RowStatus::NotFound => "not_found",
         v1::RowStatus::Stale => "stale",
         v1::RowStatus::Unavailable => "unavailable",
+        v1::RowStatus::OutsideMaxAge => "outside_max_age",
         v1::RowStatus::Unspecified => "unspecified",
     }
 }
@@ -102,6 +104,8 @@ impl FeatureStore for FeatureStoreService {
             slot_of.push(slot);
         }
         let served = self.tiers.read(view, &distinct).await;
+        // Values older than this are marked OUTSIDE_MAX_AGE.
+        let oldest_fresh = view.max_age.map(|age| EventTime::from_system_time(SystemTime::now() - age));
 
         let nulls: Vec<v1::Value> = read.columns.iter().map(|_| value_to_wire(&Value::Null)).collect();
         let mut tally: HashMap<(v1::Source, v1::RowStatus), u64> = HashMap::new();
@@ -111,7 +115,12 @@ impl FeatureStore for FeatureStoreService {
             .zip(slot_of)
             .map(|(key, slot)| {
                 let answer = &served[slot];
-                let (status, source) = status_of(answer);
+                let (mut status, source) = status_of(answer);
+                if let (Served::Found { row, .. }, Some(oldest)) = (answer, oldest_fresh)
+                    && row.event_time < oldest
+                {
+                    status = v1::RowStatus::OutsideMaxAge;
+                }
                 *tally.entry((source, status)).or_default() += 1;
                 let (values, event_time) = match answer {
                     Served::Found { row, .. } => {

@@ -139,23 +139,19 @@ pub(crate) fn decode_row(view: &FeatureView, row: &tokio_postgres::Row) -> Resul
 
 #[cfg(test)]
 mod tests {
-    use std::time::Duration;
 
     use strata_core::{FeatureSpec, FeatureViewSpec};
 
     use super::*;
 
     fn view() -> FeatureView {
-        FeatureViewSpec {
-            name: "v".into(),
-            description: String::new(),
-            features: vec![
+        FeatureViewSpec::new(
+            "v",
+            vec![
                 FeatureSpec { name: "a".into(), ty: FeatureType::Int64 },
                 FeatureSpec { name: "b".into(), ty: FeatureType::FloatList },
             ],
-            l1_ttl: Duration::from_secs(1),
-            l2_ttl: Duration::from_secs(1),
-        }
+        )
         .validate()
         .unwrap()
     }

@@ -1,22 +1,18 @@
 use std::collections::HashMap;
-use std::time::Duration;
 
 use strata_core::{FeatureSpec, FeatureViewSpec};
 
 use super::*;
 
 fn registry() -> Registry {
-    Registry::new(vec![FeatureViewSpec {
-        name: "users".into(),
-        description: String::new(),
-        features: vec![
+    Registry::new(vec![FeatureViewSpec::new(
+        "users",
+        vec![
             FeatureSpec { name: "age".into(), ty: FeatureType::Int64 },
             FeatureSpec { name: "name".into(), ty: FeatureType::String },
             FeatureSpec { name: "emb".into(), ty: FeatureType::FloatList },
         ],
-        l1_ttl: Duration::from_secs(1),
-        l2_ttl: Duration::from_secs(1),
-    }])
+    )])
     .unwrap()
 }
 
