@@ -5,9 +5,9 @@
 use std::collections::HashMap;
 
 use anyhow::{Context, Result, ensure};
-use strata_proto::prost_types::Timestamp;
 use strata_proto::v1::{self, value::Kind};
 use strata_shard_router::shard_for;
+use strata_tests::wire::{get, null, row, source, status, ts, v, write};
 use strata_tests::{Env, client, integration_tests, sample, scrape};
 use tonic::Code;
 
@@ -19,46 +19,6 @@ integration_tests!(
     list_feature_views_returns_the_registry,
     grpcurl_lists_services_through_reflection_and_reads_features,
 );
-
-fn ts(seconds: i64, nanos: i32) -> Timestamp {
-    Timestamp { seconds, nanos }
-}
-
-fn v(kind: Kind) -> v1::Value {
-    v1::Value { kind: Some(kind) }
-}
-
-fn null() -> v1::Value {
-    v(Kind::NullValue(v1::Null {}))
-}
-
-fn row(key: &str, time: Timestamp, features: Vec<(&str, v1::Value)>) -> v1::WriteRow {
-    v1::WriteRow {
-        entity_key: key.into(),
-        features: features.into_iter().map(|(n, v)| (n.to_owned(), v)).collect(),
-        event_time: Some(time),
-    }
-}
-
-fn write(view: &str, rows: Vec<v1::WriteRow>) -> v1::WriteFeaturesRequest {
-    v1::WriteFeaturesRequest { feature_view: view.into(), rows }
-}
-
-fn get(view: &str, keys: &[&str], features: &[&str]) -> v1::GetFeaturesRequest {
-    v1::GetFeaturesRequest {
-        feature_view: view.into(),
-        entity_keys: keys.iter().map(|k| (*k).to_owned()).collect(),
-        features: features.iter().map(|f| (*f).to_owned()).collect(),
-    }
-}
-
-fn status(row: &v1::FeatureRow) -> v1::RowStatus {
-    v1::RowStatus::try_from(row.status).unwrap_or(v1::RowStatus::Unspecified)
-}
-
-fn source(row: &v1::FeatureRow) -> v1::Source {
-    v1::Source::try_from(row.source).unwrap_or(v1::Source::Unspecified)
-}
 
 async fn written_rows_read_back_with_equal_values_types_status_and_event_time(env: &'static Env) -> Result<()> {
     let server = env.server().await?;
@@ -305,7 +265,22 @@ async fn list_feature_views_returns_the_registry(env: &'static Env) -> Result<()
     let server = env.server().await?;
     let views = client(&server).await?.list_feature_views(v1::ListFeatureViewsRequest {}).await?.into_inner().views;
     let names: Vec<&str> = views.iter().map(|v| v.name.as_str()).collect();
-    ensure!(names == ["user_features", "typed", "fallthrough", "routing", "rejects"], "{names:?}");
+    ensure!(
+        names
+            == [
+                "user_features",
+                "typed",
+                "fallthrough",
+                "routing",
+                "stampede_on",
+                "stampede_off",
+                "hot",
+                "unknown",
+                "aged",
+                "rejects"
+            ],
+        "{names:?}"
+    );
     let users = &views[0];
     let features: Vec<(&str, v1::FeatureType)> = users
         .features

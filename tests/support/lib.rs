@@ -64,6 +64,40 @@ l2_ttl = "10m"
 features = [{ name = "n", type = "int64" }]
 
 [[views]]
+name = "stampede_on"
+l1_ttl = "5m"
+l2_ttl = "10m"
+features = [{ name = "n", type = "int64" }]
+
+[[views]]
+name = "stampede_off"
+l1_ttl = "5m"
+l2_ttl = "10m"
+features = [{ name = "n", type = "int64" }]
+
+[[views]]
+name = "hot"
+l1_ttl = "1s"
+l2_ttl = "2s"
+jitter = 0.1
+refresh_ahead = 0.8
+features = [{ name = "n", type = "int64" }]
+
+[[views]]
+name = "unknown"
+l1_ttl = "5m"
+l2_ttl = "10m"
+negative_ttl = "1m"
+features = [{ name = "n", type = "int64" }]
+
+[[views]]
+name = "aged"
+l1_ttl = "5m"
+l2_ttl = "10m"
+max_age = "1h"
+features = [{ name = "n", type = "int64" }]
+
+[[views]]
 name = "rejects"
 l1_ttl = "5m"
 l2_ttl = "10m"
@@ -121,6 +155,15 @@ impl Env {
         }))?;
         let redis_nodes = stack.redis_nodes();
         let shard_urls = stack.shard_urls();
+        // Counting queries on the PostgreSQL side, for the stampede tests.
+        runtime.block_on(async {
+            for url in &shard_urls {
+                let (client, connection) = tokio_postgres::connect(url, tokio_postgres::NoTls).await?;
+                tokio::spawn(connection);
+                client.batch_execute("CREATE EXTENSION IF NOT EXISTS pg_stat_statements").await?;
+            }
+            anyhow::Ok(())
+        })?;
         Ok(Env { runtime, stack: Mutex::new(Some((stack, dir))), redis_nodes, shard_urls })
     }
 
@@ -144,6 +187,32 @@ impl Env {
     /// Starts a server with [`Env::config`].
     pub async fn server(&self) -> Result<RunningServer> {
         RunningServer::start(self.config()?.validate()?).await
+    }
+
+    /// Starts a server with [`Env::config`] changed by `change`.
+    pub async fn server_with(&self, change: impl FnOnce(&mut FileConfig)) -> Result<RunningServer> {
+        let mut config = self.config()?;
+        change(&mut config);
+        RunningServer::start(config.validate()?).await
+    }
+
+    /// How many times PostgreSQL ran Strata's batch read of `view`, over
+    /// all shards, as pg_stat_statements counts them.
+    pub async fn postgres_reads(&self, view: &str) -> Result<u64> {
+        let pattern = format!("SELECT entity_key, event_time%FROM strata.\"{view}\" WHERE%");
+        let mut calls = 0;
+        for shard in 0..self.shard_count() {
+            let row = self
+                .shard(shard)
+                .await?
+                .query_one(
+                    "SELECT coalesce(sum(calls), 0)::bigint FROM pg_stat_statements WHERE query LIKE $1",
+                    &[&pattern],
+                )
+                .await?;
+            calls += row.get::<_, i64>(0).unsigned_abs();
+        }
+        Ok(calls)
     }
 
     pub fn shard_count(&self) -> usize {
@@ -196,4 +265,50 @@ pub fn sample(page: &str, name: &str, labels: &[(&str, &str)]) -> f64 {
 
 pub fn repo_root() -> PathBuf {
     PathBuf::from(env!("CARGO_MANIFEST_DIR")).join("..")
+}
+
+/// Building and reading wire messages tersely.
+pub mod wire {
+    use strata_proto::prost_types::Timestamp;
+    use strata_proto::v1::{self, value::Kind};
+
+    pub fn ts(seconds: i64, nanos: i32) -> Timestamp {
+        Timestamp { seconds, nanos }
+    }
+
+    pub fn v(kind: Kind) -> v1::Value {
+        v1::Value { kind: Some(kind) }
+    }
+
+    pub fn null() -> v1::Value {
+        v(Kind::NullValue(v1::Null {}))
+    }
+
+    pub fn row(key: &str, time: Timestamp, features: Vec<(&str, v1::Value)>) -> v1::WriteRow {
+        v1::WriteRow {
+            entity_key: key.into(),
+            features: features.into_iter().map(|(n, v)| (n.to_owned(), v)).collect(),
+            event_time: Some(time),
+        }
+    }
+
+    pub fn write(view: &str, rows: Vec<v1::WriteRow>) -> v1::WriteFeaturesRequest {
+        v1::WriteFeaturesRequest { feature_view: view.into(), rows }
+    }
+
+    pub fn get(view: &str, keys: &[&str], features: &[&str]) -> v1::GetFeaturesRequest {
+        v1::GetFeaturesRequest {
+            feature_view: view.into(),
+            entity_keys: keys.iter().map(|k| (*k).to_owned()).collect(),
+            features: features.iter().map(|f| (*f).to_owned()).collect(),
+        }
+    }
+
+    pub fn status(row: &v1::FeatureRow) -> v1::RowStatus {
+        v1::RowStatus::try_from(row.status).unwrap_or(v1::RowStatus::Unspecified)
+    }
+
+    pub fn source(row: &v1::FeatureRow) -> v1::Source {
+        v1::Source::try_from(row.source).unwrap_or(v1::Source::Unspecified)
+    }
 }

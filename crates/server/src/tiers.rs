@@ -336,7 +336,24 @@ impl Lower {
             if mine_keys.is_empty() {
                 return Vec::new();
             }
-            let loaded = self.fetch_and_fill(view, &mine_keys).await;
+            // Another instance may have filled a key between our miss and
+            // our lease (it reloaded and released in that window): look once
+            // more before going to PostgreSQL.
+            let mut loaded: Vec<Option<Loaded>> = match self.l2.get_many(view, &mine_keys).await {
+                Ok(hits) => hits
+                    .into_iter()
+                    .map(|hit| hit.map(|hit| Loaded::Value { value: hit.value, source: Source::L2 }))
+                    .collect(),
+                Err(_) => vec![None; mine_keys.len()],
+            };
+            let cold: Vec<usize> = (0..mine_keys.len()).filter(|&i| loaded[i].is_none()).collect();
+            let cold_keys: Vec<&str> = cold.iter().map(|&i| mine_keys[i]).collect();
+            if !cold_keys.is_empty() {
+                for (i, fetched) in cold.into_iter().zip(self.fetch_and_fill(view, &cold_keys).await) {
+                    loaded[i] = Some(fetched);
+                }
+            }
+            let loaded: Vec<Loaded> = loaded.into_iter().map(|l| l.unwrap_or(Loaded::Unavailable)).collect();
             if let Err(error) = self.l2.release_leases(view, &mine_keys).await {
                 tracing::debug!(view = %view.name, %error, "releasing leases failed; they expire by themselves");
             }
