@@ -58,6 +58,16 @@ fn describe() {
         metrics::Unit::Seconds,
         "PostgreSQL query duration, by shard and operation"
     );
+    metrics::describe_counter!(
+        "strata_refreshes_total",
+        "Refresh-ahead reloads, by tier, view and outcome (started, completed, failed, dropped)"
+    );
+    metrics::describe_counter!("strata_coalesced_waits_total", "Keys that waited on another request's load, by view");
+    metrics::describe_counter!("strata_leases_total", "Redis reload leases, by view and outcome (acquired, lost)");
+    metrics::describe_counter!(
+        "strata_negative_hits_total",
+        "Hits on cached \"does not exist\" entries, by view and tier"
+    );
     metrics::describe_counter!("strata_shard_errors_total", "Failed PostgreSQL operations, by shard and operation");
 }
 

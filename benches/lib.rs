@@ -1,0 +1,70 @@
+//! Shared pieces of Strata's benchmarks: a local stack (the same one
+//! `strata dev` and the tests start), servers on it, and PostgreSQL-side
+//! query counts.
+//!
+//! Benchmarks report ratios between configurations measured in the same
+//! run: the machine is shared and noisy, absolute numbers drift.
+
+use std::path::PathBuf;
+
+use anyhow::Result;
+use strata_devstack::{PortPlan, Stack, StackOptions};
+use strata_server::RunningServer;
+use strata_server::config::FileConfig;
+
+/// A running local stack in a temporary folder.
+pub struct Bench {
+    pub stack: Stack,
+    _dir: tempfile::TempDir,
+}
+
+impl Bench {
+    /// Starts the stack and enables pg_stat_statements on every shard.
+    pub async fn start() -> Result<Bench> {
+        let dir = tempfile::Builder::new().prefix("strata-bench-").tempdir()?;
+        let stack =
+            Stack::start(StackOptions { data_dir: dir.path().join("stack"), ports: PortPlan::Ephemeral, shards: 2 })
+                .await?;
+        for url in stack.shard_urls() {
+            let (client, connection) = tokio_postgres::connect(&url, tokio_postgres::NoTls).await?;
+            tokio::spawn(connection);
+            client.batch_execute("CREATE EXTENSION IF NOT EXISTS pg_stat_statements").await?;
+        }
+        Ok(Bench { stack, _dir: dir })
+    }
+
+    /// The shipped configuration plus `extra_toml`, on this stack, on free
+    /// ports, changed by `change`.
+    pub async fn server(&self, extra_toml: &str, change: impl FnOnce(&mut FileConfig)) -> Result<RunningServer> {
+        let root = PathBuf::from(env!("CARGO_MANIFEST_DIR")).join("..");
+        let shipped = std::fs::read_to_string(root.join("config/strata.toml"))?;
+        let mut file = FileConfig::from_toml(&format!("{shipped}\n{extra_toml}"))?;
+        strata_server::dev::use_stack(&mut file, &self.stack);
+        file.server.grpc_addr = "127.0.0.1:0".into();
+        file.server.metrics_addr = "127.0.0.1:0".into();
+        change(&mut file);
+        RunningServer::start(file.validate()?).await
+    }
+
+    /// Executions of Strata's batch read of `view` on all shards.
+    pub async fn postgres_reads(&self, view: &str) -> Result<u64> {
+        let pattern = format!("SELECT entity_key, event_time%FROM strata.\"{view}\" WHERE%");
+        let mut calls = 0;
+        for url in self.stack.shard_urls() {
+            let (client, connection) = tokio_postgres::connect(&url, tokio_postgres::NoTls).await?;
+            tokio::spawn(connection);
+            let row = client
+                .query_one(
+                    "SELECT coalesce(sum(calls), 0)::bigint FROM pg_stat_statements WHERE query LIKE $1",
+                    &[&pattern],
+                )
+                .await?;
+            calls += row.get::<_, i64>(0).unsigned_abs();
+        }
+        Ok(calls)
+    }
+
+    pub async fn stop(self) {
+        self.stack.stop().await;
+    }
+}
