@@ -19,17 +19,12 @@ pub struct Bench {
 }
 
 impl Bench {
-    /// Starts the stack and enables pg_stat_statements on every shard.
+    /// Starts the stack (pg_stat_statements enabled on every shard).
     pub async fn start() -> Result<Bench> {
         let dir = tempfile::Builder::new().prefix("strata-bench-").tempdir()?;
         let stack =
             Stack::start(StackOptions { data_dir: dir.path().join("stack"), ports: PortPlan::Ephemeral, shards: 2 })
                 .await?;
-        for url in stack.shard_urls() {
-            let (client, connection) = tokio_postgres::connect(&url, tokio_postgres::NoTls).await?;
-            tokio::spawn(connection);
-            client.batch_execute("CREATE EXTENSION IF NOT EXISTS pg_stat_statements").await?;
-        }
         Ok(Bench { stack, _dir: dir })
     }
 
@@ -48,20 +43,7 @@ impl Bench {
 
     /// Executions of Strata's batch read of `view` on all shards.
     pub async fn postgres_reads(&self, view: &str) -> Result<u64> {
-        let pattern = format!("SELECT entity_key, event_time%FROM strata.\"{view}\" WHERE%");
-        let mut calls = 0;
-        for url in self.stack.shard_urls() {
-            let (client, connection) = tokio_postgres::connect(&url, tokio_postgres::NoTls).await?;
-            tokio::spawn(connection);
-            let row = client
-                .query_one(
-                    "SELECT coalesce(sum(calls), 0)::bigint FROM pg_stat_statements WHERE query LIKE $1",
-                    &[&pattern],
-                )
-                .await?;
-            calls += row.get::<_, i64>(0).unsigned_abs();
-        }
-        Ok(calls)
+        strata_tests::postgres_reads(&self.stack.shard_urls(), view).await
     }
 
     pub async fn stop(self) {

@@ -155,15 +155,6 @@ impl Env {
         }))?;
         let redis_nodes = stack.redis_nodes();
         let shard_urls = stack.shard_urls();
-        // Counting queries on the PostgreSQL side, for the stampede tests.
-        runtime.block_on(async {
-            for url in &shard_urls {
-                let (client, connection) = tokio_postgres::connect(url, tokio_postgres::NoTls).await?;
-                tokio::spawn(connection);
-                client.batch_execute("CREATE EXTENSION IF NOT EXISTS pg_stat_statements").await?;
-            }
-            anyhow::Ok(())
-        })?;
         Ok(Env { runtime, stack: Mutex::new(Some((stack, dir))), redis_nodes, shard_urls })
     }
 
@@ -196,23 +187,9 @@ impl Env {
         RunningServer::start(config.validate()?).await
     }
 
-    /// How many times PostgreSQL ran Strata's batch read of `view`, over
-    /// all shards, as pg_stat_statements counts them.
+    /// How many times PostgreSQL ran Strata's batch read of `view`.
     pub async fn postgres_reads(&self, view: &str) -> Result<u64> {
-        let pattern = format!("SELECT entity_key, event_time%FROM strata.\"{view}\" WHERE%");
-        let mut calls = 0;
-        for shard in 0..self.shard_count() {
-            let row = self
-                .shard(shard)
-                .await?
-                .query_one(
-                    "SELECT coalesce(sum(calls), 0)::bigint FROM pg_stat_statements WHERE query LIKE $1",
-                    &[&pattern],
-                )
-                .await?;
-            calls += row.get::<_, i64>(0).unsigned_abs();
-        }
-        Ok(calls)
+        postgres_reads(&self.shard_urls, view).await
     }
 
     pub fn shard_count(&self) -> usize {
@@ -231,6 +208,25 @@ impl Env {
         let rows = self.shard(i).await?.query(&format!("SELECT entity_key FROM strata.\"{view}\""), &[]).await?;
         Ok(rows.iter().map(|r| r.get(0)).collect())
     }
+}
+
+/// How many times PostgreSQL ran Strata's batch read of `view`, over all
+/// shards, as pg_stat_statements (which the local stack enables) counts them.
+pub async fn postgres_reads(shard_urls: &[String], view: &str) -> Result<u64> {
+    let pattern = format!("SELECT entity_key, event_time%FROM strata.\"{view}\" WHERE%");
+    let mut calls = 0;
+    for url in shard_urls {
+        let (client, connection) = tokio_postgres::connect(url, tokio_postgres::NoTls).await?;
+        tokio::spawn(connection);
+        let row = client
+            .query_one(
+                "SELECT coalesce(sum(calls), 0)::bigint FROM pg_stat_statements WHERE query LIKE $1",
+                &[&pattern],
+            )
+            .await?;
+        calls += row.get::<_, i64>(0).unsigned_abs();
+    }
+    Ok(calls)
 }
 
 /// A gRPC client of a server.

@@ -135,6 +135,24 @@ async fn start_shard(
     })
     .await?;
     output(&bin.join("createdb"), &["-h", "127.0.0.1", "-p", &port_arg, "-U", "strata", "strata"]).await?;
+    // Query statistics, so tests and benchmarks can count lookups on the
+    // PostgreSQL side.
+    output(
+        &bin.join("psql"),
+        &[
+            "-h",
+            "127.0.0.1",
+            "-p",
+            &port_arg,
+            "-U",
+            "strata",
+            "-d",
+            "strata",
+            "-qc",
+            "CREATE EXTENSION pg_stat_statements",
+        ],
+    )
+    .await?;
 
     let url = format!("host=127.0.0.1 port={port} user=strata dbname=strata");
     let pid = process.pid();
