@@ -173,7 +173,7 @@ impl Tiers {
             out[i] = Some(Served::new(hit.value, Source::L1));
         }
         count_lookups(view, Source::L1, keys.len() - misses.len(), misses.len());
-        count(view, "strata_negative_hits_total", Some("l1"), negative_hits);
+        count_negative_hits(view, Source::L1, negative_hits);
         if misses.is_empty() {
             return out.into_iter().flatten().collect();
         }
@@ -218,7 +218,7 @@ impl Tiers {
             out[j] = Some(loaded);
         }
         let mut orphans = Vec::new();
-        let mut coalesced = 0;
+        let mut coalesced = 0u64;
         for (j, result) in waited {
             match result {
                 Some(loaded) => {
@@ -228,7 +228,9 @@ impl Tiers {
                 None => orphans.push(j),
             }
         }
-        count(view, "strata_coalesced_waits_total", None, coalesced);
+        if coalesced > 0 {
+            metrics::counter!("strata_coalesced_waits_total", "view" => view.name.clone()).increment(coalesced);
+        }
         if !orphans.is_empty() {
             // Their leader's request was cancelled: load them here.
             let orphan_keys: Vec<&str> = orphans.iter().map(|&j| keys[misses[j]]).collect();
@@ -298,7 +300,7 @@ impl Lower {
             }
         }
         count_lookups(view, Source::L2, keys.len() - misses.len(), misses.len());
-        count(view, "strata_negative_hits_total", Some("l2"), negative_hits);
+        count_negative_hits(view, Source::L2, negative_hits);
         if misses.is_empty() {
             return out.into_iter().flatten().collect();
         }
@@ -328,8 +330,7 @@ impl Lower {
             }
         };
         let (mine, theirs): (Vec<usize>, Vec<usize>) = (0..keys.len()).partition(|&i| won[i]);
-        count(view, "strata_leases_total", Some("acquired"), mine.len());
-        count(view, "strata_leases_total", Some("lost"), theirs.len());
+        count_leases(view, mine.len(), theirs.len());
         let mine_keys: Vec<&str> = mine.iter().map(|&i| keys[i]).collect();
         let theirs_keys: Vec<&str> = theirs.iter().map(|&i| keys[i]).collect();
         let load_mine = async {
@@ -448,8 +449,7 @@ impl Reloader for Lower {
                 // reloads it; the rest keep serving what they have.
                 let won = self.l2.try_leases(&view, &key_refs, self.protection.lease_ttl).await.unwrap_or_default();
                 let mine: Vec<&str> = key_refs.iter().zip(&won).filter(|(_, w)| **w).map(|(k, _)| *k).collect();
-                count(&view, "strata_leases_total", Some("acquired"), mine.len());
-                count(&view, "strata_leases_total", Some("lost"), keys.len() - mine.len());
+                count_leases(&view, mine.len(), keys.len() - mine.len());
                 let mut fresh = self.fetch_and_fill(&view, &mine).await.into_iter();
                 let _ = self.l2.release_leases(&view, &mine).await;
                 won.iter()
@@ -483,17 +483,18 @@ fn count_lookups(view: &FeatureView, tier: Source, hits: usize, misses: usize) {
     }
 }
 
-/// Increments a counter labelled by view and, where given, by tier or outcome.
-fn count(view: &FeatureView, name: &'static str, label: Option<&'static str>, n: usize) {
-    if n == 0 {
-        return;
+fn count_negative_hits(view: &FeatureView, tier: Source, n: usize) {
+    if n > 0 {
+        metrics::counter!("strata_negative_hits_total", "view" => view.name.clone(), "tier" => tier.label())
+            .increment(n as u64);
     }
-    let counter = match (name, label) {
-        ("strata_leases_total", Some(outcome)) => {
-            metrics::counter!(name, "view" => view.name.clone(), "outcome" => outcome)
+}
+
+fn count_leases(view: &FeatureView, acquired: usize, lost: usize) {
+    for (outcome, n) in [("acquired", acquired), ("lost", lost)] {
+        if n > 0 {
+            metrics::counter!("strata_leases_total", "view" => view.name.clone(), "outcome" => outcome)
+                .increment(n as u64);
         }
-        (_, Some(tier)) => metrics::counter!(name, "view" => view.name.clone(), "tier" => tier),
-        (_, None) => metrics::counter!(name, "view" => view.name.clone()),
-    };
-    counter.increment(n as u64);
+    }
 }
