@@ -74,6 +74,8 @@ async fn cold_key_lookups(env: &'static Env, view: &'static str, protection: boo
         .await?
         .write_features(write(view, vec![row(&key, ts(1, 0), vec![("n", v(Kind::Int64Value(7)))])]))
         .await?;
+    // The write left the row in Redis; make the key cold there too.
+    servers[0].tiers().l2().evict(view, &[&key]).await?;
     let before = env.postgres_reads(view).await?;
 
     let lock = env.shard(shard_for(&key, env.shard_count() as u32) as usize).await?;

@@ -98,6 +98,52 @@ max_age = "1h"
 features = [{ name = "n", type = "int64" }]
 
 [[views]]
+name = "visibility"
+l1_ttl = "5m"
+l2_ttl = "10m"
+features = [{ name = "n", type = "int64" }]
+
+[[views]]
+name = "ordering"
+l1_ttl = "5m"
+l2_ttl = "10m"
+features = [{ name = "n", type = "int64" }, { name = "s", type = "string" }]
+
+[[views]]
+name = "race"
+l1_ttl = "5m"
+l2_ttl = "10m"
+features = [{ name = "n", type = "int64" }]
+
+[[views]]
+name = "resubscribe"
+l1_ttl = "5m"
+l2_ttl = "10m"
+features = [{ name = "n", type = "int64" }]
+
+[[views]]
+name = "bulk"
+l1_ttl = "5m"
+l2_ttl = "10m"
+features = [{ name = "n", type = "int64" }, { name = "s", type = "string" }]
+
+[[views]]
+name = "bulk_bad"
+l1_ttl = "5m"
+l2_ttl = "10m"
+features = [
+  { name = "n", type = "int64" },
+  { name = "b", type = "bool" },
+  { name = "emb", type = "float_list" },
+]
+
+[[views]]
+name = "warming"
+l1_ttl = "5m"
+l2_ttl = "10m"
+features = [{ name = "n", type = "int64" }]
+
+[[views]]
 name = "rejects"
 l1_ttl = "5m"
 l2_ttl = "10m"
@@ -190,6 +236,67 @@ impl Env {
     /// How many times PostgreSQL ran Strata's batch read of `view`.
     pub async fn postgres_reads(&self, view: &str) -> Result<u64> {
         postgres_reads(&self.shard_urls, view).await
+    }
+
+    /// The Redis Cluster's seed nodes, `host:port`.
+    pub fn redis_nodes(&self) -> &[String] {
+        &self.redis_nodes
+    }
+
+    /// Kills, on every Redis node, the connections of the client named
+    /// `name` (as `CLIENT LIST` shows it). Returns how many were killed.
+    pub async fn kill_redis_connections(&self, name: &str) -> Result<usize> {
+        use fred::prelude::*;
+        use fred::types::client::ClientKillFilter;
+        // Every node of the cluster, primaries and replicas.
+        let mut nodes = self.redis_nodes.clone();
+        let all: Vec<String> = {
+            let seed = &self.redis_nodes[0];
+            let (host, port) = seed.rsplit_once(':').context("node address")?;
+            let client = Builder::from_config(Config {
+                server: ServerConfig::new_centralized(host, port.parse()?),
+                ..Default::default()
+            })
+            .build()?;
+            client.init().await?;
+            let text: String = client.cluster_nodes().await?;
+            let _ = client.quit().await;
+            text.lines()
+                .filter_map(|l| l.split_whitespace().nth(1))
+                .filter_map(|a| a.split('@').next())
+                .map(str::to_owned)
+                .collect()
+        };
+        nodes.extend(all);
+        nodes.sort();
+        nodes.dedup();
+        let mut killed = 0;
+        for node in nodes {
+            let (host, port) = node.rsplit_once(':').context("node address")?;
+            let client = Builder::from_config(Config {
+                server: ServerConfig::new_centralized(host, port.parse()?),
+                ..Default::default()
+            })
+            .build()?;
+            client.init().await?;
+            let list: String = client.client_list::<String, String>(None, None).await?;
+            for line in list.lines() {
+                let field = |k: &str| line.split(' ').find_map(|f| f.strip_prefix(k).map(str::to_owned));
+                if field("name=").as_deref() == Some(name) {
+                    if let Some(id) = field("id=") {
+                        let _: Value = client.client_kill(vec![ClientKillFilter::ID(id)]).await?;
+                        killed += 1;
+                    }
+                }
+            }
+            let _ = client.quit().await;
+        }
+        Ok(killed)
+    }
+
+    /// The validated registry of [`Env::config`].
+    pub fn registry(&self) -> Result<std::sync::Arc<strata_core::Registry>> {
+        Ok(self.config()?.validate()?.registry)
     }
 
     pub fn shard_count(&self) -> usize {

@@ -1,5 +1,5 @@
 use std::sync::Arc;
-use std::sync::atomic::{AtomicBool, Ordering};
+use std::sync::atomic::{AtomicBool, AtomicU64, Ordering};
 use std::time::Duration;
 
 use moka::Expiry;
@@ -63,6 +63,49 @@ pub struct L1Hit {
 #[derive(Clone)]
 pub struct L1Cache {
     cache: Cache<Key, Arc<Entry>>,
+    epochs: Arc<Epochs>,
+}
+
+/// Taken before a load from the tiers below starts; a fill carrying the
+/// load's values is refused for keys invalidated since (see [`Epochs`]).
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub struct Stamp(u64);
+
+/// Stale-set protection for L1. Every invalidation takes the next number of
+/// a sequence and records it in its key's bucket; a clear records it for
+/// all. A fill whose [`Stamp`] (the sequence when its load started) is below
+/// its key's bucket may carry a value from before the invalidation, so it is
+/// dropped: the reader still gets its answer, the cache does not keep it.
+/// Unrelated keys sharing a bucket only cost a skipped fill.
+struct Epochs {
+    seq: AtomicU64,
+    cleared: AtomicU64,
+    buckets: Box<[AtomicU64]>,
+}
+
+const BUCKETS: usize = 4096;
+
+impl Epochs {
+    fn new() -> Epochs {
+        Epochs {
+            seq: AtomicU64::new(0),
+            cleared: AtomicU64::new(0),
+            buckets: (0..BUCKETS).map(|_| AtomicU64::new(0)).collect(),
+        }
+    }
+
+    fn bucket(view: u32, key: &str) -> usize {
+        (xxhash_rust::xxh3::xxh3_64_with_seed(key.as_bytes(), u64::from(view)) as usize) % BUCKETS
+    }
+
+    fn next(&self) -> u64 {
+        self.seq.fetch_add(1, Ordering::SeqCst) + 1
+    }
+
+    fn outdated(&self, stamp: Stamp, view: u32, key: &str) -> bool {
+        self.cleared.load(Ordering::SeqCst) > stamp.0
+            || self.buckets[Self::bucket(view, key)].load(Ordering::SeqCst) > stamp.0
+    }
 }
 
 /// Per-entry bookkeeping of moka and of the key, counted in the weight so
@@ -83,7 +126,12 @@ impl L1Cache {
             .max_capacity(max_bytes)
             .expire_after(PerEntryTtl)
             .build();
-        L1Cache { cache }
+        L1Cache { cache, epochs: Arc::new(Epochs::new()) }
+    }
+
+    /// Marks the start of a load whose values may fill this cache.
+    pub fn stamp(&self) -> Stamp {
+        Stamp(self.epochs.seq.load(Ordering::SeqCst))
     }
 
     /// Looks up a batch; the answer is aligned with `keys`. An entry past
@@ -102,10 +150,22 @@ impl L1Cache {
         out
     }
 
-    /// Caches values of a view, each with its own lifetime from now.
-    pub async fn insert_many(&self, view: &FeatureView, entries: impl IntoIterator<Item = (String, Cached, Lifetime)>) {
+    /// Caches values of a view loaded since `stamp`, each with its own
+    /// lifetime from now, except for keys invalidated since `stamp` (their
+    /// value may predate the invalidation). Returns how many were refused.
+    pub async fn insert_many(
+        &self,
+        view: &FeatureView,
+        stamp: Stamp,
+        entries: impl IntoIterator<Item = (String, Cached, Lifetime)>,
+    ) -> usize {
         let now = Instant::now();
+        let mut refused = 0;
         for (key, value, life) in entries {
+            if self.epochs.outdated(stamp, view.id, &key) {
+                refused += 1;
+                continue;
+            }
             let entry = Entry {
                 value,
                 soft_at: now + life.soft,
@@ -113,8 +173,20 @@ impl L1Cache {
                 ttl: life.hard,
                 refreshing: false.into(),
             };
-            self.cache.insert((view.id, key), Arc::new(entry)).await;
+            let cache_key = (view.id, key);
+            self.cache.insert(cache_key.clone(), Arc::new(entry)).await;
+            // An invalidation between the check and the insert would have
+            // missed this entry: look again, now that it is in.
+            if self.epochs.outdated(stamp, view.id, &cache_key.1) {
+                self.cache.invalidate(&cache_key).await;
+                refused += 1;
+            }
         }
+        if refused > 0 {
+            metrics::counter!("strata_cache_fills_refused_total", "tier" => "l1", "view" => view.name.clone())
+                .increment(refused as u64);
+        }
+        refused
     }
 
     /// A scheduled reload of `key` did not happen: keep the old value and
@@ -125,14 +197,20 @@ impl L1Cache {
         }
     }
 
-    pub async fn invalidate_many(&self, view: &FeatureView, keys: &[&str]) {
+    /// Drops keys of a view, and refuses fills of them by loads that started
+    /// before.
+    pub async fn invalidate_many(&self, view_id: u32, keys: &[&str]) {
         for key in keys {
-            self.cache.invalidate(&(view.id, (*key).to_owned())).await;
+            let seq = self.epochs.next();
+            self.epochs.buckets[Epochs::bucket(view_id, key)].fetch_max(seq, Ordering::SeqCst);
+            self.cache.invalidate(&(view_id, (*key).to_owned())).await;
         }
     }
 
-    /// Drops every entry.
+    /// Drops every entry, and refuses fills by loads that started before.
     pub async fn clear(&self) {
+        let seq = self.epochs.next();
+        self.epochs.cleared.fetch_max(seq, Ordering::SeqCst);
         self.cache.invalidate_all();
         self.cache.run_pending_tasks().await;
     }
@@ -171,14 +249,46 @@ pub(crate) mod tests {
         let registry = registry();
         let (a, b) = (registry.get("a").unwrap(), registry.get("b").unwrap());
         let l1 = L1Cache::new(1 << 20);
-        l1.insert_many(a, [("k".to_owned(), found("from a"), LIFE), ("gone".to_owned(), Cached::Missing, LIFE)]).await;
+        l1.insert_many(
+            a,
+            l1.stamp(),
+            [("k".to_owned(), found("from a"), LIFE), ("gone".to_owned(), Cached::Missing, LIFE)],
+        )
+        .await;
         let hits = l1.get_many(a, &["k", "x", "gone"]).await;
         assert_eq!(hits[0].as_ref().map(|h| &h.value), Some(&found("from a")));
         assert_eq!(hits[1], None);
         assert_eq!(hits[2].as_ref().map(|h| &h.value), Some(&Cached::Missing), "a negative entry is a hit");
         assert_eq!(l1.get_many(b, &["k"]).await, vec![None]);
-        l1.invalidate_many(a, &["k"]).await;
+        l1.invalidate_many(a.id, &["k"]).await;
         assert_eq!(l1.get_many(a, &["k"]).await, vec![None]);
+    }
+
+    #[tokio::test]
+    async fn a_fill_from_a_load_older_than_an_invalidation_is_refused() {
+        let registry = registry();
+        let (a, b) = (registry.get("a").unwrap(), registry.get("b").unwrap());
+        let l1 = L1Cache::new(1 << 20);
+        let before = l1.stamp();
+        l1.invalidate_many(a.id, &["k"]).await;
+        let refused = l1
+            .insert_many(a, before, [("k".to_owned(), found("old"), LIFE), ("other".to_owned(), found("x"), LIFE)])
+            .await;
+        assert_eq!(refused, 1, "only the invalidated key is refused");
+        assert_eq!(l1.get_many(a, &["k"]).await, vec![None], "the old value is not cached");
+        assert!(l1.get_many(a, &["other"]).await[0].is_some());
+        assert_eq!(l1.insert_many(b, before, [("k".to_owned(), found("b"), LIFE)]).await, 0, "another view's k is not");
+
+        let after = l1.stamp();
+        assert_eq!(l1.insert_many(a, after, [("k".to_owned(), found("new"), LIFE)]).await, 0);
+        assert_eq!(l1.get_many(a, &["k"]).await[0].as_ref().map(|h| &h.value), Some(&found("new")));
+
+        l1.clear().await;
+        assert_eq!(
+            l1.insert_many(b, after, [("z".to_owned(), found("z"), LIFE)]).await,
+            1,
+            "a clear refuses every older load"
+        );
     }
 
     #[tokio::test]
@@ -187,7 +297,7 @@ pub(crate) mod tests {
         let a = registry.get("a").unwrap();
         let l1 = L1Cache::new(64 * 1024);
         let big = "x".repeat(1000);
-        l1.insert_many(a, (0..1000).map(|i| (format!("k{i}"), found(&big), LIFE))).await;
+        l1.insert_many(a, l1.stamp(), (0..1000).map(|i| (format!("k{i}"), found(&big), LIFE))).await;
         let (entries, bytes) = l1.size().await;
         assert!(bytes <= 64 * 1024, "{bytes} bytes");
         assert!(entries > 0 && entries < 1000, "{entries} entries");
@@ -198,7 +308,7 @@ pub(crate) mod tests {
         let registry = registry();
         let a = registry.get("a").unwrap();
         let l1 = L1Cache::new(1 << 20);
-        l1.insert_many(a, [("k".to_owned(), found("v"), LIFE)]).await;
+        l1.insert_many(a, l1.stamp(), [("k".to_owned(), found("v"), LIFE)]).await;
 
         tokio::time::advance(Duration::from_millis(7_999)).await;
         let hit = l1.get_many(a, &["k"]).await.remove(0).unwrap();
@@ -220,7 +330,7 @@ pub(crate) mod tests {
         let registry = registry();
         let a = registry.get("a").unwrap();
         let l1 = L1Cache::new(1 << 20);
-        l1.insert_many(a, [("k".to_owned(), found("v"), LIFE)]).await;
+        l1.insert_many(a, l1.stamp(), [("k".to_owned(), found("v"), LIFE)]).await;
         tokio::time::advance(Duration::from_secs(9)).await;
         let hits = l1.get_many(a, &["k", "k", "k"]).await;
         let winners = hits.iter().flatten().filter(|h| h.refresh).count();
@@ -232,7 +342,7 @@ pub(crate) mod tests {
         assert_eq!(hit.value, found("v"), "a failed refresh keeps the old value");
         assert!(hit.refresh, "and lets the next hit schedule another");
 
-        l1.insert_many(a, [("k".to_owned(), found("new"), LIFE)]).await;
+        l1.insert_many(a, l1.stamp(), [("k".to_owned(), found("new"), LIFE)]).await;
         let hit = l1.get_many(a, &["k"]).await.remove(0).unwrap();
         assert_eq!((hit.value, hit.refresh), (found("new"), false), "a completed refresh starts a fresh lifetime");
     }

@@ -2,8 +2,9 @@ use std::sync::Arc;
 use std::time::{Duration, SystemTime, UNIX_EPOCH};
 
 use fred::bytes::Bytes;
+use fred::interfaces::FunctionInterface as _;
 use fred::prelude::*;
-use strata_core::{FeatureView, Lifetime, Row, decode_entry, encode_entry};
+use strata_core::{Content, EventTime, FeatureView, Lifetime, Row, decode_entry, encode_entry};
 
 use crate::Cached;
 
@@ -41,12 +42,82 @@ pub struct L2Hit {
     pub stale: bool,
 }
 
+/// A Redis function library (functions are replicated to replicas and kept
+/// across restarts, unlike the script cache). `strata_put_v1` stores an entry
+/// unless the key holds one with a newer version (the event time at bytes
+/// 2..9 of an entry of format 3, big-endian, offset so that unsigned order is
+/// time order). An equal version replaces, so a reload renews an entry's
+/// lifetime. Anything else at the key (another format, a foreign value) is
+/// replaced. Returns 1 when stored, 0 when refused.
+///
+/// Every cache fill and every write goes through it: a fill that read
+/// PostgreSQL before a write committed carries an older version than what
+/// the write left in Redis, and loses, whatever the timing.
+const LIBRARY: &str = r#"#!lua name=strata
+redis.register_function('strata_put_v1', function(keys, args)
+  local cur = redis.call('GET', keys[1])
+  if cur and string.byte(cur, 1) == 3 and string.len(cur) >= 9 then
+    local ch, cl = struct.unpack('>I4I4', cur, 2)
+    local nh, nl = struct.unpack('>I4I4', args[1], 2)
+    if ch > nh or (ch == nh and cl > nl) then
+      return 0
+    end
+  end
+  redis.call('SET', keys[1], args[1], 'PX', args[2])
+  return 1
+end)
+"#;
+const PUT_FUNCTION: &str = "strata_put_v1";
+
+/// One entry for [`L2Cache::put_many`].
+#[derive(Clone, Debug)]
+pub struct Put<'a> {
+    pub key: &'a str,
+    pub content: Content<&'a Row>,
+    /// The version of a missing or guard entry; a found row's is its own
+    /// event time.
+    pub version: EventTime,
+    pub life: Lifetime,
+}
+
 fn now_ms() -> i64 {
     SystemTime::now().duration_since(UNIX_EPOCH).map_or(0, |d| i64::try_from(d.as_millis()).unwrap_or(i64::MAX))
 }
 
 fn millis(d: Duration) -> i64 {
     i64::try_from(d.as_millis()).unwrap_or(i64::MAX).max(1)
+}
+
+/// A client builder for the cluster, with Strata's timeouts and reconnect
+/// policy (reconnect forever, backing off up to 5 s).
+pub(crate) fn builder(config: &L2Config) -> Result<Builder, L2Error> {
+    if config.nodes.is_empty() {
+        return Err(L2Error::NoNodes);
+    }
+    let mut hosts = Vec::with_capacity(config.nodes.len());
+    for node in &config.nodes {
+        let (host, port) = node.rsplit_once(':').ok_or_else(|| L2Error::BadAddress(node.clone()))?;
+        let port: u16 = port.parse().map_err(|_| L2Error::BadAddress(node.clone()))?;
+        hosts.push((host.to_owned(), port));
+    }
+    let fred_config = Config { server: ServerConfig::new_clustered(hosts), fail_fast: true, ..Default::default() };
+    let command_timeout = config.command_timeout;
+    let connect_timeout = config.connect_timeout;
+    let mut builder = Builder::from_config(fred_config);
+    builder
+        .with_performance_config(|p| p.default_command_timeout = command_timeout)
+        .with_connection_config(|c| {
+            c.connection_timeout = connect_timeout;
+            c.internal_command_timeout = connect_timeout;
+            // A cache read is not worth retrying for long: the next tier
+            // answers instead.
+            c.max_command_attempts = 2;
+            // Connections are named after the client's id, so an operator
+            // (or a test) can find them in CLIENT LIST.
+            c.auto_client_setname = true;
+        })
+        .set_policy(ReconnectPolicy::new_exponential(0, 50, 5_000, 2));
+    Ok(builder)
 }
 
 /// The Redis Cluster tier. Cheap to clone; clones share connections.
@@ -59,35 +130,31 @@ pub struct L2Cache {
 impl L2Cache {
     /// Connects to the cluster and waits until it is usable.
     pub async fn connect(config: &L2Config) -> Result<L2Cache, L2Error> {
-        if config.nodes.is_empty() {
-            return Err(L2Error::NoNodes);
-        }
-        let mut hosts = Vec::with_capacity(config.nodes.len());
-        for node in &config.nodes {
-            let (host, port) = node.rsplit_once(':').ok_or_else(|| L2Error::BadAddress(node.clone()))?;
-            let port: u16 = port.parse().map_err(|_| L2Error::BadAddress(node.clone()))?;
-            hosts.push((host.to_owned(), port));
-        }
-        let fred_config = Config { server: ServerConfig::new_clustered(hosts), fail_fast: true, ..Default::default() };
-        let command_timeout = config.command_timeout;
-        let connect_timeout = config.connect_timeout;
-        let client = Builder::from_config(fred_config)
-            .with_performance_config(|p| p.default_command_timeout = command_timeout)
-            .with_connection_config(|c| {
-                c.connection_timeout = connect_timeout;
-                c.internal_command_timeout = connect_timeout;
-                // A cache read is not worth retrying for long: the next tier
-                // answers instead.
-                c.max_command_attempts = 2;
-            })
-            .set_policy(ReconnectPolicy::new_exponential(0, 50, 5_000, 2))
-            .build()?;
+        let client = builder(config)?.build()?;
         client.init().await?;
-        Ok(L2Cache { client, prefix: config.key_prefix.clone() })
+        let l2 = L2Cache { client, prefix: config.key_prefix.clone() };
+        l2.load_functions().await?;
+        Ok(l2)
+    }
+
+    /// Loads (or replaces) Strata's function library on every primary.
+    async fn load_functions(&self) -> Result<(), L2Error> {
+        let _name: Value = self.client.function_load_cluster(true, LIBRARY).await?;
+        Ok(())
+    }
+
+    /// The underlying client, for publishing and for tools.
+    pub fn client(&self) -> &Client {
+        &self.client
     }
 
     fn key(&self, view: &FeatureView, entity: &str) -> String {
-        format!("{}{}:{}", self.prefix, view.name, entity)
+        self.key_of(&view.name, entity)
+    }
+
+    /// The Redis key of an entity of a view.
+    pub fn key_of(&self, view: &str, entity: &str) -> String {
+        format!("{}{}:{}", self.prefix, view, entity)
     }
 
     fn lease_key(&self, view: &FeatureView, entity: &str) -> String {
@@ -114,10 +181,18 @@ impl L2Cache {
             out.push(match result? {
                 None => None,
                 Some(bytes) => match decode_entry(view.fingerprint, &bytes) {
-                    Ok(entry) => Some(L2Hit {
-                        value: entry.row.map_or(Cached::Missing, |row| Cached::Found(Arc::new(row))),
-                        stale: entry.soft_expiry_ms <= now,
-                    }),
+                    Ok(entry) => {
+                        let value = match entry.content {
+                            Content::Found(row) => Cached::Found(Arc::new(row)),
+                            Content::Missing => Cached::Missing,
+                            // A guard holds no value: a miss.
+                            Content::Guard => {
+                                out.push(None);
+                                continue;
+                            }
+                        };
+                        Some(L2Hit { value, stale: entry.soft_expiry_ms <= now })
+                    }
                     Err(error) => {
                         tracing::debug!(view = %view.name, key, %error, "ignoring cached entry");
                         metrics::counter!("strata_l2_undecodable_total", "view" => view.name.clone()).increment(1);
@@ -129,25 +204,57 @@ impl L2Cache {
         Ok(out)
     }
 
-    /// Stores entries of a view (a row, or `None` for "does not exist"),
-    /// each expiring after its lifetime's hard TTL and turning stale after
-    /// its soft one, with one pipeline.
-    pub async fn set_many(
-        &self,
-        view: &FeatureView,
-        entries: &[(&str, Option<&Row>, Lifetime)],
-    ) -> Result<(), L2Error> {
+    /// Stores entries of a view, each unless Redis holds a newer version of
+    /// its key (see [`LIBRARY`]), with one pipeline. Each expires
+    /// after its lifetime's hard TTL and turns stale after its soft one.
+    /// Aligned with `entries`: true where stored, false where refused
+    /// because a newer version is there.
+    pub async fn put_many(&self, view: &FeatureView, entries: &[Put<'_>]) -> Result<Vec<bool>, L2Error> {
         if entries.is_empty() {
-            return Ok(());
+            return Ok(Vec::new());
         }
         let now = now_ms();
-        let pipeline = self.client.pipeline();
-        for (key, row, life) in entries {
-            let bytes = Bytes::from(encode_entry(view.fingerprint, now.saturating_add(millis(life.soft)), *row));
-            let () =
-                pipeline.set(self.key(view, key), bytes, Some(Expiration::PX(millis(life.hard))), None, false).await?;
+        let commands: Vec<(String, Value, Value)> = entries
+            .iter()
+            .map(|put| {
+                let bytes = encode_entry(
+                    view.fingerprint,
+                    now.saturating_add(millis(put.life.soft)),
+                    put.content.clone(),
+                    put.version,
+                );
+                (self.key(view, put.key), Value::Bytes(Bytes::from(bytes)), Value::Integer(millis(put.life.hard)))
+            })
+            .collect();
+        let mut results = self.eval_puts(&commands).await?;
+        if results.iter().any(|r| matches!(r, Err(e) if e.details().contains("Function not found"))) {
+            // A node lost its functions (FUNCTION FLUSH, a new empty node):
+            // load them everywhere, and once more.
+            self.load_functions().await?;
+            results = self.eval_puts(&commands).await?;
         }
-        Self::expect_all_ok(pipeline.try_all::<Value>().await, entries.len())
+        let stored: Vec<bool> = results.into_iter().map(|r| r.map(|n| n == 1)).collect::<Result<_, _>>()?;
+        let refused = stored.iter().filter(|s| !**s).count();
+        if refused > 0 {
+            metrics::counter!("strata_cache_fills_refused_total", "tier" => "l2", "view" => view.name.clone())
+                .increment(refused as u64);
+        }
+        Ok(stored)
+    }
+
+    async fn eval_puts(
+        &self,
+        commands: &[(String, Value, Value)],
+    ) -> Result<Vec<Result<i64, fred::error::Error>>, L2Error> {
+        let pipeline = self.client.pipeline();
+        for (key, entry, ttl) in commands {
+            let () = pipeline.fcall(PUT_FUNCTION, key.as_str(), vec![entry.clone(), ttl.clone()]).await?;
+        }
+        let results = pipeline.try_all::<i64>().await;
+        if results.len() != commands.len() {
+            return Err(L2Error::ShortPipeline { got: results.len(), want: commands.len() });
+        }
+        Ok(results)
     }
 
     /// Tries to take a short lease on each key (`SET lease NX PX ttl`): the
@@ -179,15 +286,46 @@ impl L2Cache {
         Self::expect_all_ok(pipeline.try_all::<Value>().await, keys.len())
     }
 
-    /// Removes cached rows of a view, with one pipeline (one DEL per key, so
-    /// no command spans hash slots).
-    pub async fn delete_many(&self, view: &FeatureView, keys: &[&str]) -> Result<(), L2Error> {
+    /// Counts reads of keys of a view in a sorted set (one per view, so one
+    /// node), for `strata warm --top`; now and then trims it to the `keep`
+    /// most-read keys so it stays bounded.
+    pub async fn record_reads(&self, view: &str, keys: &[&str], keep: usize, trim: bool) -> Result<(), L2Error> {
+        let set = self.hot_key(view);
+        let pipeline = self.client.pipeline();
+        for key in keys {
+            let () = pipeline.zincrby(&set, 1.0, *key).await?;
+        }
+        if trim {
+            let keep = i64::try_from(keep).unwrap_or(i64::MAX);
+            let () = pipeline.zremrangebyrank(&set, 0, -keep - 1).await?;
+        }
+        let results = pipeline.try_all::<Value>().await;
+        results.into_iter().try_for_each(|r| r.map(drop))?;
+        Ok(())
+    }
+
+    /// The `n` most-read keys of a view, as [`L2Cache::record_reads`] counted.
+    pub async fn top_keys(&self, view: &str, n: usize) -> Result<Vec<String>, L2Error> {
+        if n == 0 {
+            return Ok(Vec::new());
+        }
+        let stop = i64::try_from(n).unwrap_or(i64::MAX) - 1;
+        Ok(self.client.zrevrange(self.hot_key(view), 0, stop, false).await?)
+    }
+
+    fn hot_key(&self, view: &str) -> String {
+        format!("{}hot:{}", self.prefix, view)
+    }
+
+    /// Removes cached entries of a view outright, leaving no guard (unlike
+    /// a write). For operators starting a key over, and for tests.
+    pub async fn evict(&self, view: &str, keys: &[&str]) -> Result<(), L2Error> {
         if keys.is_empty() {
             return Ok(());
         }
         let pipeline = self.client.pipeline();
         for key in keys {
-            let () = pipeline.del(self.key(view, key)).await?;
+            let () = pipeline.del(self.key_of(view, key)).await?;
         }
         Self::expect_all_ok(pipeline.try_all::<Value>().await, keys.len())
     }
@@ -198,6 +336,13 @@ impl L2Cache {
             result?;
         }
         if got == want { Ok(()) } else { Err(L2Error::ShortPipeline { got, want }) }
+    }
+
+    /// Publishes `message` on `channel` (a cluster forwards it to every
+    /// node, so a subscriber on any node receives it).
+    pub async fn publish(&self, channel: &str, message: Vec<u8>) -> Result<(), L2Error> {
+        let _receivers: i64 = self.client.publish(channel, Bytes::from(message)).await?;
+        Ok(())
     }
 
     /// Removes every key from every primary of the cluster (all of Strata's

@@ -76,6 +76,7 @@ impl RefreshQueue {
                     let (l1, reloader) = (worker_l1.clone(), reloader.clone());
                     tokio::spawn(async move {
                         let _permit = permit;
+                        let stamp = l1.stamp();
                         let results = reloader.reload(tier, view.clone(), keys.clone()).await;
                         let mut fresh = Vec::new();
                         let mut failed = 0u64;
@@ -90,7 +91,7 @@ impl RefreshQueue {
                         }
                         count(tier, &view, "completed", fresh.len() as u64);
                         count(tier, &view, "failed", failed);
-                        l1.insert_many(&view, fresh).await;
+                        l1.insert_many(&view, stamp, fresh).await;
                     });
                 }
             }
@@ -157,7 +158,7 @@ mod tests {
         let view = registry.get("a").unwrap().clone();
         let l1 = L1Cache::new(1 << 20);
         let life = Lifetime { soft: Duration::from_secs(1), hard: Duration::from_secs(10) };
-        l1.insert_many(&view, [("k".to_owned(), Cached::Found(row("old")), life)]).await;
+        l1.insert_many(&view, l1.stamp(), [("k".to_owned(), Cached::Found(row("old")), life)]).await;
         let (done, mut reloaded) = tokio::sync::mpsc::unbounded_channel();
         let reloader = Arc::new(Scripted { answers: Mutex::new(vec![None, Some("new")]), done });
         let queue = RefreshQueue::start(l1.clone(), reloader, 16, 1);

@@ -12,7 +12,7 @@ mod registry;
 mod ttl;
 mod value;
 
-pub use codec::{DecodeError, Entry, decode_entry, encode_entry};
+pub use codec::{Content, DecodeError, Entry, VERSION_OFFSET, decode_entry, encode_entry, version_bytes};
 pub use registry::{Feature, FeatureSpec, FeatureView, FeatureViewSpec, Registry, RegistryError};
 pub use ttl::{Lifetime, jittered, soft_after};
 pub use value::{EventTime, FeatureType, Row, Value};

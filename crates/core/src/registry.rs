@@ -118,7 +118,7 @@ pub enum RegistryError {
 }
 
 /// Column names every view table has besides its features.
-const RESERVED: [&str; 3] = ["entity_key", "event_time", "updated_at"];
+const RESERVED: [&str; 4] = ["entity_key", "event_time", "updated_at", "deleted"];
 
 fn is_identifier(s: &str) -> bool {
     let mut chars = s.chars();

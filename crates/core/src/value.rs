@@ -100,6 +100,10 @@ impl Value {
 pub struct EventTime(pub i64);
 
 impl EventTime {
+    /// Older than any real event: the version of "this key was never
+    /// written" in a cache.
+    pub const NEVER: EventTime = EventTime(i64::MIN);
+
     /// 0001-01-01T00:00:00Z, the earliest time a protobuf Timestamp may carry.
     pub const MIN_SECONDS: i64 = -62_135_596_800;
     /// 9999-12-31T23:59:59Z, the latest.

@@ -39,6 +39,21 @@ pub struct FeatureWrite {
     /// Rows dropped because the same key came again in the request with a
     /// newer event time (or the same one, later in the request).
     pub superseded: usize,
+    /// For each request row, in request order: the index in `rows` of its
+    /// key, and whether its values are the ones kept there (false for a
+    /// superseded row).
+    pub requested: Vec<(usize, bool)>,
+}
+
+/// A validated DeleteFeatures request.
+#[derive(Debug)]
+pub struct FeatureDelete {
+    pub view: Arc<FeatureView>,
+    /// Distinct keys, in first-seen order.
+    pub keys: Vec<String>,
+    /// For each requested key, in request order, its index in `keys`.
+    pub requested: Vec<usize>,
+    pub at: EventTime,
 }
 
 /// Why a request was rejected. Every message names the offending field.
@@ -157,13 +172,15 @@ pub fn write_request(
     let mut out: Vec<(String, Row)> = Vec::with_capacity(rows.len());
     let mut index: HashMap<String, usize> = HashMap::with_capacity(rows.len());
     let mut superseded = 0;
+    // For each distinct row, the request row whose values it holds.
+    let mut kept_from: Vec<usize> = Vec::with_capacity(rows.len());
+    let mut row_of: Vec<usize> = Vec::with_capacity(rows.len());
     for (i, row) in rows.into_iter().enumerate() {
         let v1::WriteRow { entity_key, features, event_time } = row;
         check_key(&entity_key, || format!("rows[{i}].entity_key"), limits)?;
         let event_time =
             event_time.ok_or_else(|| InvalidRequest::MissingEventTime { field: format!("rows[{i}].event_time") })?;
-        let event_time = EventTime::from_parts(event_time.seconds, event_time.nanos)
-            .ok_or_else(|| InvalidRequest::BadEventTime { field: format!("rows[{i}].event_time") })?;
+        let event_time = event_time_from_wire(event_time, || format!("rows[{i}].event_time"))?;
         let mut values = vec![Value::Null; view.features.len()];
         for (name, value) in features {
             let field = || format!("rows[{i}].features[{name:?}]");
@@ -184,18 +201,60 @@ pub fn write_request(
         match index.entry(entity_key) {
             Entry::Vacant(slot) => {
                 out.push((slot.key().clone(), row));
+                kept_from.push(i);
+                row_of.push(out.len() - 1);
                 slot.insert(out.len() - 1);
             }
             Entry::Occupied(slot) => {
                 superseded += 1;
-                let kept = &mut out[*slot.get()].1;
-                if row.event_time >= kept.event_time {
-                    *kept = row;
+                let at = *slot.get();
+                row_of.push(at);
+                if row.event_time >= out[at].1.event_time {
+                    out[at].1 = row;
+                    kept_from[at] = i;
                 }
             }
         }
     }
-    Ok(FeatureWrite { view, rows: out, superseded })
+    let requested = row_of.iter().enumerate().map(|(i, &at)| (at, kept_from[at] == i)).collect();
+    Ok(FeatureWrite { view, rows: out, superseded, requested })
+}
+
+fn event_time_from_wire(
+    time: crate::prost_types::Timestamp,
+    field: impl Fn() -> String,
+) -> Result<EventTime, InvalidRequest> {
+    EventTime::from_parts(time.seconds, time.nanos).ok_or_else(|| InvalidRequest::BadEventTime { field: field() })
+}
+
+/// Validates a DeleteFeatures request against the registry.
+pub fn delete_request(
+    request: v1::DeleteFeaturesRequest,
+    registry: &Registry,
+    limits: &Limits,
+) -> Result<FeatureDelete, InvalidRequest> {
+    let v1::DeleteFeaturesRequest { feature_view, entity_keys, event_time } = request;
+    let view = view(registry, &feature_view)?.clone();
+    if entity_keys.is_empty() {
+        return Err(InvalidRequest::NoKeys);
+    }
+    if entity_keys.len() > limits.max_rows_per_write {
+        return Err(InvalidRequest::TooManyKeys { count: entity_keys.len(), limit: limits.max_rows_per_write });
+    }
+    let at = event_time.ok_or_else(|| InvalidRequest::MissingEventTime { field: "event_time".into() })?;
+    let at = event_time_from_wire(at, || "event_time".into())?;
+    let mut keys = Vec::with_capacity(entity_keys.len());
+    let mut index: HashMap<String, usize> = HashMap::with_capacity(entity_keys.len());
+    let mut requested = Vec::with_capacity(entity_keys.len());
+    for (i, key) in entity_keys.into_iter().enumerate() {
+        check_key(&key, || format!("entity_keys[{i}]"), limits)?;
+        let at = *index.entry(key).or_insert_with_key(|key| {
+            keys.push(key.clone());
+            keys.len() - 1
+        });
+        requested.push(at);
+    }
+    Ok(FeatureDelete { view, keys, requested, at })
 }
 
 pub fn value_from_wire(value: v1::Value) -> Value {

@@ -20,7 +20,7 @@ use strata_core::{FeatureViewSpec, Registry};
 use strata_proto::Limits;
 use strata_shard_router::{PoolOptions, ShardConfig};
 
-use crate::tiers::Protection;
+use crate::tiers::{HotKeys, Protection, WritePolicy};
 
 /// The environment variable prefix; `__` separates levels, so
 /// `STRATA_SERVER__GRPC_ADDR` overrides `server.grpc_addr`.
@@ -35,7 +35,45 @@ pub struct FileConfig {
     pub redis: RedisSection,
     pub postgres: PostgresSection,
     pub stampede: StampedeSection,
+    pub writes: WritesSection,
+    pub hot_keys: HotKeysSection,
     pub views: Vec<FeatureViewSpec>,
+}
+
+/// Sampling of reads, so `strata warm --top N` can preload the most-read
+/// keys. Counts live in Redis, one sorted set per view.
+#[derive(Debug, Deserialize)]
+#[serde(default, deny_unknown_fields)]
+pub struct HotKeysSection {
+    /// Fraction of requests whose keys are counted; 0 turns sampling off.
+    pub sample_rate: f64,
+    /// Keys kept per view, most read first.
+    pub keep: usize,
+}
+
+impl Default for HotKeysSection {
+    fn default() -> Self {
+        let h = HotKeys::default();
+        HotKeysSection { sample_rate: h.sample_rate, keep: h.keep }
+    }
+}
+
+/// How writes reach the caches. Written keys are announced on the Redis
+/// channel `<redis.key_prefix>invalidations`.
+#[derive(Debug, Deserialize)]
+#[serde(default, deny_unknown_fields)]
+pub struct WritesSection {
+    /// How long Redis remembers the event time of a write whose value it
+    /// does not hold (a deletion, a bulk-loaded row), so that a cache fill
+    /// that read PostgreSQL before the write cannot put the older value back.
+    #[serde(with = "humantime_serde")]
+    pub guard_ttl: Duration,
+}
+
+impl Default for WritesSection {
+    fn default() -> Self {
+        WritesSection { guard_ttl: WritePolicy::default().guard_ttl }
+    }
 }
 
 /// The stampede protections: single flight, Redis leases, refresh-ahead,
@@ -172,6 +210,8 @@ pub struct Config {
     pub pool: PoolOptions,
     pub shards: Vec<ShardConfig>,
     pub protection: Protection,
+    pub writes: WritePolicy,
+    pub hot_keys: HotKeys,
     pub registry: Arc<Registry>,
 }
 
@@ -198,7 +238,7 @@ impl FileConfig {
     }
 
     pub fn validate(self) -> Result<Config> {
-        let FileConfig { server, limits, l1, redis, postgres, stampede, views } = self;
+        let FileConfig { server, limits, l1, redis, postgres, stampede, writes, hot_keys, views } = self;
         let ServerSection { grpc_addr, metrics_addr } = server;
         let grpc_addr =
             grpc_addr.parse().with_context(|| format!("server.grpc_addr: {grpc_addr:?} is not an address"))?;
@@ -254,6 +294,19 @@ impl FileConfig {
             bail!("stampede.lease_ttl must be greater than zero");
         }
 
+        let WritesSection { guard_ttl } = writes;
+        if guard_ttl.is_zero() {
+            bail!("writes.guard_ttl must be greater than zero");
+        }
+
+        let HotKeysSection { sample_rate, keep } = hot_keys;
+        if !(0.0..=1.0).contains(&sample_rate) {
+            bail!("hot_keys.sample_rate must be between 0 and 1, not {sample_rate}");
+        }
+        if keep == 0 {
+            bail!("hot_keys.keep must be greater than zero");
+        }
+
         if views.is_empty() {
             bail!("views: no feature views are declared");
         }
@@ -264,6 +317,8 @@ impl FileConfig {
             metrics_addr,
             limits: Limits { max_keys_per_request, max_key_bytes, max_rows_per_write },
             l1_max_bytes: max_bytes,
+            hot_keys: HotKeys { sample_rate, keep },
+            writes: WritePolicy { channel: format!("{key_prefix}invalidations"), guard_ttl },
             redis: L2Config { nodes, command_timeout, connect_timeout, key_prefix },
             pool: PoolOptions { max_connections: max_connections_per_shard, connect_timeout: pg_connect_timeout },
             shards: shards.into_iter().map(|s| ShardConfig { name: s.name, url: s.url }).collect(),

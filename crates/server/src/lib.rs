@@ -10,9 +10,11 @@
 pub mod config;
 pub mod demo;
 pub mod dev;
+pub mod load;
 pub mod metrics;
 mod server;
 mod service;
 pub mod tiers;
+pub mod warm;
 
 pub use server::RunningServer;

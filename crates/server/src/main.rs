@@ -7,6 +7,8 @@ use clap::{Parser, Subcommand};
 use strata_server::RunningServer;
 use strata_server::config::FileConfig;
 use strata_server::dev::{self, DevOptions};
+use strata_server::load::{self, Format, LoadOptions};
+use strata_server::warm::{self, WarmOptions};
 use strata_shard_router::ShardRouter;
 
 #[derive(Parser)]
@@ -29,6 +31,45 @@ enum Command {
     Migrate {
         #[arg(long, short, default_value = "config/strata.toml")]
         config: Vec<PathBuf>,
+    },
+    /// Bulk-load rows of a feature view from CSV or JSON Lines into the
+    /// shards (COPY in batches, per shard in parallel). Older rows never
+    /// replace newer ones, so a load can be re-run. Bad rows are reported by
+    /// line and do not stop the others.
+    Load {
+        #[arg(long, short, default_value = "config/strata.toml")]
+        config: Vec<PathBuf>,
+        /// The feature view to load into.
+        #[arg(long)]
+        view: String,
+        /// CSV with a header (entity_key, event_time, feature names), or
+        /// JSON Lines with the same names as keys.
+        file: PathBuf,
+        /// csv or jsonl; by default guessed from the file name.
+        #[arg(long, value_enum)]
+        format: Option<Format>,
+        /// Rows per COPY batch (one transaction each).
+        #[arg(long, default_value_t = 20_000)]
+        batch_rows: usize,
+        /// Batches in flight per shard.
+        #[arg(long, default_value_t = 2)]
+        concurrency: usize,
+    },
+    /// Preload keys of a feature view from PostgreSQL into Redis, so a cold
+    /// deploy does not start with a wall of misses.
+    Warm {
+        #[arg(long, short, default_value = "config/strata.toml")]
+        config: Vec<PathBuf>,
+        #[arg(long)]
+        view: String,
+        /// Keys to warm.
+        keys: Vec<String>,
+        /// A file of keys, one per line (`-` for standard input).
+        #[arg(long)]
+        keys_file: Option<PathBuf>,
+        /// Warm the N keys most read recently, as the servers sampled them.
+        #[arg(long)]
+        top: Option<usize>,
     },
     /// Start a whole local stack (Redis Cluster, PostgreSQL shards, demo
     /// data) as local processes and serve it until Ctrl-C.
@@ -77,6 +118,29 @@ async fn run(cli: Cli) -> Result<()> {
             let shards = ShardRouter::new(&config.shards, &config.pool)?;
             shards.migrate(config.registry.views()).await?;
             println!("{} views migrated on {} shards", config.registry.views().len(), config.shards.len());
+            Ok(())
+        }
+        Command::Load { config, view, file, format, batch_rows, concurrency } => {
+            let config = FileConfig::load(&config)?.validate()?;
+            let format = format.unwrap_or_else(|| Format::from_path(&file));
+            let progress = std::io::IsTerminal::is_terminal(&std::io::stderr());
+            let options = LoadOptions { view, file: file.clone(), format, batch_rows, concurrency, progress };
+            let report = load::run(&config, &options).await?;
+            load::print_report(&report, &file);
+            anyhow::ensure!(
+                report.failed == 0,
+                "{} rows were not written (see above); run the load again",
+                report.failed
+            );
+            Ok(())
+        }
+        Command::Warm { config, view, mut keys, keys_file, top } => {
+            let config = FileConfig::load(&config)?.validate()?;
+            if let Some(path) = keys_file {
+                keys.extend(warm::read_keys(&path)?);
+            }
+            anyhow::ensure!(!keys.is_empty() || top.is_some(), "no keys to warm: give keys, --keys-file or --top");
+            warm::print_report(&warm::run(&config, &WarmOptions { view, keys, top }).await?);
             Ok(())
         }
         Command::Dev { config, data_dir, shards, demo_entities } => {

@@ -5,7 +5,7 @@ use std::net::SocketAddr;
 use std::time::Duration;
 
 use anyhow::{Context, Result};
-use strata_cache_tiers::{L1Cache, L2Cache};
+use strata_cache_tiers::{InvalidationListener, L1Cache, L2Cache};
 use strata_proto::v1::feature_store_server::FeatureStoreServer;
 use strata_shard_router::ShardRouter;
 use tokio::sync::watch;
@@ -28,6 +28,7 @@ pub struct RunningServer {
     grpc_addr: SocketAddr,
     metrics_addr: SocketAddr,
     tiers: Tiers,
+    invalidations: InvalidationListener,
     health: HealthReporter,
     stop: watch::Sender<bool>,
     grpc: JoinHandle<Result<(), tonic::transport::Error>>,
@@ -44,7 +45,21 @@ impl RunningServer {
         let shards = ShardRouter::new(&config.shards, &config.pool)?;
         shards.migrate(config.registry.views()).await.context("cannot create the feature view tables")?;
         let l2 = L2Cache::connect(&config.redis).await.context("cannot connect to the redis cluster")?;
-        let tiers = Tiers::new(L1Cache::new(config.l1_max_bytes), l2, shards, config.protection.clone());
+        let l1 = L1Cache::new(config.l1_max_bytes);
+        let tiers = Tiers::new(
+            l1.clone(),
+            l2,
+            shards,
+            config.protection.clone(),
+            config.writes.clone(),
+            config.hot_keys.clone(),
+        );
+        // Subscribed before serving, so no write announced after the first
+        // answer can be missed.
+        let views = config.registry.views().iter().map(|v| (v.name.clone(), v.id)).collect();
+        let invalidations = InvalidationListener::start(&config.redis, config.writes.channel.clone(), l1, views)
+            .await
+            .context("cannot subscribe to invalidations")?;
 
         let (health, health_service) = tonic_health::server::health_reporter();
         health.set_serving::<FeatureStoreServer<FeatureStoreService>>().await;
@@ -82,7 +97,7 @@ impl RunningServer {
         let metrics = tokio::spawn(metrics::serve(metrics_listener, signal(stopped)));
         health.set_service_status("", ServingStatus::Serving).await;
         tracing::info!(%grpc_addr, %metrics_addr, views = config.registry.views().len(), shards = config.shards.len(), "serving");
-        Ok(RunningServer { grpc_addr, metrics_addr, tiers, health, stop, grpc, metrics })
+        Ok(RunningServer { grpc_addr, metrics_addr, tiers, invalidations, health, stop, grpc, metrics })
     }
 
     pub fn grpc_addr(&self) -> SocketAddr {
@@ -99,6 +114,12 @@ impl RunningServer {
         &self.tiers
     }
 
+    /// The subscription that keeps this instance's L1 in step with writes
+    /// made anywhere.
+    pub fn invalidations(&self) -> &InvalidationListener {
+        &self.invalidations
+    }
+
     /// Turns health to NOT_SERVING, stops accepting, lets in-flight requests
     /// finish (up to a drain timeout), and closes the tiers.
     pub async fn shutdown(self) {
@@ -112,6 +133,7 @@ impl RunningServer {
             Err(_) => tracing::warn!("in-flight requests did not finish within {DRAIN_TIMEOUT:?}"),
         }
         let _ = tokio::time::timeout(DRAIN_TIMEOUT, self.metrics).await;
+        self.invalidations.close().await;
         self.tiers.l2().close().await;
     }
 }

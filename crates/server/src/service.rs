@@ -9,9 +9,10 @@ use std::time::SystemTime;
 use strata_core::{EventTime, Registry, Value};
 use strata_proto::v1::feature_store_server::FeatureStore;
 use strata_proto::{
-    InvalidRequest, Limits, event_time_to_wire, read_request, v1, value_to_wire, view_to_wire, write_request,
+    InvalidRequest, Limits, delete_request, event_time_to_wire, read_request, v1, value_to_wire, view_to_wire,
+    write_request,
 };
-use strata_shard_router::ShardError;
+use strata_shard_router::UpsertOutcome;
 use tonic::{Request, Response, Status};
 
 use crate::tiers::{Served, Source, Tiers};
@@ -21,8 +22,8 @@ use crate::tiers::{Served, Source, Tiers};
 pub enum ServiceError {
     #[error(transparent)]
     Invalid(#[from] InvalidRequest),
-    #[error("{} of {total} rows were not written: {}; {written} rows on other shards were written", not_written, errors.join("; "))]
-    WriteFailed { total: usize, written: usize, not_written: usize, errors: Vec<String> },
+    #[error("none of the {total} rows was written: {}", errors.join("; "))]
+    WriteFailed { total: usize, errors: Vec<String> },
 }
 
 impl From<ServiceError> for Status {
@@ -104,6 +105,7 @@ impl FeatureStore for FeatureStoreService {
             slot_of.push(slot);
         }
         let served = self.tiers.read(view, &distinct).await;
+        self.tiers.sample_reads(view, &distinct);
         // Values older than this are marked OUTSIDE_MAX_AGE.
         let oldest_fresh = view.max_age.map(|age| EventTime::from_system_time(SystemTime::now() - age));
 
@@ -160,25 +162,18 @@ impl FeatureStore for FeatureStoreService {
     ) -> Result<Response<v1::WriteFeaturesResponse>, Status> {
         let write = write_request(request.into_inner(), &self.registry, &self.limits).map_err(ServiceError::from)?;
         let outcome = self.tiers.write(&write.view, &write.rows).await;
-        let view = write.view.name.clone();
-        metrics::counter!("strata_rows_written_total", "view" => view.clone()).increment(outcome.written.len() as u64);
-        let skipped = outcome.skipped_older.len() + write.superseded;
-        metrics::counter!("strata_rows_skipped_older_total", "view" => view).increment(skipped as u64);
-        if !outcome.failed.is_empty() {
-            let errors: Vec<String> = outcome.failed.iter().map(|(e, _): &(ShardError, _)| e.to_string()).collect();
-            let not_written = outcome.failed.iter().map(|(_, keys)| keys.len()).sum();
-            return Err(ServiceError::WriteFailed {
-                total: write.rows.len(),
-                written: outcome.written.len(),
-                not_written,
-                errors,
-            }
-            .into());
-        }
-        Ok(Response::new(v1::WriteFeaturesResponse {
-            rows_written: outcome.written.len() as u64,
-            rows_skipped_older: skipped as u64,
-        }))
+        let requested = write.requested.iter().map(|&(at, kept)| (write.rows[at].0.as_str(), kept));
+        Ok(Response::new(write_response(&write.view.name, "write", &outcome, requested)?))
+    }
+
+    async fn delete_features(
+        &self,
+        request: Request<v1::DeleteFeaturesRequest>,
+    ) -> Result<Response<v1::WriteFeaturesResponse>, Status> {
+        let delete = delete_request(request.into_inner(), &self.registry, &self.limits).map_err(ServiceError::from)?;
+        let outcome = self.tiers.delete(&delete.view, &delete.keys, delete.at).await;
+        let requested = delete.requested.iter().map(|&at| (delete.keys[at].as_str(), true));
+        Ok(Response::new(write_response(&delete.view.name, "delete", &outcome, requested)?))
     }
 
     async fn list_feature_views(
@@ -189,4 +184,60 @@ impl FeatureStore for FeatureStoreService {
             views: self.registry.views().iter().map(|v| view_to_wire(v)).collect(),
         }))
     }
+}
+
+/// The per-row answer to a write or delete, in request order. `requested`
+/// gives each request row's key, and false where the row was superseded by
+/// a newer row of the same key in the request. Fails only if no row could
+/// be written because every shard involved failed.
+fn write_response<'a>(
+    view: &str,
+    op: &'static str,
+    outcome: &UpsertOutcome,
+    requested: impl Iterator<Item = (&'a str, bool)>,
+) -> Result<v1::WriteFeaturesResponse, ServiceError> {
+    let mut by_key: HashMap<&str, (v1::WriteOutcome, String)> = HashMap::new();
+    for key in &outcome.written {
+        by_key.insert(key, (v1::WriteOutcome::Written, String::new()));
+    }
+    for key in &outcome.skipped_older {
+        by_key.insert(key, (v1::WriteOutcome::SkippedOlder, String::new()));
+    }
+    for (error, keys) in &outcome.failed {
+        for key in keys {
+            by_key.insert(key, (v1::WriteOutcome::Failed, error.to_string()));
+        }
+    }
+    let mut response = v1::WriteFeaturesResponse::default();
+    for (key, kept) in requested {
+        let (outcome, error) = match by_key.get(key) {
+            Some(result) if kept => result.clone(),
+            Some(_) => (v1::WriteOutcome::SkippedOlder, String::new()),
+            // Every key was handed to a shard, so this cannot happen; if it
+            // did, claiming success would be the one wrong answer.
+            None => (v1::WriteOutcome::Failed, "no result for this key".into()),
+        };
+        match outcome {
+            v1::WriteOutcome::Written => response.rows_written += 1,
+            v1::WriteOutcome::SkippedOlder => response.rows_skipped_older += 1,
+            v1::WriteOutcome::Failed | v1::WriteOutcome::Unspecified => response.rows_failed += 1,
+        }
+        response.results.push(v1::RowResult { entity_key: key.to_owned(), outcome: outcome as i32, error });
+    }
+    for (name, n) in [
+        ("strata_rows_written_total", response.rows_written),
+        ("strata_rows_skipped_older_total", response.rows_skipped_older),
+        ("strata_rows_failed_total", response.rows_failed),
+    ] {
+        if n > 0 {
+            metrics::counter!(name, "view" => view.to_owned(), "op" => op).increment(n);
+        }
+    }
+    if response.rows_failed > 0 && response.rows_written == 0 && response.rows_skipped_older == 0 {
+        return Err(ServiceError::WriteFailed {
+            total: response.results.len(),
+            errors: outcome.failed.iter().map(|(e, _)| e.to_string()).collect(),
+        });
+    }
+    Ok(response)
 }

@@ -15,14 +15,22 @@
 //! - keys that do not exist are cached too (negative caching);
 //! - every TTL is jittered.
 //!
-//! Write: PostgreSQL first, then drop the cached copies.
+//! Write: PostgreSQL first (guarded by event time), then the Redis copy is
+//! replaced through a compare-on-event-time function (so neither a late
+//! write nor a late cache fill can put an older value over a newer one),
+//! then this instance's L1 copy is dropped and every other instance is told
+//! to drop its own (Redis pub/sub). An L1 fill by a load that began before
+//! an invalidation is refused ([`strata_cache_tiers::Stamp`]).
 
 use std::sync::{Arc, OnceLock};
 use std::time::Duration;
 
+use futures::future::BoxFuture;
 use rand::Rng;
-use strata_cache_tiers::{Cached, L1Cache, L2Cache, RefreshQueue, RefreshTier, Reloader, SingleFlight};
-use strata_core::{FeatureView, Lifetime, Row};
+use strata_cache_tiers::{
+    Cached, L1Cache, L2Cache, Put, RefreshQueue, RefreshTier, Reloader, SingleFlight, Stamp, invalidation_messages,
+};
+use strata_core::{Content, EventTime, FeatureView, Lifetime, Row};
 use strata_shard_router::{Fetched, ShardRouter, UpsertOutcome};
 
 /// Which tier answered a key.
@@ -86,6 +94,44 @@ impl Default for Protection {
     }
 }
 
+/// How writes reach the caches.
+#[derive(Clone, Debug)]
+pub struct WritePolicy {
+    /// The Redis pub/sub channel on which written keys are announced, so
+    /// every instance drops its L1 copy.
+    pub channel: String,
+    /// How long Redis remembers the version of a write whose value it does
+    /// not hold (a deletion, a bulk-loaded row), so that a cache fill that
+    /// read PostgreSQL before the write cannot put the older value back.
+    pub guard_ttl: Duration,
+}
+
+impl Default for WritePolicy {
+    fn default() -> Self {
+        WritePolicy { channel: "strata:invalidations".into(), guard_ttl: Duration::from_secs(30) }
+    }
+}
+
+/// Sampling of reads, so `strata warm --top N` knows the most-read keys.
+#[derive(Clone, Debug)]
+pub struct HotKeys {
+    /// Fraction of requests whose keys are counted (0 turns it off).
+    pub sample_rate: f64,
+    /// Keys kept per view, most read first.
+    pub keep: usize,
+}
+
+impl Default for HotKeys {
+    fn default() -> Self {
+        HotKeys { sample_rate: 0.01, keep: 100_000 }
+    }
+}
+
+/// Called between reading PostgreSQL and filling the caches, with the view
+/// and the keys read. Only tests set one, to make a fill lose a race on
+/// purpose.
+pub type FillHook = Arc<dyn Fn(&str, &[&str]) -> BoxFuture<'static, ()> + Send + Sync>;
+
 /// What loading one key below L1 gave.
 #[derive(Clone, Debug)]
 enum Loaded {
@@ -111,8 +157,11 @@ struct Lower {
     l2: L2Cache,
     shards: ShardRouter,
     protection: Protection,
+    writes: WritePolicy,
+    hot_keys: HotKeys,
     /// For scheduling L2 refreshes; set once the queue exists.
     refresh: OnceLock<RefreshQueue>,
+    fill_hook: OnceLock<FillHook>,
 }
 
 /// A uniform sample in [0, 1) for jitter.
@@ -125,9 +174,18 @@ impl Protection {
     fn lifetime(&self, view: &FeatureView, value: &Cached, ttl: Duration) -> Lifetime {
         match (self.enabled, value) {
             (false, _) => Lifetime::fixed(ttl),
-            (true, Cached::Found(_)) => Lifetime::jittered(ttl, view.jitter, view.refresh_ahead, sample()),
+            (true, Cached::Found(_)) => self.row_lifetime(view, ttl),
             // A negative entry is not refreshed ahead: it simply expires.
             (true, Cached::Missing) => Lifetime::jittered(view.negative_ttl, view.jitter, 1.0, sample()),
+        }
+    }
+
+    /// The lifetime of a row in a tier whose TTL is `ttl`.
+    fn row_lifetime(&self, view: &FeatureView, ttl: Duration) -> Lifetime {
+        if self.enabled {
+            Lifetime::jittered(ttl, view.jitter, view.refresh_ahead, sample())
+        } else {
+            Lifetime::fixed(ttl)
         }
     }
 
@@ -138,9 +196,24 @@ impl Protection {
 }
 
 impl Tiers {
-    pub fn new(l1: L1Cache, l2: L2Cache, shards: ShardRouter, protection: Protection) -> Tiers {
+    pub fn new(
+        l1: L1Cache,
+        l2: L2Cache,
+        shards: ShardRouter,
+        protection: Protection,
+        writes: WritePolicy,
+        hot_keys: HotKeys,
+    ) -> Tiers {
         let (capacity, concurrency) = (protection.refresh_queue, protection.refresh_concurrency);
-        let lower = Arc::new(Lower { l2, shards, protection, refresh: OnceLock::new() });
+        let lower = Arc::new(Lower {
+            l2,
+            shards,
+            protection,
+            writes,
+            hot_keys,
+            refresh: OnceLock::new(),
+            fill_hook: OnceLock::new(),
+        });
         let refresh = RefreshQueue::start(l1.clone(), lower.clone(), capacity, concurrency);
         let _ = lower.refresh.set(refresh.clone());
         Tiers { l1, lower, flights: Arc::new(SingleFlight::default()), refresh }
@@ -154,10 +227,20 @@ impl Tiers {
         &self.lower.shards
     }
 
+    /// Sets the hook called between reading PostgreSQL and filling the
+    /// caches (once; later calls are ignored). For tests only.
+    #[doc(hidden)]
+    pub fn set_fill_hook(&self, hook: FillHook) {
+        let _ = self.lower.fill_hook.set(hook);
+    }
+
     /// Answers distinct `keys` of `view`, aligned with `keys`.
     pub async fn read(&self, view: &Arc<FeatureView>, keys: &[&str]) -> Vec<Served> {
         let protection = &self.lower.protection;
         let mut out: Vec<Option<Served>> = vec![None; keys.len()];
+        // Taken before L1 is read: a miss filled from below is dropped if
+        // its key is invalidated meanwhile.
+        let stamp = self.l1.stamp();
 
         let mut misses = Vec::new();
         let mut negative_hits = 0;
@@ -179,11 +262,11 @@ impl Tiers {
         }
 
         let loaded = if protection.enabled {
-            self.load_coalesced(view, keys, &misses).await
+            self.load_coalesced(view, keys, &misses, stamp).await
         } else {
             let miss_keys: Vec<&str> = misses.iter().map(|&i| keys[i]).collect();
             let loaded = self.lower.load(view, &miss_keys).await;
-            self.fill_l1(view, &miss_keys, &loaded).await;
+            self.fill_l1(view, stamp, &miss_keys, &loaded).await;
             loaded
         };
         for (i, loaded) in misses.into_iter().zip(loaded) {
@@ -197,7 +280,13 @@ impl Tiers {
 
     /// Loads the keys at `misses` with single flight: keys another request
     /// is loading are waited for; the rest are loaded here, once.
-    async fn load_coalesced(&self, view: &Arc<FeatureView>, keys: &[&str], misses: &[usize]) -> Vec<Loaded> {
+    async fn load_coalesced(
+        &self,
+        view: &Arc<FeatureView>,
+        keys: &[&str],
+        misses: &[usize],
+        stamp: Stamp,
+    ) -> Vec<Loaded> {
         let mut out: Vec<Option<Loaded>> = vec![None; misses.len()];
         let claim = self.flights.claim(misses.iter().map(|&i| (view.id, keys[i].to_owned())).collect());
         let mut leader = claim.leader;
@@ -205,7 +294,7 @@ impl Tiers {
         let lead_keys: Vec<&str> = claim.lead.iter().map(|&j| keys[misses[j]]).collect();
         let lead = async {
             let loaded = self.lower.load(view, &lead_keys).await;
-            self.fill_l1(view, &lead_keys, &loaded).await;
+            self.fill_l1(view, stamp, &lead_keys, &loaded).await;
             for (key, loaded) in lead_keys.iter().zip(&loaded) {
                 leader.complete(&(view.id, (*key).to_owned()), loaded.clone());
             }
@@ -235,7 +324,7 @@ impl Tiers {
             // Their leader's request was cancelled: load them here.
             let orphan_keys: Vec<&str> = orphans.iter().map(|&j| keys[misses[j]]).collect();
             let loaded = self.lower.load(view, &orphan_keys).await;
-            self.fill_l1(view, &orphan_keys, &loaded).await;
+            self.fill_l1(view, stamp, &orphan_keys, &loaded).await;
             for (j, loaded) in orphans.into_iter().zip(loaded) {
                 out[j] = Some(loaded);
             }
@@ -243,7 +332,7 @@ impl Tiers {
         out.into_iter().map(|l| l.unwrap_or(Loaded::Unavailable)).collect()
     }
 
-    async fn fill_l1(&self, view: &FeatureView, keys: &[&str], loaded: &[Loaded]) {
+    async fn fill_l1(&self, view: &FeatureView, stamp: Stamp, keys: &[&str], loaded: &[Loaded]) {
         let protection = &self.lower.protection;
         let entries = keys.iter().zip(loaded).filter_map(|(key, loaded)| match loaded {
             Loaded::Value { value, .. } if protection.cacheable(value) => {
@@ -251,26 +340,144 @@ impl Tiers {
             }
             _ => None,
         });
-        self.l1.insert_many(view, entries.collect::<Vec<_>>()).await;
+        self.l1.insert_many(view, stamp, entries.collect::<Vec<_>>()).await;
     }
 
-    /// Writes distinct rows to their shards, then drops every cached copy of
-    /// the rows that were applied (negative entries included), so the next
-    /// read sees them.
+    /// Writes distinct rows to their shards; then, for the rows applied,
+    /// replaces the Redis copy (unless Redis holds a newer one), drops this
+    /// instance's L1 copy, and tells every instance to drop its own.
     pub async fn write(&self, view: &FeatureView, rows: &[(String, Row)]) -> UpsertOutcome {
         let outcome = self.lower.shards.upsert(view, rows).await;
-        let written: Vec<&str> = outcome.written.iter().map(String::as_str).collect();
-        self.l1.invalidate_many(view, &written).await;
-        if let Err(error) = self.lower.l2.delete_many(view, &written).await {
-            // The Redis copy stays until its TTL ends; counted so it shows.
-            tracing::warn!(view = %view.name, keys = written.len(), %error, "redis invalidation failed");
-            metrics::counter!("strata_cache_errors_total", "tier" => "l2", "op" => "delete").increment(1);
+        if outcome.written.is_empty() {
+            return outcome;
         }
+        let by_key: std::collections::HashMap<&str, &Row> = rows.iter().map(|(k, r)| (k.as_str(), r)).collect();
+        let protection = &self.lower.protection;
+        let puts: Vec<Put<'_>> = outcome
+            .written
+            .iter()
+            .filter_map(|key| {
+                let row = by_key.get(key.as_str())?;
+                let life = protection.row_lifetime(view, view.l2_ttl);
+                Some(Put { key, content: Content::Found(row), version: row.event_time, life })
+            })
+            .collect();
+        self.lower.put_after_write(view, &puts).await;
+        self.announce(view, &outcome.written).await;
         outcome
+    }
+
+    /// Deletes keys at event time `at`; then, for the keys applied, leaves
+    /// a "missing" entry in Redis (unless Redis holds a newer version) and
+    /// drops the key from every instance's L1.
+    pub async fn delete(&self, view: &FeatureView, keys: &[String], at: EventTime) -> UpsertOutcome {
+        let outcome = self.lower.shards.delete(view, keys, at).await;
+        if outcome.written.is_empty() {
+            return outcome;
+        }
+        let life = self.lower.guard_life(view);
+        let puts: Vec<Put<'_>> =
+            outcome.written.iter().map(|key| Put { key, content: Content::Missing, version: at, life }).collect();
+        self.lower.put_after_write(view, &puts).await;
+        self.announce(view, &outcome.written).await;
+        outcome
+    }
+
+    /// Counts the keys of a sampled share of requests in Redis, off the
+    /// request path, for `strata warm --top`.
+    pub fn sample_reads(&self, view: &FeatureView, keys: &[&str]) {
+        let hot = &self.lower.hot_keys;
+        if hot.sample_rate <= 0.0 || sample() >= hot.sample_rate {
+            return;
+        }
+        let (lower, view) = (self.lower.clone(), view.name.clone());
+        let keys: Vec<String> = keys.iter().map(|k| (*k).to_owned()).collect();
+        // Trim about once per hundred samples.
+        let trim = sample() < 0.01;
+        tokio::spawn(async move {
+            let keys: Vec<&str> = keys.iter().map(String::as_str).collect();
+            if let Err(error) = lower.l2.record_reads(&view, &keys, lower.hot_keys.keep, trim).await {
+                tracing::debug!(%view, %error, "sampling reads failed");
+            }
+        });
+    }
+
+    /// Reads distinct keys from PostgreSQL into Redis (an entry newer than
+    /// what was read is kept), so a cold deploy does not start with a wall
+    /// of misses. Returns how many keys were found, missing and unavailable.
+    pub async fn warm(&self, view: &Arc<FeatureView>, keys: &[&str]) -> (usize, usize, usize) {
+        let mut counts = (0, 0, 0);
+        for loaded in self.lower.fetch_and_fill(view, keys).await {
+            match loaded {
+                Loaded::Value { value: Cached::Found(_), .. } => counts.0 += 1,
+                Loaded::Value { value: Cached::Missing, .. } => counts.1 += 1,
+                Loaded::Unavailable => counts.2 += 1,
+            }
+        }
+        counts
+    }
+
+    /// Drops keys from this instance's L1 at once, and publishes them so
+    /// every other instance drops them too.
+    async fn announce(&self, view: &FeatureView, keys: &[String]) {
+        let keys: Vec<&str> = keys.iter().map(String::as_str).collect();
+        self.l1.invalidate_many(view.id, &keys).await;
+        announce(&self.lower.l2, &self.lower.writes.channel, view, &keys).await;
     }
 }
 
+/// Publishes written keys of a view on the invalidation channel, so every
+/// instance drops its L1 copy. A failure is logged and counted: instances
+/// then keep their copy until its L1 TTL ends.
+pub async fn announce(l2: &L2Cache, channel: &str, view: &FeatureView, keys: &[&str]) {
+    for message in invalidation_messages(&view.name, keys) {
+        if let Err(error) = l2.publish(channel, message).await {
+            tracing::warn!(view = %view.name, %error, "publishing an invalidation failed");
+            metrics::counter!("strata_cache_errors_total", "tier" => "l2", "op" => "publish").increment(1);
+        }
+    }
+}
+
+/// Leaves guards in Redis for rows written without copying their values
+/// there (bulk loads): a reader sees a miss, and a cache fill older than
+/// the row is refused for `guard_ttl`. Returns how many keys Redis failed
+/// to take.
+pub async fn guard(l2: &L2Cache, view: &FeatureView, written: &[(String, EventTime)], guard_ttl: Duration) -> usize {
+    let life = Lifetime { soft: guard_ttl, hard: guard_ttl };
+    let mut failed = 0;
+    // Pipelines of a bounded size, so none runs into the command timeout.
+    for chunk in written.chunks(GUARD_PIPELINE) {
+        let puts: Vec<Put<'_>> =
+            chunk.iter().map(|(key, at)| Put { key, content: Content::Guard, version: *at, life }).collect();
+        if let Err(error) = l2.put_many(view, &puts).await {
+            tracing::warn!(view = %view.name, keys = puts.len(), %error, "redis guard after a bulk write failed");
+            metrics::counter!("strata_cache_errors_total", "tier" => "l2", "op" => "write").increment(1);
+            failed += puts.len();
+        }
+    }
+    failed
+}
+
+/// Guards per Redis pipeline.
+const GUARD_PIPELINE: usize = 1_000;
+
 impl Lower {
+    /// The lifetime of an entry that stands for a write without its value
+    /// (a deletion): a negative entry's, but at least the guard TTL.
+    fn guard_life(&self, view: &FeatureView) -> Lifetime {
+        let life = self.protection.lifetime(view, &Cached::Missing, view.negative_ttl);
+        Lifetime { soft: life.soft, hard: life.hard.max(self.writes.guard_ttl) }
+    }
+
+    /// Stores what writes left in Redis; a failure is logged and counted
+    /// (the old copy stays until its TTL ends).
+    async fn put_after_write(&self, view: &FeatureView, puts: &[Put<'_>]) {
+        if let Err(error) = self.l2.put_many(view, puts).await {
+            tracing::warn!(view = %view.name, keys = puts.len(), %error, "redis update after a write failed");
+            metrics::counter!("strata_cache_errors_total", "tier" => "l2", "op" => "write").increment(1);
+        }
+    }
+
     /// Loads distinct keys from L2, then PostgreSQL; aligned with `keys`.
     async fn load(&self, view: &Arc<FeatureView>, keys: &[&str]) -> Vec<Loaded> {
         let mut out: Vec<Option<Loaded>> = vec![None; keys.len()];
@@ -412,21 +619,26 @@ impl Lower {
                 Fetched::Unavailable => Loaded::Unavailable,
             })
             .collect();
-        let fills: Vec<(&str, Option<&Row>, Lifetime)> = keys
+        if let Some(hook) = self.fill_hook.get() {
+            hook(&view.name, keys).await;
+        }
+        let fills: Vec<Put<'_>> = keys
             .iter()
             .zip(&loaded)
             .filter_map(|(key, loaded)| match loaded {
                 Loaded::Value { value, .. } if self.protection.cacheable(value) => {
-                    let row = match value {
-                        Cached::Found(row) => Some(row.as_ref()),
-                        Cached::Missing => None,
-                    };
-                    Some((*key, row, self.protection.lifetime(view, value, view.l2_ttl)))
+                    let life = self.protection.lifetime(view, value, view.l2_ttl);
+                    Some(match value {
+                        Cached::Found(row) => {
+                            Put { key, content: Content::Found(row.as_ref()), version: row.event_time, life }
+                        }
+                        Cached::Missing => Put { key, content: Content::Missing, version: EventTime::NEVER, life },
+                    })
                 }
                 _ => None,
             })
             .collect();
-        if let Err(error) = self.l2.set_many(view, &fills).await {
+        if let Err(error) = self.l2.put_many(view, &fills).await {
             tracing::warn!(view = %view.name, keys = fills.len(), %error, "redis fill failed");
             metrics::counter!("strata_cache_errors_total", "tier" => "l2", "op" => "set").increment(1);
         }

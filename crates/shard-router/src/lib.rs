@@ -13,13 +13,14 @@ mod routing;
 mod schema;
 mod sql;
 
+use std::future::Future;
 use std::str::FromStr;
 use std::sync::Arc;
 use std::time::{Duration, Instant};
 
 use deadpool_postgres::{Manager, ManagerConfig, Pool, RecyclingMethod, Runtime};
 use futures::future::join_all;
-use strata_core::{FeatureView, Row};
+use strata_core::{EventTime, FeatureView, Row};
 use tokio_postgres::NoTls;
 
 pub use routing::{jump_hash, shard_for};
@@ -74,10 +75,10 @@ pub enum Fetched {
     Unavailable,
 }
 
-/// What a batch write did.
+/// What a batch write (or delete) did.
 #[derive(Debug, Default)]
 pub struct UpsertOutcome {
-    /// Keys whose row is now the written one.
+    /// Keys whose row is now the written one (or now a tombstone).
     pub written: Vec<String>,
     /// Keys not applied because a newer event time is stored.
     pub skipped_older: Vec<String>,
@@ -191,42 +192,85 @@ impl ShardRouter {
     /// once. A row replaces the stored one only if its event time is not
     /// older.
     pub async fn upsert(&self, view: &FeatureView, rows: &[(String, Row)]) -> UpsertOutcome {
-        let mut by_shard: Vec<Vec<&(String, Row)>> = vec![Vec::new(); self.shards.len()];
-        for row in rows {
-            by_shard[self.shard_of(&row.0)].push(row);
+        self.per_shard(rows, |row| &row.0, "upsert", |shard, rows| shard.upsert(view, rows)).await
+    }
+
+    /// Deletes keys (distinct) at event time `at`: each becomes a tombstone,
+    /// unless a newer event time is stored, so a write older than the
+    /// deletion can no longer bring the row back.
+    pub async fn delete(&self, view: &FeatureView, keys: &[String], at: EventTime) -> UpsertOutcome {
+        self.per_shard(keys, |key| key, "delete", |shard, keys| shard.delete(view, keys, at)).await
+    }
+
+    /// Runs `op` on each shard's part of `items`, all shards at once.
+    async fn per_shard<'a, T, F, Fut>(
+        &'a self,
+        items: &'a [T],
+        key: impl Fn(&T) -> &String,
+        label: &'static str,
+        op: F,
+    ) -> UpsertOutcome
+    where
+        F: Fn(&'a Shard, Vec<&'a T>) -> Fut,
+        Fut: Future<Output = Result<std::collections::HashSet<String>, ShardError>>,
+    {
+        let mut by_shard: Vec<Vec<&T>> = (0..self.shards.len()).map(|_| Vec::new()).collect();
+        for item in items {
+            by_shard[self.shard_of(key(item))].push(item);
         }
-        let writes = by_shard.into_iter().enumerate().filter(|(_, r)| !r.is_empty()).map(|(s, shard_rows)| {
+        let runs = by_shard.into_iter().enumerate().filter(|(_, part)| !part.is_empty()).map(|(s, part)| {
             let shard = &self.shards[s];
+            let keys: Vec<String> = part.iter().map(|item| key(item).clone()).collect();
+            let run = op(shard, part);
             async move {
                 let started = Instant::now();
-                let result = shard.upsert(view, &shard_rows).await;
-                shard.observe("upsert", started, result.is_ok());
-                (shard_rows, result)
+                let result = run.await;
+                shard.observe(label, started, result.is_ok());
+                (keys, result)
             }
         });
         let mut outcome = UpsertOutcome::default();
-        for (shard_rows, result) in join_all(writes).await {
+        for (keys, result) in join_all(runs).await {
             match result {
-                Ok(written) => {
-                    for (key, _) in shard_rows {
-                        if written.contains(key) {
-                            outcome.written.push(key.clone());
+                Ok(applied) => {
+                    for key in keys {
+                        if applied.contains(&key) {
+                            outcome.written.push(key);
                         } else {
-                            outcome.skipped_older.push(key.clone());
+                            outcome.skipped_older.push(key);
                         }
                     }
                 }
-                Err(error) => outcome.failed.push((error, shard_rows.iter().map(|(k, _)| k.clone()).collect())),
+                Err(error) => outcome.failed.push((error, keys)),
             }
         }
         outcome
     }
 
-    /// Counts the rows of a view on each shard, in config order.
+    /// Writes a batch of rows to shard `shard` with binary COPY into a
+    /// temporary table, then one guarded merge: of several rows of one key
+    /// the newest counts, and it replaces the stored row only if not older.
+    /// One transaction, so a failed batch leaves nothing behind. Returns the
+    /// keys applied with their event times. The rows must belong to `shard`.
+    pub async fn copy_upsert(
+        &self,
+        shard: usize,
+        view: &FeatureView,
+        rows: &[(String, Row)],
+    ) -> Result<Vec<(String, EventTime)>, ShardError> {
+        let shard = &self.shards[shard];
+        let started = Instant::now();
+        let result = shard.copy_upsert(view, rows).await;
+        shard.observe("copy", started, result.is_ok());
+        result
+    }
+
+    /// Counts the rows of a view on each shard (tombstones aside), in config
+    /// order.
     pub async fn count_rows(&self, view: &FeatureView) -> Result<Vec<u64>, ShardError> {
         let counts = self.shards.iter().map(|shard| async move {
             let client = shard.client().await?;
-            let sql = format!("SELECT count(*) FROM {}", sql::table(view));
+            let sql = format!("SELECT count(*) FROM {} WHERE NOT deleted", sql::table(view));
             let row = client.query_one(&sql, &[]).await.map_err(|e| shard.query_error(e))?;
             Ok(row.get::<_, i64>(0).unsigned_abs())
         });
@@ -274,7 +318,7 @@ impl Shard {
     async fn upsert(
         &self,
         view: &FeatureView,
-        rows: &[&(String, Row)],
+        rows: Vec<&(String, Row)>,
     ) -> Result<std::collections::HashSet<String>, ShardError> {
         let mut client = self.client().await?;
         let tx = client.transaction().await.map_err(|e| self.query_error(e))?;
@@ -287,5 +331,63 @@ impl Shard {
         }
         tx.commit().await.map_err(|e| self.query_error(e))?;
         Ok(written)
+    }
+
+    /// Returns the keys that were applied.
+    async fn delete(
+        &self,
+        view: &FeatureView,
+        keys: Vec<&String>,
+        at: EventTime,
+    ) -> Result<std::collections::HashSet<String>, ShardError> {
+        let mut client = self.client().await?;
+        let tx = client.transaction().await.map_err(|e| self.query_error(e))?;
+        let time = at.to_system_time();
+        let mut deleted = std::collections::HashSet::with_capacity(keys.len());
+        for chunk in keys.chunks(sql::MAX_ROWS_PER_STATEMENT) {
+            let params: Vec<&(dyn tokio_postgres::types::ToSql + Sync)> =
+                chunk.iter().flat_map(|key| [*key as &(dyn tokio_postgres::types::ToSql + Sync), &time]).collect();
+            let applied = tx.query(&sql::delete(view, chunk.len()), &params).await.map_err(|e| self.query_error(e))?;
+            deleted.extend(applied.iter().map(|r| r.get::<_, String>(0)));
+        }
+        tx.commit().await.map_err(|e| self.query_error(e))?;
+        Ok(deleted)
+    }
+
+    async fn copy_upsert(
+        &self,
+        view: &FeatureView,
+        rows: &[(String, Row)],
+    ) -> Result<Vec<(String, EventTime)>, ShardError> {
+        use tokio_postgres::binary_copy::BinaryCopyInWriter;
+        use tokio_postgres::types::{ToSql, Type};
+
+        let mut client = self.client().await?;
+        let tx = client.transaction().await.map_err(|e| self.query_error(e))?;
+        tx.batch_execute(&sql::create_staging(view)).await.map_err(|e| self.query_error(e))?;
+        let sink = tx.copy_in(&sql::copy_into_staging(view)).await.map_err(|e| self.query_error(e))?;
+        let types: Vec<Type> = [Type::TEXT, Type::TIMESTAMPTZ]
+            .into_iter()
+            .chain(view.features.iter().map(|f| sql::pg_type(f.ty)))
+            .collect();
+        let writer = BinaryCopyInWriter::new(sink, &types);
+        futures::pin_mut!(writer);
+        for (key, row) in rows {
+            let time = row.event_time.to_system_time();
+            let mut values: Vec<&(dyn ToSql + Sync)> = Vec::with_capacity(types.len());
+            values.push(key);
+            values.push(&time);
+            for (feature, value) in view.features.iter().zip(&row.values) {
+                values.push(sql::param(feature.ty, value));
+            }
+            writer.as_mut().write(&values).await.map_err(|e| self.query_error(e))?;
+        }
+        writer.finish().await.map_err(|e| self.query_error(e))?;
+        let applied = tx.query(&sql::merge_staging(view), &[]).await.map_err(|e| self.query_error(e))?;
+        tx.commit().await.map_err(|e| self.query_error(e))?;
+        Ok(applied
+            .iter()
+            .map(|r| (r.get::<_, String>(0), EventTime::from_system_time(r.get::<_, std::time::SystemTime>(1))))
+            .collect())
     }
 }

@@ -35,7 +35,8 @@ async fn migrate_locked(
     for view in views {
         let mut ddl = format!(
             "CREATE TABLE IF NOT EXISTS {0} (entity_key text PRIMARY KEY, event_time timestamptz NOT NULL, \
-             updated_at timestamptz NOT NULL DEFAULT now());",
+             updated_at timestamptz NOT NULL DEFAULT now());\
+             ALTER TABLE {0} ADD COLUMN IF NOT EXISTS deleted boolean NOT NULL DEFAULT false;",
             table(view)
         );
         for f in &view.features {

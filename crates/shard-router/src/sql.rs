@@ -1,19 +1,21 @@
 //! SQL text and the mapping between feature values and PostgreSQL types.
 //!
 //! Each view is a table `strata.<view>` with `entity_key text PRIMARY KEY`,
-//! `event_time timestamptz`, `updated_at timestamptz` and one typed, nullable
-//! column per feature, so the data stays readable with plain SQL.
+//! `event_time timestamptz`, `updated_at timestamptz`, `deleted boolean` and
+//! one typed, nullable column per feature, so the data stays readable with
+//! plain SQL. A deleted row stays as a tombstone (`deleted`, features null,
+//! the deletion's event time), so that an older write cannot bring it back.
 
 use std::fmt::Write as _;
 use std::time::SystemTime;
 
 use strata_core::{EventTime, FeatureType, FeatureView, Row, Value};
-use tokio_postgres::types::ToSql;
+use tokio_postgres::types::{ToSql, Type};
 
 /// PostgreSQL allows 65,535 bind parameters per statement.
 const MAX_PARAMS: usize = 60_000;
 /// Rows per INSERT statement: large enough to amortise round trips.
-const MAX_ROWS_PER_STATEMENT: usize = 1_000;
+pub(crate) const MAX_ROWS_PER_STATEMENT: usize = 1_000;
 
 pub(crate) fn table(view: &FeatureView) -> String {
     format!("strata.\"{}\"", view.name)
@@ -41,7 +43,79 @@ fn feature_columns(view: &FeatureView) -> String {
 }
 
 pub(crate) fn select(view: &FeatureView) -> String {
-    format!("SELECT entity_key, event_time{} FROM {} WHERE entity_key = ANY($1)", feature_columns(view), table(view))
+    format!(
+        "SELECT entity_key, event_time{} FROM {} WHERE entity_key = ANY($1) AND NOT deleted",
+        feature_columns(view),
+        table(view)
+    )
+}
+
+/// The PostgreSQL type of a feature's column, for binary COPY.
+pub(crate) fn pg_type(ty: FeatureType) -> Type {
+    match ty {
+        FeatureType::Int64 => Type::INT8,
+        FeatureType::Double => Type::FLOAT8,
+        FeatureType::String => Type::TEXT,
+        FeatureType::Bool => Type::BOOL,
+        FeatureType::Bytes => Type::BYTEA,
+        FeatureType::FloatList => Type::FLOAT4_ARRAY,
+        FeatureType::Int64List => Type::INT8_ARRAY,
+    }
+}
+
+/// The SET list and guard of every upsert: the newer (or equal) event time
+/// wins, and a write revives a tombstone.
+fn on_conflict(view: &FeatureView) -> String {
+    let mut sql = String::from(
+        " ON CONFLICT (entity_key) DO UPDATE SET event_time = EXCLUDED.event_time, updated_at = now(), deleted = false",
+    );
+    for f in &view.features {
+        let _ = write!(sql, ", \"{0}\" = EXCLUDED.\"{0}\"", f.name);
+    }
+    sql.push_str(" WHERE t.event_time <= EXCLUDED.event_time");
+    sql
+}
+
+/// The temporary table a bulk load copies a batch into.
+pub(crate) const STAGING: &str = "strata_load_batch";
+
+pub(crate) fn create_staging(view: &FeatureView) -> String {
+    format!("CREATE TEMP TABLE {STAGING} (LIKE {} INCLUDING DEFAULTS) ON COMMIT DROP", table(view))
+}
+
+pub(crate) fn copy_into_staging(view: &FeatureView) -> String {
+    format!("COPY {STAGING} (entity_key, event_time{}) FROM STDIN BINARY", feature_columns(view))
+}
+
+/// Moves a copied batch into the view's table: of several rows of one key
+/// the newest is taken, and it replaces the stored row only if not older.
+/// Returns the keys applied with their event times.
+pub(crate) fn merge_staging(view: &FeatureView) -> String {
+    let cols = feature_columns(view);
+    format!(
+        "INSERT INTO {table} AS t (entity_key, event_time{cols}) \
+         SELECT DISTINCT ON (entity_key) entity_key, event_time{cols} FROM {STAGING} \
+         ORDER BY entity_key, event_time DESC{conflict} RETURNING entity_key, event_time",
+        table = table(view),
+        conflict = on_conflict(view),
+    )
+}
+
+/// Records deletions of `rows` keys: a tombstone at the deletion's event time
+/// replaces the stored row only if not older. Returns the keys applied.
+pub(crate) fn delete(view: &FeatureView, rows: usize) -> String {
+    let mut sql = format!("INSERT INTO {} AS t (entity_key, event_time, deleted) VALUES ", table(view));
+    for r in 0..rows {
+        let _ = write!(sql, "{}(${}, ${}, true)", if r == 0 { "" } else { ", " }, 2 * r + 1, 2 * r + 2);
+    }
+    sql.push_str(
+        " ON CONFLICT (entity_key) DO UPDATE SET event_time = EXCLUDED.event_time, updated_at = now(), deleted = true",
+    );
+    for f in &view.features {
+        let _ = write!(sql, ", \"{}\" = NULL", f.name);
+    }
+    sql.push_str(" WHERE t.event_time <= EXCLUDED.event_time RETURNING entity_key");
+    sql
 }
 
 pub(crate) fn upsert_chunk_rows(view: &FeatureView) -> usize {
@@ -60,11 +134,8 @@ pub(crate) fn upsert(view: &FeatureView, rows: usize) -> String {
         }
         sql.push(')');
     }
-    sql.push_str(" ON CONFLICT (entity_key) DO UPDATE SET event_time = EXCLUDED.event_time, updated_at = now()");
-    for f in &view.features {
-        let _ = write!(sql, ", \"{0}\" = EXCLUDED.\"{0}\"", f.name);
-    }
-    sql.push_str(" WHERE t.event_time <= EXCLUDED.event_time RETURNING entity_key");
+    sql.push_str(&on_conflict(view));
+    sql.push_str(" RETURNING entity_key");
     sql
 }
 
@@ -96,7 +167,7 @@ pub(crate) fn upsert_params<'a>(
 
 /// A value as a bind parameter of its feature's column type. Values were
 /// checked against the view before they got here; a mismatch binds null.
-fn param(ty: FeatureType, value: &Value) -> &(dyn ToSql + Sync) {
+pub(crate) fn param(ty: FeatureType, value: &Value) -> &(dyn ToSql + Sync) {
     match (ty, value) {
         (FeatureType::Int64, Value::Int64(v)) => v,
         (FeatureType::Double, Value::Double(v)) => v,
@@ -161,6 +232,22 @@ mod tests {
         let sql = upsert(&view(), 2);
         assert!(sql.starts_with("INSERT INTO strata.\"v\" AS t (entity_key, event_time, \"a\", \"b\") VALUES ($1, $2, $3, $4), ($5, $6, $7, $8) ON CONFLICT"), "{sql}");
         assert!(sql.ends_with("WHERE t.event_time <= EXCLUDED.event_time RETURNING entity_key"), "{sql}");
+        assert!(sql.contains("deleted = false"), "a write revives a tombstone: {sql}");
+    }
+
+    #[test]
+    fn a_delete_leaves_a_tombstone_guarded_on_event_time() {
+        let sql = delete(&view(), 2);
+        assert!(sql.contains("VALUES ($1, $2, true), ($3, $4, true) ON CONFLICT"), "{sql}");
+        assert!(
+            sql.contains("deleted = true, \"a\" = NULL, \"b\" = NULL WHERE t.event_time <= EXCLUDED.event_time"),
+            "{sql}"
+        );
+    }
+
+    #[test]
+    fn reads_skip_tombstones() {
+        assert!(select(&view()).ends_with("AND NOT deleted"));
     }
 
     #[test]

@@ -89,6 +89,32 @@ fn a_key_repeated_in_one_write_keeps_its_newest_row() {
     assert_eq!(w.rows[0].0, "a");
     assert_eq!(w.rows[0].1.values[0], Value::Int64(3), "a tie goes to the later row");
     assert_eq!(w.superseded, 2);
+    assert_eq!(
+        w.requested,
+        [(0, false), (1, true), (0, false), (0, true)],
+        "each request row points at its key's row, and only the kept one carries its outcome"
+    );
+}
+
+#[test]
+fn deletes_are_validated_and_deduplicated() {
+    let r = registry();
+    let limits = Limits::default();
+    let delete = |keys: &[&str], seconds: Option<i64>| v1::DeleteFeaturesRequest {
+        feature_view: "users".into(),
+        entity_keys: keys.iter().map(|k| (*k).into()).collect(),
+        event_time: seconds.map(|seconds| prost_types::Timestamp { seconds, nanos: 0 }),
+    };
+    let d = delete_request(delete(&["a", "b", "a"], Some(7)), &r, &limits).unwrap();
+    assert_eq!(
+        (d.keys, d.requested, d.at),
+        (vec!["a".to_owned(), "b".to_owned()], vec![0, 1, 0], EventTime(7_000_000))
+    );
+    let err = |request| delete_request(request, &r, &limits).unwrap_err().to_string();
+    assert_eq!(err(delete(&["a"], None)), "event_time is required");
+    assert_eq!(err(delete(&[], Some(1))), "entity_keys is empty");
+    assert_eq!(err(delete(&["a", ""], Some(1))), "entity_keys[1] is empty");
+    assert_eq!(err(delete(&["a"], Some(i64::MAX))), "event_time is out of range (years 1 to 9999)");
 }
 
 #[test]

@@ -1,0 +1,235 @@
+//! Cross-instance L1 invalidation over Redis pub/sub.
+//!
+//! After a write is committed and its Redis copy replaced, the writer
+//! publishes the written keys on one channel; every server instance
+//! subscribes and drops those keys from its L1 (refusing fills by loads that
+//! started earlier, see [`crate::Stamp`]). A cluster forwards a PUBLISH to
+//! every node, so a subscriber on any node hears every write.
+//!
+//! Pub/sub is fire-and-forget: a subscriber whose connection drops cannot
+//! know what it missed. So whenever its connection comes back, the listener
+//! subscribes again and then clears the whole L1; the same when it fell so
+//! far behind that messages were dropped. TTLs remain the final bound.
+
+use std::collections::HashMap;
+
+use fred::clients::SubscriberClient;
+use fred::prelude::*;
+use fred::types::Message;
+use tokio::sync::{broadcast, watch};
+use tokio::task::JoinHandle;
+
+use crate::l2::builder;
+use crate::{L1Cache, L2Config, L2Error};
+
+const FORMAT: u8 = 1;
+/// Keys per message, so one huge write does not make one huge message.
+pub const KEYS_PER_MESSAGE: usize = 1_000;
+
+/// The messages announcing that `keys` of `view` changed, at most
+/// [`KEYS_PER_MESSAGE`] keys each.
+pub fn invalidation_messages(view: &str, keys: &[&str]) -> Vec<Vec<u8>> {
+    keys.chunks(KEYS_PER_MESSAGE)
+        .map(|chunk| {
+            let size = 7 + view.len() + chunk.iter().map(|k| 4 + k.len()).sum::<usize>();
+            let mut out = Vec::with_capacity(size);
+            out.push(FORMAT);
+            put_str(&mut out, view);
+            out.extend_from_slice(&(chunk.len() as u32).to_le_bytes());
+            for key in chunk {
+                put_str(&mut out, key);
+            }
+            out
+        })
+        .collect()
+}
+
+fn put_str(out: &mut Vec<u8>, s: &str) {
+    out.extend_from_slice(&(s.len() as u32).to_le_bytes());
+    out.extend_from_slice(s.as_bytes());
+}
+
+/// Decodes a message of [`invalidation_messages`]: the view and the keys.
+pub fn decode_invalidation(bytes: &[u8]) -> Option<(String, Vec<String>)> {
+    let (&format, rest) = bytes.split_first()?;
+    if format != FORMAT {
+        return None;
+    }
+    let mut cursor = Cursor(rest);
+    let view = cursor.string()?;
+    let count = cursor.u32()? as usize;
+    let mut keys = Vec::with_capacity(count.min(KEYS_PER_MESSAGE));
+    for _ in 0..count {
+        keys.push(cursor.string()?);
+    }
+    cursor.0.is_empty().then_some((view, keys))
+}
+
+struct Cursor<'a>(&'a [u8]);
+
+impl Cursor<'_> {
+    fn take(&mut self, n: usize) -> Option<&[u8]> {
+        let (head, tail) = self.0.split_at_checked(n)?;
+        self.0 = tail;
+        Some(head)
+    }
+
+    fn u32(&mut self) -> Option<u32> {
+        Some(u32::from_le_bytes(self.take(4)?.try_into().ok()?))
+    }
+
+    fn string(&mut self) -> Option<String> {
+        let len = self.u32()? as usize;
+        String::from_utf8(self.take(len)?.to_vec()).ok()
+    }
+}
+
+/// Subscribes to the invalidation channel and applies what it hears to L1.
+pub struct InvalidationListener {
+    client: SubscriberClient,
+    task: JoinHandle<()>,
+    cleared: watch::Receiver<u64>,
+    applied: watch::Receiver<u64>,
+}
+
+impl InvalidationListener {
+    /// Subscribes to `channel` (returning once the subscription stands) and
+    /// applies invalidations to `l1`; `views` maps view names to registry ids.
+    pub async fn start(
+        config: &L2Config,
+        channel: String,
+        l1: L1Cache,
+        views: HashMap<String, u32>,
+    ) -> Result<InvalidationListener, L2Error> {
+        let client = builder(config)?.build_subscriber_client()?;
+        client.init().await?;
+        client.subscribe(channel.as_str()).await?;
+        // Created after the first connection, so only re-connections show.
+        let reconnects = client.reconnect_rx();
+        let messages = client.message_rx();
+        let (cleared_tx, cleared) = watch::channel(0);
+        let (applied_tx, applied) = watch::channel(0);
+        let worker = Worker { client: client.clone(), l1, views, cleared: cleared_tx, applied: applied_tx };
+        let task = tokio::spawn(worker.run(messages, reconnects));
+        Ok(InvalidationListener { client, task, cleared, applied })
+    }
+
+    /// How many times L1 was cleared because invalidations may have been
+    /// missed (a re-connection, or messages dropped for lag).
+    pub fn clears(&self) -> watch::Receiver<u64> {
+        self.cleared.clone()
+    }
+
+    /// How many invalidation messages were applied.
+    pub fn applied(&self) -> watch::Receiver<u64> {
+        self.applied.clone()
+    }
+
+    /// The name the subscriber's connections carry in `CLIENT LIST`.
+    pub fn client_name(&self) -> String {
+        self.client.id().to_string()
+    }
+
+    pub async fn close(self) {
+        self.task.abort();
+        let _ = self.client.quit().await;
+    }
+}
+
+struct Worker {
+    client: SubscriberClient,
+    l1: L1Cache,
+    views: HashMap<String, u32>,
+    cleared: watch::Sender<u64>,
+    applied: watch::Sender<u64>,
+}
+
+impl Worker {
+    async fn run(self, mut messages: broadcast::Receiver<Message>, mut reconnects: broadcast::Receiver<Server>) {
+        loop {
+            tokio::select! {
+                message = messages.recv() => match message {
+                    Ok(message) => self.apply(message).await,
+                    Err(broadcast::error::RecvError::Lagged(missed)) => {
+                        tracing::warn!(missed, "invalidation messages dropped for lag; clearing L1");
+                        self.clear("lagged").await;
+                    }
+                    Err(broadcast::error::RecvError::Closed) => return,
+                },
+                reconnect = reconnects.recv() => match reconnect {
+                    Ok(_) | Err(broadcast::error::RecvError::Lagged(_)) => {
+                        self.resubscribe().await;
+                        self.clear("reconnected").await;
+                    }
+                    Err(broadcast::error::RecvError::Closed) => return,
+                },
+            }
+        }
+    }
+
+    async fn apply(&self, message: Message) {
+        let decoded = message.value.as_bytes().and_then(decode_invalidation);
+        let Some((view, keys)) = decoded else {
+            tracing::warn!(channel = %message.channel, "ignoring an invalidation message that does not decode");
+            return;
+        };
+        // A view this instance does not serve (another config version).
+        if let Some(&id) = self.views.get(&view) {
+            let keys: Vec<&str> = keys.iter().map(String::as_str).collect();
+            self.l1.invalidate_many(id, &keys).await;
+            metrics::counter!("strata_invalidations_received_total").increment(1);
+            metrics::counter!("strata_invalidated_keys_total").increment(keys.len() as u64);
+        }
+        self.applied.send_modify(|n| *n += 1);
+    }
+
+    /// Subscribes again after a re-connection, retrying until it holds: the
+    /// subscription must stand before L1 is cleared, or writes published in
+    /// between would be missed.
+    async fn resubscribe(&self) {
+        let mut delay = std::time::Duration::from_millis(10);
+        while let Err(error) = self.client.resubscribe_all().await {
+            tracing::warn!(%error, "re-subscribing to invalidations failed; retrying");
+            tokio::time::sleep(delay).await;
+            delay = (delay * 2).min(std::time::Duration::from_secs(1));
+        }
+    }
+
+    async fn clear(&self, reason: &'static str) {
+        self.l1.clear().await;
+        metrics::counter!("strata_l1_clears_total", "reason" => reason).increment(1);
+        self.cleared.send_modify(|n| *n += 1);
+        tracing::info!(reason, "L1 cleared: invalidations may have been missed");
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn messages_round_trip_in_chunks() {
+        let keys: Vec<String> = (0..2_500).map(|i| format!("k{i}\n,ключ")).collect();
+        let refs: Vec<&str> = keys.iter().map(String::as_str).collect();
+        let messages = invalidation_messages("user_features", &refs);
+        assert_eq!(messages.len(), 3);
+        let decoded: Vec<String> = messages
+            .iter()
+            .flat_map(|m| {
+                let (view, keys) = decode_invalidation(m).unwrap();
+                assert_eq!(view, "user_features");
+                keys
+            })
+            .collect();
+        assert_eq!(decoded, keys);
+    }
+
+    #[test]
+    fn garbage_does_not_decode_and_does_not_panic() {
+        let message = &invalidation_messages("v", &["a", "b"])[0];
+        for cut in 0..message.len() {
+            assert_eq!(decode_invalidation(&message[..cut]), None);
+        }
+        assert_eq!(decode_invalidation(&[9, 0, 0]), None);
+    }
+}

@@ -1,0 +1,603 @@
+//! `strata load`: bulk-loads rows of one feature view from CSV or JSON
+//! Lines, straight into the PostgreSQL shards.
+//!
+//! A blocking reader parses the file record by record, turns each into a
+//! typed row of the view (or a rejection naming its line and the reason),
+//! and routes it to its shard's batch. Each shard has its own writer tasks
+//! (`concurrency` batches in flight per shard) that COPY a batch into a
+//! temporary table and merge it with the event-time rule: a row older than
+//! the stored one (or than a deletion) is skipped, never applied. Each batch
+//! is one transaction, so a crashed load can simply be run again.
+//!
+//! After each batch, Redis gets a guard for every key written (a reader
+//! sees a miss, a cache fill older than the row is refused) and every
+//! server instance is told to drop the keys from its L1, so no cache keeps
+//! an older copy of a loaded key.
+
+use std::fs::File;
+use std::io::{BufRead, BufReader, Read};
+use std::path::{Path, PathBuf};
+use std::sync::Arc;
+use std::time::{Duration, Instant};
+
+use anyhow::{Context, Result, bail};
+use base64::Engine as _;
+use futures::StreamExt as _;
+use indicatif::{ProgressBar, ProgressDrawTarget, ProgressStyle};
+use strata_cache_tiers::L2Cache;
+use strata_core::{EventTime, FeatureType, FeatureView, Row, Value};
+use strata_shard_router::ShardRouter;
+use tokio::sync::mpsc;
+
+use crate::config::Config;
+use crate::tiers::{announce, guard};
+
+/// The input formats.
+#[derive(Clone, Copy, Debug, PartialEq, Eq, clap::ValueEnum)]
+pub enum Format {
+    /// A header line naming the columns: `entity_key`, `event_time`, and
+    /// features of the view.
+    Csv,
+    /// One JSON object per line with the same names as keys.
+    Jsonl,
+}
+
+impl Format {
+    /// Guesses the format from a file name: `.jsonl`/`.ndjson` or CSV.
+    pub fn from_path(path: &Path) -> Format {
+        match path.extension().and_then(|e| e.to_str()) {
+            Some("jsonl" | "ndjson" | "json") => Format::Jsonl,
+            _ => Format::Csv,
+        }
+    }
+}
+
+#[derive(Clone, Debug)]
+pub struct LoadOptions {
+    pub view: String,
+    pub file: PathBuf,
+    pub format: Format,
+    /// Rows per COPY batch (one transaction each).
+    pub batch_rows: usize,
+    /// Batches in flight per shard.
+    pub concurrency: usize,
+    /// Draw a progress bar on stderr (when it is a terminal).
+    pub progress: bool,
+}
+
+/// A row that was not loaded because it could not be read.
+#[derive(Clone, Debug, PartialEq, Eq)]
+pub struct Rejected {
+    /// 1-based line of the input file (for CSV, the line the record starts on).
+    pub line: u64,
+    pub reason: String,
+}
+
+/// What a load did.
+#[derive(Debug, Default)]
+pub struct LoadReport {
+    /// Records read from the file (rejected ones included).
+    pub rows_read: u64,
+    pub written: u64,
+    /// Not applied: a newer event time is stored, or the same key came
+    /// again in the batch with a newer event time.
+    pub skipped_older: u64,
+    pub rejected: Vec<Rejected>,
+    /// Rows of batches a shard failed to take; the load can be run again.
+    pub failed: u64,
+    pub failures: Vec<String>,
+    /// Keys whose caches could not be updated (Redis failures): their old
+    /// cached copies may live until their TTLs end.
+    pub cache_errors: u64,
+    pub elapsed: Duration,
+}
+
+impl LoadReport {
+    pub fn rows_per_second(&self) -> f64 {
+        self.rows_read as f64 / self.elapsed.as_secs_f64().max(1e-9)
+    }
+}
+
+/// What the reader sends a shard writer.
+type Batch = Vec<(String, Row)>;
+
+/// Loads a file into the view's shards, as configured.
+pub async fn run(config: &Config, options: &LoadOptions) -> Result<LoadReport> {
+    let view = config
+        .registry
+        .get(&options.view)
+        .with_context(|| {
+            let known: Vec<&str> = config.registry.views().iter().map(|v| v.name.as_str()).collect();
+            format!("unknown view {:?} (known: {})", options.view, known.join(", "))
+        })?
+        .clone();
+    let shards = ShardRouter::new(&config.shards, &config.pool)?;
+    shards.migrate(config.registry.views()).await.context("cannot create the feature view tables")?;
+    let l2 = L2Cache::connect(&config.redis).await.context("cannot connect to the redis cluster")?;
+    let report = load(&shards, &l2, config, view, options).await;
+    l2.close().await;
+    report
+}
+
+/// Loads a file through existing connections.
+pub async fn load(
+    shards: &ShardRouter,
+    l2: &L2Cache,
+    config: &Config,
+    view: Arc<FeatureView>,
+    options: &LoadOptions,
+) -> Result<LoadReport> {
+    let started = Instant::now();
+    let file = File::open(&options.file).with_context(|| format!("cannot open {}", options.file.display()))?;
+    let size = file.metadata().map(|m| m.len()).unwrap_or(0);
+    let bar = progress_bar(size, options.progress);
+    let batch_rows = options.batch_rows.max(1);
+    let concurrency = options.concurrency.max(1);
+
+    let mut senders = Vec::new();
+    let mut writers = Vec::new();
+    for shard in 0..shards.shard_count() {
+        let (tx, rx) = mpsc::channel::<Batch>(concurrency);
+        senders.push(tx);
+        let (shards, l2, view, bar) = (shards.clone(), l2.clone(), view.clone(), bar.clone());
+        let (channel, guard_ttl) = (config.writes.channel.clone(), config.writes.guard_ttl);
+        writers.push(tokio::spawn(async move {
+            let mut tally = LoadReport::default();
+            let mut batches = tokio_stream::wrappers::ReceiverStream::new(rx)
+                .map(|batch| {
+                    let (shards, l2, view, channel) = (&shards, &l2, &view, &channel);
+                    async move {
+                        let result = shards.copy_upsert(shard, view, &batch).await;
+                        let cache_errors = match &result {
+                            Ok(written) => {
+                                let keys: Vec<&str> = written.iter().map(|(k, _)| k.as_str()).collect();
+                                let failed = guard(l2, view, written, guard_ttl).await;
+                                announce(l2, channel, view, &keys).await;
+                                failed
+                            }
+                            Err(_) => 0,
+                        };
+                        (batch.len(), result, cache_errors)
+                    }
+                })
+                .buffer_unordered(concurrency);
+            while let Some((rows, result, cache_errors)) = batches.next().await {
+                match result {
+                    Ok(written) => {
+                        tally.written += written.len() as u64;
+                        tally.skipped_older += (rows - written.len()) as u64;
+                        tally.cache_errors += cache_errors as u64;
+                    }
+                    Err(error) => {
+                        tally.failed += rows as u64;
+                        tally.failures.push(error.to_string());
+                    }
+                }
+                bar.set_message(format!("{} written", tally.written));
+            }
+            tally
+        }));
+    }
+
+    let reader = {
+        let (view, bar, format) = (view.clone(), bar.clone(), options.format);
+        let max_key = config.limits.max_key_bytes;
+        let router = shards.clone();
+        tokio::task::spawn_blocking(move || -> Result<(u64, Vec<Rejected>)> {
+            let mut batches: Vec<Batch> = (0..senders.len()).map(|_| Vec::with_capacity(batch_rows)).collect();
+            let mut read = 0u64;
+            let mut rejected = Vec::new();
+            let counted = CountingReader { inner: file, bar: bar.clone() };
+            let mut on_row = |line: u64, parsed: Result<(String, Row), String>| -> Result<()> {
+                read += 1;
+                match parsed {
+                    Ok((key, row)) => {
+                        let shard = router.shard_of(&key);
+                        batches[shard].push((key, row));
+                        if batches[shard].len() >= batch_rows {
+                            let full = std::mem::replace(&mut batches[shard], Vec::with_capacity(batch_rows));
+                            senders[shard].blocking_send(full).context("a shard writer stopped")?;
+                        }
+                    }
+                    Err(reason) => rejected.push(Rejected { line, reason }),
+                }
+                Ok(())
+            };
+            match format {
+                Format::Csv => read_csv(counted, &view, max_key, &mut on_row)?,
+                Format::Jsonl => read_jsonl(counted, &view, max_key, &mut on_row)?,
+            }
+            for (shard, batch) in batches.into_iter().enumerate() {
+                if !batch.is_empty() {
+                    senders[shard].blocking_send(batch).context("a shard writer stopped")?;
+                }
+            }
+            Ok((read, rejected))
+        })
+    };
+    let (rows_read, rejected) = reader.await.context("the reader panicked")??;
+    let mut report = LoadReport { rows_read, rejected, ..LoadReport::default() };
+    for writer in writers {
+        let tally = writer.await.context("a shard writer panicked")?;
+        report.written += tally.written;
+        report.skipped_older += tally.skipped_older;
+        report.failed += tally.failed;
+        report.failures.extend(tally.failures);
+        report.cache_errors += tally.cache_errors;
+    }
+    report.elapsed = started.elapsed();
+    bar.finish_and_clear();
+    Ok(report)
+}
+
+/// Prints what a load did: counts, speed, and every rejected row by line.
+pub fn print_report(report: &LoadReport, file: &Path) {
+    for rejected in &report.rejected {
+        println!("rejected {}:{}: {}", file.display(), rejected.line, rejected.reason);
+    }
+    for failure in &report.failures {
+        println!("failed batch: {failure}");
+    }
+    println!(
+        "{} rows read in {:.1?} ({:.0} rows/s): {} written, {} skipped as older, {} rejected, {} failed",
+        report.rows_read,
+        report.elapsed,
+        report.rows_per_second(),
+        report.written,
+        report.skipped_older,
+        report.rejected.len(),
+        report.failed,
+    );
+    if report.cache_errors > 0 {
+        println!(
+            "warning: redis could not be updated for {} written keys; their old cached copies live until their TTLs end",
+            report.cache_errors
+        );
+    }
+}
+
+fn progress_bar(size: u64, enabled: bool) -> ProgressBar {
+    let bar = ProgressBar::with_draw_target(
+        Some(size),
+        if enabled { ProgressDrawTarget::stderr() } else { ProgressDrawTarget::hidden() },
+    );
+    bar.set_style(
+        ProgressStyle::with_template("{elapsed_precise} [{bar:30}] {percent:>3}% {binary_bytes_per_sec} {msg}")
+            .unwrap_or_else(|_| ProgressStyle::default_bar())
+            .progress_chars("=> "),
+    );
+    bar.enable_steady_tick(Duration::from_millis(200));
+    bar
+}
+
+/// Reports bytes read to the progress bar.
+struct CountingReader {
+    inner: File,
+    bar: ProgressBar,
+}
+
+impl Read for CountingReader {
+    fn read(&mut self, buf: &mut [u8]) -> std::io::Result<usize> {
+        let n = self.inner.read(buf)?;
+        self.bar.inc(n as u64);
+        Ok(n)
+    }
+}
+
+/// Where each input column goes.
+#[derive(Clone, Copy, Debug)]
+enum Column {
+    Key,
+    Time,
+    Feature(usize),
+}
+
+fn read_csv(
+    input: impl Read,
+    view: &FeatureView,
+    max_key: usize,
+    on_row: &mut dyn FnMut(u64, Result<(String, Row), String>) -> Result<()>,
+) -> Result<()> {
+    let mut reader = csv::ReaderBuilder::new().flexible(true).from_reader(input);
+    let headers = reader.headers().context("cannot read the CSV header")?.clone();
+    let mut columns = Vec::with_capacity(headers.len());
+    for name in headers.iter() {
+        columns.push(match name.trim() {
+            "entity_key" => Column::Key,
+            "event_time" => Column::Time,
+            feature => Column::Feature(
+                view.position(feature)
+                    .with_context(|| format!("column {feature:?} is not a feature of view {:?}", view.name))?,
+            ),
+        });
+    }
+    for required in ["entity_key", "event_time"] {
+        if !headers.iter().any(|h| h.trim() == required) {
+            bail!("the CSV header has no {required} column");
+        }
+    }
+    let mut record = csv::StringRecord::new();
+    loop {
+        match reader.read_record(&mut record) {
+            Ok(false) => return Ok(()),
+            Ok(true) => {
+                let line = record.position().map_or(0, csv::Position::line);
+                on_row(line, csv_row(&record, &columns, view, max_key))?;
+            }
+            // A malformed record (invalid UTF-8, say): reject it and go on
+            // with the next one.
+            Err(error) if !matches!(error.kind(), csv::ErrorKind::Io(_)) => {
+                let line = error.position().map_or(0, csv::Position::line);
+                on_row(line, Err(error.to_string()))?;
+            }
+            Err(error) => return Err(error).context("cannot read the CSV file"),
+        }
+    }
+}
+
+fn csv_row(
+    record: &csv::StringRecord,
+    columns: &[Column],
+    view: &FeatureView,
+    max_key: usize,
+) -> Result<(String, Row), String> {
+    if record.len() != columns.len() {
+        return Err(format!("{} fields, the header has {}", record.len(), columns.len()));
+    }
+    let mut key = None;
+    let mut time = None;
+    let mut values = vec![Value::Null; view.features.len()];
+    for (cell, column) in record.iter().zip(columns) {
+        match *column {
+            Column::Key => key = Some(cell.to_owned()),
+            Column::Time => time = Some(parse_time(cell)?),
+            Column::Feature(i) => {
+                let feature = &view.features[i];
+                values[i] = parse_cell(cell, feature.ty).map_err(|e| format!("{}: {e}", feature.name))?;
+            }
+        }
+    }
+    finish_row(key, time, values, max_key)
+}
+
+fn read_jsonl(
+    input: impl Read,
+    view: &FeatureView,
+    max_key: usize,
+    on_row: &mut dyn FnMut(u64, Result<(String, Row), String>) -> Result<()>,
+) -> Result<()> {
+    let reader = BufReader::with_capacity(1 << 20, input);
+    for (i, line) in reader.split(b'\n').enumerate() {
+        let line = line.context("cannot read the JSON Lines file")?;
+        let number = i as u64 + 1;
+        if line.iter().all(u8::is_ascii_whitespace) {
+            continue;
+        }
+        on_row(number, json_row(&line, view, max_key))?;
+    }
+    Ok(())
+}
+
+fn json_row(line: &[u8], view: &FeatureView, max_key: usize) -> Result<(String, Row), String> {
+    let object: serde_json::Map<String, serde_json::Value> =
+        serde_json::from_slice(line).map_err(|e| format!("not a JSON object: {e}"))?;
+    let mut key = None;
+    let mut time = None;
+    let mut values = vec![Value::Null; view.features.len()];
+    for (name, value) in object {
+        match name.as_str() {
+            "entity_key" => match value {
+                serde_json::Value::String(s) => key = Some(s),
+                other => return Err(format!("entity_key: expected a string, got {other}")),
+            },
+            "event_time" => {
+                time = Some(match value {
+                    serde_json::Value::String(s) => parse_time(&s)?,
+                    serde_json::Value::Number(n) => parse_time(&n.to_string())?,
+                    other => return Err(format!("event_time: expected a string or a number, got {other}")),
+                })
+            }
+            feature => {
+                let i = view.position(feature).ok_or_else(|| format!("{feature:?} is not a feature of the view"))?;
+                let ty = view.features[i].ty;
+                values[i] = json_value(value, ty).map_err(|e| format!("{feature}: {e}"))?;
+            }
+        }
+    }
+    finish_row(key, time, values, max_key)
+}
+
+/// Checks the key as the API would (`limits.max_key_bytes`), so every loaded
+/// row can be read back.
+fn finish_row(
+    key: Option<String>,
+    time: Option<EventTime>,
+    values: Vec<Value>,
+    max_key: usize,
+) -> Result<(String, Row), String> {
+    let key = key.ok_or("entity_key is missing")?;
+    if key.is_empty() {
+        return Err("entity_key is empty".into());
+    }
+    if key.len() > max_key {
+        return Err(format!("entity_key is {} bytes, over the limit of {max_key}", key.len()));
+    }
+    if key.contains('\0') {
+        return Err("entity_key contains a NUL character".into());
+    }
+    let event_time = time.ok_or("event_time is missing")?;
+    Ok((key, Row { event_time, values }))
+}
+
+/// An event time: RFC 3339 (`2026-01-01T00:00:00Z`, any offset) or Unix
+/// seconds with an optional fraction (`1767225600.25`).
+pub fn parse_time(text: &str) -> Result<EventTime, String> {
+    let text = text.trim();
+    let bad = || format!("event_time {text:?} is neither RFC 3339 nor Unix seconds");
+    let time = if let Ok(t) = chrono::DateTime::parse_from_rfc3339(text) {
+        EventTime::from_parts(t.timestamp(), t.timestamp_subsec_nanos() as i32)
+    } else if let Ok(seconds) = text.parse::<i64>() {
+        EventTime::from_parts(seconds, 0)
+    } else if let Ok(seconds) = text.parse::<f64>() {
+        let whole = seconds.floor();
+        EventTime::from_parts(whole as i64, ((seconds - whole) * 1e9).round().min(999_999_999.0) as i32)
+    } else {
+        return Err(bad());
+    };
+    time.ok_or_else(|| format!("event_time {text:?} is out of range (years 1 to 9999)"))
+}
+
+/// A CSV cell as a value of `ty`; an empty cell is null. Lists are JSON
+/// arrays (`[0.5, 1.5]`), bytes are base64.
+fn parse_cell(cell: &str, ty: FeatureType) -> Result<Value, String> {
+    if cell.is_empty() {
+        return Ok(Value::Null);
+    }
+    let bad = || format!("{cell:?} is not a valid {ty}");
+    Ok(match ty {
+        FeatureType::Int64 => Value::Int64(cell.trim().parse().map_err(|_| bad())?),
+        FeatureType::Double => Value::Double(cell.trim().parse().map_err(|_| bad())?),
+        FeatureType::String => {
+            if cell.contains('\0') {
+                return Err("contains a NUL character".into());
+            }
+            Value::String(cell.to_owned())
+        }
+        FeatureType::Bool => match cell.trim().to_ascii_lowercase().as_str() {
+            "true" | "t" | "1" => Value::Bool(true),
+            "false" | "f" | "0" => Value::Bool(false),
+            _ => return Err(bad()),
+        },
+        FeatureType::Bytes => Value::Bytes(base64::engine::general_purpose::STANDARD.decode(cell).map_err(|_| bad())?),
+        FeatureType::FloatList | FeatureType::Int64List => {
+            json_value(serde_json::from_str(cell).map_err(|_| bad())?, ty)?
+        }
+    })
+}
+
+fn json_value(value: serde_json::Value, ty: FeatureType) -> Result<Value, String> {
+    use serde_json::Value as J;
+    let bad = |v: &J| format!("{v} is not a valid {ty}");
+    Ok(match (ty, value) {
+        (_, J::Null) => Value::Null,
+        (FeatureType::Int64, J::Number(n)) => Value::Int64(n.as_i64().ok_or_else(|| bad(&J::Number(n.clone())))?),
+        (FeatureType::Double, J::Number(n)) => Value::Double(n.as_f64().ok_or_else(|| bad(&J::Number(n.clone())))?),
+        (FeatureType::String, J::String(s)) => {
+            if s.contains('\0') {
+                return Err("contains a NUL character".into());
+            }
+            Value::String(s)
+        }
+        (FeatureType::Bool, J::Bool(b)) => Value::Bool(b),
+        (FeatureType::Bytes, J::String(s)) => {
+            Value::Bytes(base64::engine::general_purpose::STANDARD.decode(&s).map_err(|_| bad(&J::String(s.clone())))?)
+        }
+        (FeatureType::FloatList, J::Array(items)) => Value::FloatList(
+            items.iter().map(|v| v.as_f64().map(|f| f as f32).ok_or_else(|| bad(v))).collect::<Result<_, _>>()?,
+        ),
+        (FeatureType::Int64List, J::Array(items)) => {
+            Value::Int64List(items.iter().map(|v| v.as_i64().ok_or_else(|| bad(v))).collect::<Result<_, _>>()?)
+        }
+        (_, other) => return Err(bad(&other)),
+    })
+}
+
+#[cfg(test)]
+mod tests {
+    use strata_core::{FeatureSpec, FeatureViewSpec, Registry};
+
+    use super::*;
+
+    fn view() -> Arc<FeatureView> {
+        let spec = FeatureViewSpec::new(
+            "v",
+            vec![
+                FeatureSpec { name: "n".into(), ty: FeatureType::Int64 },
+                FeatureSpec { name: "s".into(), ty: FeatureType::String },
+                FeatureSpec { name: "b".into(), ty: FeatureType::Bool },
+                FeatureSpec { name: "emb".into(), ty: FeatureType::FloatList },
+                FeatureSpec { name: "raw".into(), ty: FeatureType::Bytes },
+            ],
+        );
+        Registry::new(vec![spec]).unwrap().get("v").unwrap().clone()
+    }
+
+    fn collect(format: Format, text: &str) -> Result<Vec<(u64, Result<(String, Row), String>)>> {
+        let mut out = Vec::new();
+        let mut on_row = |line, row| {
+            out.push((line, row));
+            Ok(())
+        };
+        match format {
+            Format::Csv => read_csv(text.as_bytes(), &view(), 256, &mut on_row)?,
+            Format::Jsonl => read_jsonl(text.as_bytes(), &view(), 256, &mut on_row)?,
+        }
+        Ok(out)
+    }
+
+    #[test]
+    fn csv_cells_become_typed_values_and_bad_rows_are_rejected_by_line() {
+        let text = "entity_key,event_time,n,s,b,emb,raw\n\
+                    a,2026-01-01T00:00:00Z,7,\"hi, there\",true,\"[0.5, -1]\",AAH/\n\
+                    b,1767225600.5,,,,,\n\
+                    c,yesterday,1,x,true,[],\n\
+                    d,1,one,x,true,[],\n\
+                    e,1,1\n\
+                    ,1,1,x,true,[],\n";
+        let rows = collect(Format::Csv, text).unwrap();
+        let (line, a) = &rows[0];
+        let (key, row) = a.as_ref().unwrap();
+        assert_eq!((*line, key.as_str(), row.event_time), (2, "a", EventTime(1_767_225_600_000_000)));
+        assert_eq!(
+            row.values,
+            [
+                Value::Int64(7),
+                Value::String("hi, there".into()),
+                Value::Bool(true),
+                Value::FloatList(vec![0.5, -1.0]),
+                Value::Bytes(vec![0, 1, 255])
+            ]
+        );
+        let (_, row) = rows[1].1.as_ref().unwrap();
+        assert_eq!(row.event_time, EventTime(1_767_225_600_500_000), "fractional Unix seconds");
+        assert_eq!(row.values, vec![Value::Null; 5], "empty cells are null");
+        let rejected: Vec<(u64, &str)> =
+            rows[2..].iter().map(|(line, r)| (*line, r.as_ref().unwrap_err().as_str())).collect();
+        assert_eq!(
+            rejected,
+            [
+                (4, "event_time \"yesterday\" is neither RFC 3339 nor Unix seconds"),
+                (5, "n: \"one\" is not a valid int64"),
+                (6, "3 fields, the header has 7"),
+                (7, "entity_key is empty"),
+            ]
+        );
+    }
+
+    #[test]
+    fn a_csv_column_that_is_not_a_feature_stops_the_load_before_anything_is_written() {
+        let err = collect(Format::Csv, "entity_key,event_time,height\n").unwrap_err().to_string();
+        assert_eq!(err, "column \"height\" is not a feature of view \"v\"");
+        let err = collect(Format::Csv, "entity_key,n\n").unwrap_err().to_string();
+        assert_eq!(err, "the CSV header has no event_time column");
+    }
+
+    #[test]
+    fn json_lines_map_by_name_and_reject_by_line() {
+        let text = "{\"entity_key\": \"a\", \"event_time\": \"2026-01-01T01:00:00+01:00\", \"n\": 3, \"emb\": [1.5]}\n\
+                    \n\
+                    {\"entity_key\": \"b\", \"event_time\": 5, \"n\": \"3\"}\n\
+                    not json\n\
+                    {\"entity_key\": \"c\", \"event_time\": 5, \"height\": 1}\n";
+        let rows = collect(Format::Jsonl, text).unwrap();
+        let (key, row) = rows[0].1.as_ref().unwrap();
+        assert_eq!((key.as_str(), row.event_time), ("a", EventTime(1_767_225_600_000_000)), "offsets are honoured");
+        assert_eq!(row.values[0], Value::Int64(3));
+        assert_eq!(row.values[3], Value::FloatList(vec![1.5]));
+        let lines: Vec<u64> = rows.iter().map(|(line, _)| *line).collect();
+        assert_eq!(lines, [1, 3, 4, 5], "blank lines are skipped, numbering is the file's");
+        assert_eq!(rows[1].1.as_ref().unwrap_err(), "n: \"3\" is not a valid int64");
+        assert!(rows[2].1.as_ref().unwrap_err().starts_with("not a JSON object"));
+        assert_eq!(rows[3].1.as_ref().unwrap_err(), "\"height\" is not a feature of the view");
+    }
+}
