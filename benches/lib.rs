@@ -29,14 +29,20 @@ impl Bench {
     }
 
     /// The shipped configuration plus `extra_toml`, on this stack, on free
-    /// ports, changed by `change`.
-    pub async fn server(&self, extra_toml: &str, change: impl FnOnce(&mut FileConfig)) -> Result<RunningServer> {
+    /// ports.
+    pub fn config(&self, extra_toml: &str) -> Result<FileConfig> {
         let root = PathBuf::from(env!("CARGO_MANIFEST_DIR")).join("..");
         let shipped = std::fs::read_to_string(root.join("config/strata.toml"))?;
         let mut file = FileConfig::from_toml(&format!("{shipped}\n{extra_toml}"))?;
         strata_server::dev::use_stack(&mut file, &self.stack);
         file.server.grpc_addr = "127.0.0.1:0".into();
         file.server.metrics_addr = "127.0.0.1:0".into();
+        Ok(file)
+    }
+
+    /// A server with [`Bench::config`], changed by `change`.
+    pub async fn server(&self, extra_toml: &str, change: impl FnOnce(&mut FileConfig)) -> Result<RunningServer> {
+        let mut file = self.config(extra_toml)?;
         change(&mut file);
         RunningServer::start(file.validate()?).await
     }

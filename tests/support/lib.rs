@@ -282,11 +282,11 @@ impl Env {
             let list: String = client.client_list::<String, String>(None, None).await?;
             for line in list.lines() {
                 let field = |k: &str| line.split(' ').find_map(|f| f.strip_prefix(k).map(str::to_owned));
-                if field("name=").as_deref() == Some(name) {
-                    if let Some(id) = field("id=") {
-                        let _: Value = client.client_kill(vec![ClientKillFilter::ID(id)]).await?;
-                        killed += 1;
-                    }
+                if field("name=").as_deref() == Some(name)
+                    && let Some(id) = field("id=")
+                {
+                    let _: Value = client.client_kill(vec![ClientKillFilter::ID(id)]).await?;
+                    killed += 1;
                 }
             }
             let _ = client.quit().await;

@@ -27,13 +27,16 @@ const FORMAT: u8 = 1;
 pub const KEYS_PER_MESSAGE: usize = 1_000;
 
 /// The messages announcing that `keys` of `view` changed, at most
-/// [`KEYS_PER_MESSAGE`] keys each.
-pub fn invalidation_messages(view: &str, keys: &[&str]) -> Vec<Vec<u8>> {
+/// [`KEYS_PER_MESSAGE`] keys each. `origin` names the announcing instance,
+/// which dropped the keys itself and ignores its own messages (0: no
+/// instance, e.g. `strata load`).
+pub fn invalidation_messages(origin: u64, view: &str, keys: &[&str]) -> Vec<Vec<u8>> {
     keys.chunks(KEYS_PER_MESSAGE)
         .map(|chunk| {
-            let size = 7 + view.len() + chunk.iter().map(|k| 4 + k.len()).sum::<usize>();
+            let size = 17 + view.len() + chunk.iter().map(|k| 4 + k.len()).sum::<usize>();
             let mut out = Vec::with_capacity(size);
             out.push(FORMAT);
+            out.extend_from_slice(&origin.to_le_bytes());
             put_str(&mut out, view);
             out.extend_from_slice(&(chunk.len() as u32).to_le_bytes());
             for key in chunk {
@@ -49,20 +52,29 @@ fn put_str(out: &mut Vec<u8>, s: &str) {
     out.extend_from_slice(s.as_bytes());
 }
 
-/// Decodes a message of [`invalidation_messages`]: the view and the keys.
-pub fn decode_invalidation(bytes: &[u8]) -> Option<(String, Vec<String>)> {
+/// An announcement, decoded.
+#[derive(Clone, Debug, PartialEq, Eq)]
+pub struct Invalidation {
+    pub origin: u64,
+    pub view: String,
+    pub keys: Vec<String>,
+}
+
+/// Decodes a message of [`invalidation_messages`].
+pub fn decode_invalidation(bytes: &[u8]) -> Option<Invalidation> {
     let (&format, rest) = bytes.split_first()?;
     if format != FORMAT {
         return None;
     }
     let mut cursor = Cursor(rest);
+    let origin = u64::from_le_bytes(cursor.take(8)?.try_into().ok()?);
     let view = cursor.string()?;
     let count = cursor.u32()? as usize;
     let mut keys = Vec::with_capacity(count.min(KEYS_PER_MESSAGE));
     for _ in 0..count {
         keys.push(cursor.string()?);
     }
-    cursor.0.is_empty().then_some((view, keys))
+    cursor.0.is_empty().then_some(Invalidation { origin, view, keys })
 }
 
 struct Cursor<'a>(&'a [u8]);
@@ -94,10 +106,12 @@ pub struct InvalidationListener {
 
 impl InvalidationListener {
     /// Subscribes to `channel` (returning once the subscription stands) and
-    /// applies invalidations to `l1`; `views` maps view names to registry ids.
+    /// applies invalidations to `l1`, except those `origin` (this instance)
+    /// announced; `views` maps view names to registry ids.
     pub async fn start(
         config: &L2Config,
         channel: String,
+        origin: u64,
         l1: L1Cache,
         views: HashMap<String, u32>,
     ) -> Result<InvalidationListener, L2Error> {
@@ -109,7 +123,7 @@ impl InvalidationListener {
         let messages = client.message_rx();
         let (cleared_tx, cleared) = watch::channel(0);
         let (applied_tx, applied) = watch::channel(0);
-        let worker = Worker { client: client.clone(), l1, views, cleared: cleared_tx, applied: applied_tx };
+        let worker = Worker { client: client.clone(), origin, l1, views, cleared: cleared_tx, applied: applied_tx };
         let task = tokio::spawn(worker.run(messages, reconnects));
         Ok(InvalidationListener { client, task, cleared, applied })
     }
@@ -138,6 +152,7 @@ impl InvalidationListener {
 
 struct Worker {
     client: SubscriberClient,
+    origin: u64,
     l1: L1Cache,
     views: HashMap<String, u32>,
     cleared: watch::Sender<u64>,
@@ -169,12 +184,15 @@ impl Worker {
 
     async fn apply(&self, message: Message) {
         let decoded = message.value.as_bytes().and_then(decode_invalidation);
-        let Some((view, keys)) = decoded else {
+        let Some(Invalidation { origin, view, keys }) = decoded else {
             tracing::warn!(channel = %message.channel, "ignoring an invalidation message that does not decode");
             return;
         };
-        // A view this instance does not serve (another config version).
-        if let Some(&id) = self.views.get(&view) {
+        // Its own writes this instance dropped before announcing them; a
+        // view it does not serve (another config version) it has no copy of.
+        if origin != self.origin
+            && let Some(&id) = self.views.get(&view)
+        {
             let keys: Vec<&str> = keys.iter().map(String::as_str).collect();
             self.l1.invalidate_many(id, &keys).await;
             metrics::counter!("strata_invalidations_received_total").increment(1);
@@ -211,13 +229,13 @@ mod tests {
     fn messages_round_trip_in_chunks() {
         let keys: Vec<String> = (0..2_500).map(|i| format!("k{i}\n,ключ")).collect();
         let refs: Vec<&str> = keys.iter().map(String::as_str).collect();
-        let messages = invalidation_messages("user_features", &refs);
+        let messages = invalidation_messages(7, "user_features", &refs);
         assert_eq!(messages.len(), 3);
         let decoded: Vec<String> = messages
             .iter()
             .flat_map(|m| {
-                let (view, keys) = decode_invalidation(m).unwrap();
-                assert_eq!(view, "user_features");
+                let Invalidation { origin, view, keys } = decode_invalidation(m).unwrap();
+                assert_eq!((origin, view.as_str()), (7, "user_features"));
                 keys
             })
             .collect();
@@ -226,7 +244,7 @@ mod tests {
 
     #[test]
     fn garbage_does_not_decode_and_does_not_panic() {
-        let message = &invalidation_messages("v", &["a", "b"])[0];
+        let message = &invalidation_messages(1, "v", &["a", "b"])[0];
         for cut in 0..message.len() {
             assert_eq!(decode_invalidation(&message[..cut]), None);
         }

@@ -83,7 +83,10 @@ struct Epochs {
     buckets: Box<[AtomicU64]>,
 }
 
-const BUCKETS: usize = 4096;
+/// 512 KiB of counters: a steady stream of invalidations (a bulk load
+/// announces tens of thousands of keys a second) rarely touches the bucket
+/// of a key being loaded.
+const BUCKETS: usize = 65_536;
 
 impl Epochs {
     fn new() -> Epochs {

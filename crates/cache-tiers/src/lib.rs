@@ -28,7 +28,9 @@ mod l2;
 mod refresh;
 mod single_flight;
 
-pub use invalidation::{InvalidationListener, KEYS_PER_MESSAGE, decode_invalidation, invalidation_messages};
+pub use invalidation::{
+    Invalidation, InvalidationListener, KEYS_PER_MESSAGE, decode_invalidation, invalidation_messages,
+};
 pub use l1::{Cached, L1Cache, L1Hit, Stamp};
 pub use l2::{L2Cache, L2Config, L2Error, L2Hit, Put};
 pub use refresh::{RefreshQueue, RefreshTier, Reloader};

@@ -101,6 +101,9 @@ impl LoadReport {
 /// What the reader sends a shard writer.
 type Batch = Vec<(String, Row)>;
 
+/// One record of the input: a keyed row, or why it was rejected.
+type Parsed = Result<(String, Row), String>;
+
 /// Loads a file into the view's shards, as configured.
 pub async fn run(config: &Config, options: &LoadOptions) -> Result<LoadReport> {
     let view = config
@@ -152,7 +155,7 @@ pub async fn load(
                             Ok(written) => {
                                 let keys: Vec<&str> = written.iter().map(|(k, _)| k.as_str()).collect();
                                 let failed = guard(l2, view, written, guard_ttl).await;
-                                announce(l2, channel, view, &keys).await;
+                                announce(l2, channel, 0, view, &keys).await;
                                 failed
                             }
                             Err(_) => 0,
@@ -188,7 +191,7 @@ pub async fn load(
             let mut read = 0u64;
             let mut rejected = Vec::new();
             let counted = CountingReader { inner: file, bar: bar.clone() };
-            let mut on_row = |line: u64, parsed: Result<(String, Row), String>| -> Result<()> {
+            let mut on_row = |line: u64, parsed: Parsed| -> Result<()> {
                 read += 1;
                 match parsed {
                     Ok((key, row)) => {
@@ -296,7 +299,7 @@ fn read_csv(
     input: impl Read,
     view: &FeatureView,
     max_key: usize,
-    on_row: &mut dyn FnMut(u64, Result<(String, Row), String>) -> Result<()>,
+    on_row: &mut dyn FnMut(u64, Parsed) -> Result<()>,
 ) -> Result<()> {
     let mut reader = csv::ReaderBuilder::new().flexible(true).from_reader(input);
     let headers = reader.headers().context("cannot read the CSV header")?.clone();
@@ -335,12 +338,7 @@ fn read_csv(
     }
 }
 
-fn csv_row(
-    record: &csv::StringRecord,
-    columns: &[Column],
-    view: &FeatureView,
-    max_key: usize,
-) -> Result<(String, Row), String> {
+fn csv_row(record: &csv::StringRecord, columns: &[Column], view: &FeatureView, max_key: usize) -> Parsed {
     if record.len() != columns.len() {
         return Err(format!("{} fields, the header has {}", record.len(), columns.len()));
     }
@@ -364,7 +362,7 @@ fn read_jsonl(
     input: impl Read,
     view: &FeatureView,
     max_key: usize,
-    on_row: &mut dyn FnMut(u64, Result<(String, Row), String>) -> Result<()>,
+    on_row: &mut dyn FnMut(u64, Parsed) -> Result<()>,
 ) -> Result<()> {
     let reader = BufReader::with_capacity(1 << 20, input);
     for (i, line) in reader.split(b'\n').enumerate() {
@@ -378,7 +376,7 @@ fn read_jsonl(
     Ok(())
 }
 
-fn json_row(line: &[u8], view: &FeatureView, max_key: usize) -> Result<(String, Row), String> {
+fn json_row(line: &[u8], view: &FeatureView, max_key: usize) -> Parsed {
     let object: serde_json::Map<String, serde_json::Value> =
         serde_json::from_slice(line).map_err(|e| format!("not a JSON object: {e}"))?;
     let mut key = None;
@@ -409,12 +407,7 @@ fn json_row(line: &[u8], view: &FeatureView, max_key: usize) -> Result<(String, 
 
 /// Checks the key as the API would (`limits.max_key_bytes`), so every loaded
 /// row can be read back.
-fn finish_row(
-    key: Option<String>,
-    time: Option<EventTime>,
-    values: Vec<Value>,
-    max_key: usize,
-) -> Result<(String, Row), String> {
+fn finish_row(key: Option<String>, time: Option<EventTime>, values: Vec<Value>, max_key: usize) -> Parsed {
     let key = key.ok_or("entity_key is missing")?;
     if key.is_empty() {
         return Err("entity_key is empty".into());
@@ -522,7 +515,7 @@ mod tests {
         Registry::new(vec![spec]).unwrap().get("v").unwrap().clone()
     }
 
-    fn collect(format: Format, text: &str) -> Result<Vec<(u64, Result<(String, Row), String>)>> {
+    fn collect(format: Format, text: &str) -> Result<Vec<(u64, Parsed)>> {
         let mut out = Vec::new();
         let mut on_row = |line, row| {
             out.push((line, row));

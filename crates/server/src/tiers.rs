@@ -147,6 +147,8 @@ enum Loaded {
 #[derive(Clone)]
 pub struct Tiers {
     pub l1: L1Cache,
+    /// Names this instance in its invalidation announcements.
+    origin: u64,
     lower: Arc<Lower>,
     flights: Arc<SingleFlight<(u32, String), Loaded>>,
     refresh: RefreshQueue,
@@ -216,7 +218,14 @@ impl Tiers {
         });
         let refresh = RefreshQueue::start(l1.clone(), lower.clone(), capacity, concurrency);
         let _ = lower.refresh.set(refresh.clone());
-        Tiers { l1, lower, flights: Arc::new(SingleFlight::default()), refresh }
+        // Never 0, which announcements from outside any server carry.
+        let origin = rand::rng().random_range(1..u64::MAX);
+        Tiers { l1, origin, lower, flights: Arc::new(SingleFlight::default()), refresh }
+    }
+
+    /// This instance's name in invalidation announcements.
+    pub fn origin(&self) -> u64 {
+        self.origin
     }
 
     pub fn l2(&self) -> &L2Cache {
@@ -422,15 +431,16 @@ impl Tiers {
     async fn announce(&self, view: &FeatureView, keys: &[String]) {
         let keys: Vec<&str> = keys.iter().map(String::as_str).collect();
         self.l1.invalidate_many(view.id, &keys).await;
-        announce(&self.lower.l2, &self.lower.writes.channel, view, &keys).await;
+        announce(&self.lower.l2, &self.lower.writes.channel, self.origin, view, &keys).await;
     }
 }
 
 /// Publishes written keys of a view on the invalidation channel, so every
 /// instance drops its L1 copy. A failure is logged and counted: instances
 /// then keep their copy until its L1 TTL ends.
-pub async fn announce(l2: &L2Cache, channel: &str, view: &FeatureView, keys: &[&str]) {
-    for message in invalidation_messages(&view.name, keys) {
+/// `origin` is the announcing instance (0 for none).
+pub async fn announce(l2: &L2Cache, channel: &str, origin: u64, view: &FeatureView, keys: &[&str]) {
+    for message in invalidation_messages(origin, &view.name, keys) {
         if let Err(error) = l2.publish(channel, message).await {
             tracing::warn!(view = %view.name, %error, "publishing an invalidation failed");
             metrics::counter!("strata_cache_errors_total", "tier" => "l2", "op" => "publish").increment(1);
