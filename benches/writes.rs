@@ -267,6 +267,10 @@ fn main() -> Result<()> {
         println!("{:<40} {:>10.1} {:>12.0}", "strata load (new rows)", load.elapsed.as_secs_f64(), load.rows_per_second());
         println!("{:<40} {:>10.1} {:>12.0}", "strata load again (same rows)", reload.elapsed.as_secs_f64(), reload.rows_per_second());
         println!("ratio strata load / floor: {:.2}", load.rows_per_second() / rate(floor));
+        println!(
+            "strata load, where the time went (batches overlap): parsing {:.1?}, postgres COPY+merge {:.1?} summed, redis guards+announcements {:.1?} summed",
+            load.parse_time, load.postgres_time, load.cache_time
+        );
         println!();
         println!("write-to-visibility over {writes} writes (A acknowledges -> B answers the new value):");
         println!("{:<40} {:>8} {:>8} {:>8} {:>8}", "", "p50us", "p99us", "p999us", "maxus");
@@ -284,6 +288,9 @@ fn main() -> Result<()> {
                 "strata_load_rows_per_second": load.rows_per_second(),
                 "strata_reload_rows_per_second": reload.rows_per_second(),
                 "ratio_to_floor": load.rows_per_second() / rate(floor),
+                "parse_seconds": load.parse_time.as_secs_f64(),
+                "postgres_seconds_summed": load.postgres_time.as_secs_f64(),
+                "redis_seconds_summed": load.cache_time.as_secs_f64(),
             },
             "visibility": {
                 "writes": writes,

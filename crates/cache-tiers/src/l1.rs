@@ -137,6 +137,13 @@ impl L1Cache {
         Stamp(self.epochs.seq.load(Ordering::SeqCst))
     }
 
+    /// Whether `key` of the view was (or may have been: keys share buckets)
+    /// invalidated since `stamp`, so a value loaded since may be older than
+    /// a write.
+    pub fn outdated(&self, stamp: Stamp, view_id: u32, key: &str) -> bool {
+        self.epochs.outdated(stamp, view_id, key)
+    }
+
     /// Looks up a batch; the answer is aligned with `keys`. An entry past
     /// its hard expiry is a miss.
     pub async fn get_many(&self, view: &FeatureView, keys: &[&str]) -> Vec<Option<L1Hit>> {

@@ -4,6 +4,7 @@ use std::time::{Duration, SystemTime, UNIX_EPOCH};
 use fred::bytes::Bytes;
 use fred::interfaces::FunctionInterface as _;
 use fred::prelude::*;
+use fred::types::config::TcpConfig;
 use strata_core::{Content, EventTime, FeatureView, Lifetime, Row, decode_entry, encode_entry};
 
 use crate::Cached;
@@ -105,8 +106,17 @@ pub(crate) fn builder(config: &L2Config) -> Result<Builder, L2Error> {
     let connect_timeout = config.connect_timeout;
     let mut builder = Builder::from_config(fred_config);
     builder
-        .with_performance_config(|p| p.default_command_timeout = command_timeout)
+        .with_performance_config(|p| {
+            p.default_command_timeout = command_timeout;
+            // Pub/sub messages waiting for the invalidation listener: a bulk
+            // load announces thousands of keys a second, and a listener that
+            // falls behind by more clears its whole L1.
+            p.broadcast_channel_capacity = 4_096;
+        })
         .with_connection_config(|c| {
+            // Without it, a small command written while another is still
+            // unacknowledged can wait for a delayed ACK: 40 ms spikes.
+            c.tcp = TcpConfig { nodelay: Some(true), ..TcpConfig::default() };
             c.connection_timeout = connect_timeout;
             c.internal_command_timeout = connect_timeout;
             // A cache read is not worth retrying for long: the next tier

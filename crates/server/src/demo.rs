@@ -1,6 +1,7 @@
 //! The deterministic demo data set of `user_features`: the same values on
 //! every machine, so the README's sample lookups always answer the same.
 
+use std::sync::Arc;
 use std::time::Instant;
 
 use anyhow::{Result, bail};
@@ -62,7 +63,7 @@ pub fn demo_row(view: &FeatureView, i: u64) -> Row {
 
 /// Writes demo entities `1..=count` through the server's write path.
 /// Returns how many rows were written (rows already there are skipped).
-pub async fn load(tiers: &Tiers, view: &FeatureView, count: u64) -> Result<u64> {
+pub async fn load(tiers: &Tiers, view: &Arc<FeatureView>, count: u64) -> Result<u64> {
     use futures::StreamExt as _;
     let started = Instant::now();
     let batches = (1..=count).collect::<Vec<_>>();

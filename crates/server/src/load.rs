@@ -90,6 +90,13 @@ pub struct LoadReport {
     /// cached copies may live until their TTLs end.
     pub cache_errors: u64,
     pub elapsed: Duration,
+    /// Time the reader spent reading and parsing (not waiting for writers).
+    pub parse_time: Duration,
+    /// Time spent in PostgreSQL (COPY and merge), summed over batches,
+    /// which overlap.
+    pub postgres_time: Duration,
+    /// Time spent guarding and announcing keys in Redis, summed over batches.
+    pub cache_time: Duration,
 }
 
 impl LoadReport {
@@ -150,7 +157,9 @@ pub async fn load(
                 .map(|batch| {
                     let (shards, l2, view, channel) = (&shards, &l2, &view, &channel);
                     async move {
+                        let started = Instant::now();
                         let result = shards.copy_upsert(shard, view, &batch).await;
+                        let postgres = started.elapsed();
                         let cache_errors = match &result {
                             Ok(written) => {
                                 let keys: Vec<&str> = written.iter().map(|(k, _)| k.as_str()).collect();
@@ -160,11 +169,13 @@ pub async fn load(
                             }
                             Err(_) => 0,
                         };
-                        (batch.len(), result, cache_errors)
+                        (batch.len(), result, cache_errors, postgres, started.elapsed() - postgres)
                     }
                 })
                 .buffer_unordered(concurrency);
-            while let Some((rows, result, cache_errors)) = batches.next().await {
+            while let Some((rows, result, cache_errors, postgres, cache)) = batches.next().await {
+                tally.postgres_time += postgres;
+                tally.cache_time += cache;
                 match result {
                     Ok(written) => {
                         tally.written += written.len() as u64;
@@ -186,7 +197,9 @@ pub async fn load(
         let (view, bar, format) = (view.clone(), bar.clone(), options.format);
         let max_key = config.limits.max_key_bytes;
         let router = shards.clone();
-        tokio::task::spawn_blocking(move || -> Result<(u64, Vec<Rejected>)> {
+        tokio::task::spawn_blocking(move || -> Result<(u64, Vec<Rejected>, Duration)> {
+            let started = Instant::now();
+            let mut waited = Duration::ZERO;
             let mut batches: Vec<Batch> = (0..senders.len()).map(|_| Vec::with_capacity(batch_rows)).collect();
             let mut read = 0u64;
             let mut rejected = Vec::new();
@@ -199,7 +212,9 @@ pub async fn load(
                         batches[shard].push((key, row));
                         if batches[shard].len() >= batch_rows {
                             let full = std::mem::replace(&mut batches[shard], Vec::with_capacity(batch_rows));
+                            let blocked = Instant::now();
                             senders[shard].blocking_send(full).context("a shard writer stopped")?;
+                            waited += blocked.elapsed();
                         }
                     }
                     Err(reason) => rejected.push(Rejected { line, reason }),
@@ -210,16 +225,20 @@ pub async fn load(
                 Format::Csv => read_csv(counted, &view, max_key, &mut on_row)?,
                 Format::Jsonl => read_jsonl(counted, &view, max_key, &mut on_row)?,
             }
+            let parsing = started.elapsed() - waited;
             for (shard, batch) in batches.into_iter().enumerate() {
                 if !batch.is_empty() {
                     senders[shard].blocking_send(batch).context("a shard writer stopped")?;
                 }
             }
-            Ok((read, rejected))
+            Ok((read, rejected, parsing))
         })
     };
-    let (rows_read, rejected) = reader.await.context("the reader panicked")??;
-    let mut report = LoadReport { rows_read, rejected, ..LoadReport::default() };
+    // The reader's end drops its senders, so the writers finish what was
+    // sent; their rows are committed, guarded and announced before this
+    // returns, whether the reader succeeded or not.
+    let read = reader.await.context("the reader panicked");
+    let mut report = LoadReport::default();
     for writer in writers {
         let tally = writer.await.context("a shard writer panicked")?;
         report.written += tally.written;
@@ -227,7 +246,15 @@ pub async fn load(
         report.failed += tally.failed;
         report.failures.extend(tally.failures);
         report.cache_errors += tally.cache_errors;
+        report.postgres_time += tally.postgres_time;
+        report.cache_time += tally.cache_time;
     }
+    let (rows_read, rejected, parse_time) = read?.with_context(|| {
+        format!("the load stopped early; {} rows were written before; run it again", report.written)
+    })?;
+    report.rows_read = rows_read;
+    report.rejected = rejected;
+    report.parse_time = parse_time;
     report.elapsed = started.elapsed();
     bar.finish_and_clear();
     Ok(report)
@@ -431,7 +458,9 @@ pub fn parse_time(text: &str) -> Result<EventTime, String> {
         EventTime::from_parts(t.timestamp(), t.timestamp_subsec_nanos() as i32)
     } else if let Ok(seconds) = text.parse::<i64>() {
         EventTime::from_parts(seconds, 0)
-    } else if let Ok(seconds) = text.parse::<f64>() {
+    } else if let Ok(seconds) =
+        text.parse::<f64>().map_err(drop).and_then(|s| if s.is_finite() { Ok(s) } else { Err(()) })
+    {
         let whole = seconds.floor();
         EventTime::from_parts(whole as i64, ((seconds - whole) * 1e9).round().min(999_999_999.0) as i32)
     } else {
@@ -554,6 +583,7 @@ mod tests {
         let (_, row) = rows[1].1.as_ref().unwrap();
         assert_eq!(row.event_time, EventTime(1_767_225_600_500_000), "fractional Unix seconds");
         assert_eq!(row.values, vec![Value::Null; 5], "empty cells are null");
+        assert!(parse_time("NaN").is_err() && parse_time("inf").is_err());
         let rejected: Vec<(u64, &str)> =
             rows[2..].iter().map(|(line, r)| (*line, r.as_ref().unwrap_err().as_str())).collect();
         assert_eq!(

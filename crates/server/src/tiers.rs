@@ -150,7 +150,8 @@ pub struct Tiers {
     /// Names this instance in its invalidation announcements.
     origin: u64,
     lower: Arc<Lower>,
-    flights: Arc<SingleFlight<(u32, String), Loaded>>,
+    /// In-flight loads, with the stamp their leader took.
+    flights: Arc<SingleFlight<(u32, String), (Loaded, Stamp)>>,
     refresh: RefreshQueue,
 }
 
@@ -305,7 +306,7 @@ impl Tiers {
             let loaded = self.lower.load(view, &lead_keys).await;
             self.fill_l1(view, stamp, &lead_keys, &loaded).await;
             for (key, loaded) in lead_keys.iter().zip(&loaded) {
-                leader.complete(&(view.id, (*key).to_owned()), loaded.clone());
+                leader.complete(&(view.id, (*key).to_owned()), (loaded.clone(), stamp));
             }
             loaded
         };
@@ -319,7 +320,11 @@ impl Tiers {
         let mut coalesced = 0u64;
         for (j, result) in waited {
             match result {
-                Some(loaded) => {
+                // A load that began before the key was invalidated may carry
+                // the old value; a request that may have begun after the
+                // write loads the key itself.
+                Some((_, leader_stamp)) if self.l1.outdated(leader_stamp, view.id, keys[misses[j]]) => orphans.push(j),
+                Some((loaded, _)) => {
                     coalesced += 1;
                     out[j] = Some(loaded);
                 }
@@ -330,7 +335,8 @@ impl Tiers {
             metrics::counter!("strata_coalesced_waits_total", "view" => view.name.clone()).increment(coalesced);
         }
         if !orphans.is_empty() {
-            // Their leader's request was cancelled: load them here.
+            // Their leader's request was cancelled, or its load predates an
+            // invalidation: load them here.
             let orphan_keys: Vec<&str> = orphans.iter().map(|&j| keys[misses[j]]).collect();
             let loaded = self.lower.load(view, &orphan_keys).await;
             self.fill_l1(view, stamp, &orphan_keys, &loaded).await;
@@ -355,7 +361,24 @@ impl Tiers {
     /// Writes distinct rows to their shards; then, for the rows applied,
     /// replaces the Redis copy (unless Redis holds a newer one), drops this
     /// instance's L1 copy, and tells every instance to drop its own.
-    pub async fn write(&self, view: &FeatureView, rows: &[(String, Row)]) -> UpsertOutcome {
+    ///
+    /// Runs to the end even if the caller goes away (a cancelled request):
+    /// once PostgreSQL may have committed, the caches must follow.
+    pub async fn write(&self, view: &Arc<FeatureView>, rows: &[(String, Row)]) -> UpsertOutcome {
+        let (this, view, rows) = (self.clone(), view.clone(), rows.to_vec());
+        finish(tokio::spawn(async move { this.write_now(&view, &rows).await })).await
+    }
+
+    /// Deletes keys at event time `at`; then, for the keys applied, leaves
+    /// a "missing" entry in Redis (unless Redis holds a newer version) and
+    /// drops the key from every instance's L1. Runs to the end even if the
+    /// caller goes away.
+    pub async fn delete(&self, view: &Arc<FeatureView>, keys: &[String], at: EventTime) -> UpsertOutcome {
+        let (this, view, keys) = (self.clone(), view.clone(), keys.to_vec());
+        finish(tokio::spawn(async move { this.delete_now(&view, &keys, at).await })).await
+    }
+
+    async fn write_now(&self, view: &FeatureView, rows: &[(String, Row)]) -> UpsertOutcome {
         let outcome = self.lower.shards.upsert(view, rows).await;
         if outcome.written.is_empty() {
             return outcome;
@@ -376,10 +399,7 @@ impl Tiers {
         outcome
     }
 
-    /// Deletes keys at event time `at`; then, for the keys applied, leaves
-    /// a "missing" entry in Redis (unless Redis holds a newer version) and
-    /// drops the key from every instance's L1.
-    pub async fn delete(&self, view: &FeatureView, keys: &[String], at: EventTime) -> UpsertOutcome {
+    async fn delete_now(&self, view: &FeatureView, keys: &[String], at: EventTime) -> UpsertOutcome {
         let outcome = self.lower.shards.delete(view, keys, at).await;
         if outcome.written.is_empty() {
             return outcome;
@@ -432,6 +452,14 @@ impl Tiers {
         let keys: Vec<&str> = keys.iter().map(String::as_str).collect();
         self.l1.invalidate_many(view.id, &keys).await;
         announce(&self.lower.l2, &self.lower.writes.channel, self.origin, view, &keys).await;
+    }
+}
+
+/// The outcome of a spawned write; a panic in it is a bug, passed on.
+async fn finish(task: tokio::task::JoinHandle<UpsertOutcome>) -> UpsertOutcome {
+    match task.await {
+        Ok(outcome) => outcome,
+        Err(error) => std::panic::resume_unwind(error.into_panic()),
     }
 }
 
@@ -618,15 +646,21 @@ impl Lower {
     /// Reads PostgreSQL and fills Redis with what it found (and, with
     /// protection, with what does not exist).
     async fn fetch_and_fill(&self, view: &Arc<FeatureView>, keys: &[&str]) -> Vec<Loaded> {
-        let loaded: Vec<Loaded> = self
+        // Each value with the version it is filed under in Redis: a row's
+        // event time, a deletion's, or "never written".
+        let fetched: Vec<(Loaded, EventTime)> = self
             .shards
             .fetch(view, keys)
             .await
             .into_iter()
             .map(|fetched| match fetched {
-                Fetched::Found(row) => Loaded::Value { value: Cached::Found(Arc::new(row)), source: Source::L3 },
-                Fetched::NotFound => Loaded::Value { value: Cached::Missing, source: Source::L3 },
-                Fetched::Unavailable => Loaded::Unavailable,
+                Fetched::Found(row) => {
+                    let version = row.event_time;
+                    (Loaded::Value { value: Cached::Found(Arc::new(row)), source: Source::L3 }, version)
+                }
+                Fetched::NotFound => (Loaded::Value { value: Cached::Missing, source: Source::L3 }, EventTime::NEVER),
+                Fetched::Deleted(at) => (Loaded::Value { value: Cached::Missing, source: Source::L3 }, at),
+                Fetched::Unavailable => (Loaded::Unavailable, EventTime::NEVER),
             })
             .collect();
         if let Some(hook) = self.fill_hook.get() {
@@ -634,16 +668,15 @@ impl Lower {
         }
         let fills: Vec<Put<'_>> = keys
             .iter()
-            .zip(&loaded)
-            .filter_map(|(key, loaded)| match loaded {
+            .zip(&fetched)
+            .filter_map(|(key, (loaded, version))| match loaded {
                 Loaded::Value { value, .. } if self.protection.cacheable(value) => {
                     let life = self.protection.lifetime(view, value, view.l2_ttl);
-                    Some(match value {
-                        Cached::Found(row) => {
-                            Put { key, content: Content::Found(row.as_ref()), version: row.event_time, life }
-                        }
-                        Cached::Missing => Put { key, content: Content::Missing, version: EventTime::NEVER, life },
-                    })
+                    let content = match value {
+                        Cached::Found(row) => Content::Found(row.as_ref()),
+                        Cached::Missing => Content::Missing,
+                    };
+                    Some(Put { key, content, version: *version, life })
                 }
                 _ => None,
             })
@@ -652,7 +685,7 @@ impl Lower {
             tracing::warn!(view = %view.name, keys = fills.len(), %error, "redis fill failed");
             metrics::counter!("strata_cache_errors_total", "tier" => "l2", "op" => "set").increment(1);
         }
-        loaded
+        fetched.into_iter().map(|(loaded, _)| loaded).collect()
     }
 }
 

@@ -70,7 +70,11 @@ pub enum ShardError {
 #[derive(Clone, Debug, PartialEq)]
 pub enum Fetched {
     Found(Row),
+    /// Never written.
     NotFound,
+    /// Deleted at this event time (a tombstone): not found, but caches
+    /// record the deletion's time, so no older copy can replace the entry.
+    Deleted(EventTime),
     /// The owning shard could not be read; the error was logged and counted.
     Unavailable,
 }
@@ -172,8 +176,10 @@ impl ShardRouter {
             match result {
                 Ok(mut found) => {
                     for &i in idx {
-                        if let Some(row) = found.remove(keys[i]) {
-                            out[i] = Fetched::Found(row);
+                        match found.remove(keys[i]) {
+                            Some(sql::Selected::Row(row)) => out[i] = Fetched::Found(row),
+                            Some(sql::Selected::Deleted(at)) => out[i] = Fetched::Deleted(at),
+                            None => {}
                         }
                     }
                 }
@@ -299,7 +305,7 @@ impl Shard {
         &self,
         view: &FeatureView,
         keys: &[&str],
-    ) -> Result<std::collections::HashMap<String, Row>, ShardError> {
+    ) -> Result<std::collections::HashMap<String, sql::Selected>, ShardError> {
         let client = self.client().await?;
         let statement = client.prepare_cached(&sql::select(view)).await.map_err(|e| self.query_error(e))?;
         let rows = client.query(&statement, &[&keys]).await.map_err(|e| self.query_error(e))?;
@@ -373,6 +379,17 @@ impl Shard {
         let writer = BinaryCopyInWriter::new(sink, &types);
         futures::pin_mut!(writer);
         for (key, row) in rows {
+            if row.values.len() != view.features.len() {
+                return Err(ShardError::Decode {
+                    shard: self.name.clone(),
+                    view: view.name.clone(),
+                    message: format!(
+                        "row {key:?} has {} values for {} features",
+                        row.values.len(),
+                        view.features.len()
+                    ),
+                });
+            }
             let time = row.event_time.to_system_time();
             let mut values: Vec<&(dyn ToSql + Sync)> = Vec::with_capacity(types.len());
             values.push(key);

@@ -44,7 +44,7 @@ fn feature_columns(view: &FeatureView) -> String {
 
 pub(crate) fn select(view: &FeatureView) -> String {
     format!(
-        "SELECT entity_key, event_time{} FROM {} WHERE entity_key = ANY($1) AND NOT deleted",
+        "SELECT entity_key, event_time, deleted{} FROM {} WHERE entity_key = ANY($1)",
         feature_columns(view),
         table(view)
     )
@@ -63,8 +63,8 @@ pub(crate) fn pg_type(ty: FeatureType) -> Type {
     }
 }
 
-/// The SET list and guard of every upsert: the newer (or equal) event time
-/// wins, and a write revives a tombstone.
+/// The SET list and guard of every upsert: a newer event time wins, and a
+/// write revives a tombstone.
 fn on_conflict(view: &FeatureView) -> String {
     let mut sql = String::from(
         " ON CONFLICT (entity_key) DO UPDATE SET event_time = EXCLUDED.event_time, updated_at = now(), deleted = false",
@@ -72,8 +72,26 @@ fn on_conflict(view: &FeatureView) -> String {
     for f in &view.features {
         let _ = write!(sql, ", \"{0}\" = EXCLUDED.\"{0}\"", f.name);
     }
-    sql.push_str(" WHERE t.event_time <= EXCLUDED.event_time");
+    sql.push_str(&guard(view));
     sql
+}
+
+/// Applies a row over the stored one when its event time is newer, or
+/// equal with the same content (a retry, reported as written). Equal event
+/// times with different content keep the stored row: one event time stands
+/// for one content, so every cache copy of that version agrees with
+/// PostgreSQL, whatever order writes and fills reach Redis in.
+fn guard(view: &FeatureView) -> String {
+    let mut stored = String::from("t.deleted");
+    let mut new = String::from("EXCLUDED.deleted");
+    for f in &view.features {
+        let _ = write!(stored, ", t.\"{}\"", f.name);
+        let _ = write!(new, ", EXCLUDED.\"{}\"", f.name);
+    }
+    format!(
+        " WHERE t.event_time < EXCLUDED.event_time \
+         OR (t.event_time = EXCLUDED.event_time AND ({stored}) IS NOT DISTINCT FROM ({new}))"
+    )
 }
 
 /// The temporary table a bulk load copies a batch into.
@@ -102,7 +120,8 @@ pub(crate) fn merge_staging(view: &FeatureView) -> String {
 }
 
 /// Records deletions of `rows` keys: a tombstone at the deletion's event time
-/// replaces the stored row only if not older. Returns the keys applied.
+/// replaces the stored row if newer (or an identical tombstone: a retry).
+/// Returns the keys applied.
 pub(crate) fn delete(view: &FeatureView, rows: usize) -> String {
     let mut sql = format!("INSERT INTO {} AS t (entity_key, event_time, deleted) VALUES ", table(view));
     for r in 0..rows {
@@ -114,7 +133,8 @@ pub(crate) fn delete(view: &FeatureView, rows: usize) -> String {
     for f in &view.features {
         let _ = write!(sql, ", \"{}\" = NULL", f.name);
     }
-    sql.push_str(" WHERE t.event_time <= EXCLUDED.event_time RETURNING entity_key");
+    sql.push_str(&guard(view));
+    sql.push_str(" RETURNING entity_key");
     sql
 }
 
@@ -186,13 +206,24 @@ pub(crate) fn param(ty: FeatureType, value: &Value) -> &(dyn ToSql + Sync) {
     }
 }
 
+/// A row of [`select`]: a live row, or a tombstone with its deletion time.
+pub(crate) enum Selected {
+    Row(Row),
+    Deleted(EventTime),
+}
+
 /// Decodes a row of [`select`] into its key and row.
-pub(crate) fn decode_row(view: &FeatureView, row: &tokio_postgres::Row) -> Result<(String, Row), String> {
+pub(crate) fn decode_row(view: &FeatureView, row: &tokio_postgres::Row) -> Result<(String, Selected), String> {
     let key: String = row.try_get(0).map_err(|e| e.to_string())?;
     let time: SystemTime = row.try_get(1).map_err(|e| e.to_string())?;
+    let event_time = EventTime::from_system_time(time);
+    let deleted: bool = row.try_get(2).map_err(|e| e.to_string())?;
+    if deleted {
+        return Ok((key, Selected::Deleted(event_time)));
+    }
     let mut values = Vec::with_capacity(view.features.len());
     for (i, feature) in view.features.iter().enumerate() {
-        let col = i + 2;
+        let col = i + 3;
         let value = match feature.ty {
             FeatureType::Int64 => row.try_get::<_, Option<i64>>(col).map(|v| v.map(Value::Int64)),
             FeatureType::Double => row.try_get::<_, Option<f64>>(col).map(|v| v.map(Value::Double)),
@@ -205,7 +236,7 @@ pub(crate) fn decode_row(view: &FeatureView, row: &tokio_postgres::Row) -> Resul
         .map_err(|e| format!("key {key:?}, feature {}: {e}", feature.name))?;
         values.push(value.unwrap_or(Value::Null));
     }
-    Ok((key, Row { event_time: EventTime::from_system_time(time), values }))
+    Ok((key, Selected::Row(Row { event_time, values })))
 }
 
 #[cfg(test)]
@@ -231,7 +262,14 @@ mod tests {
     fn upsert_numbers_parameters_row_by_row_and_guards_on_event_time() {
         let sql = upsert(&view(), 2);
         assert!(sql.starts_with("INSERT INTO strata.\"v\" AS t (entity_key, event_time, \"a\", \"b\") VALUES ($1, $2, $3, $4), ($5, $6, $7, $8) ON CONFLICT"), "{sql}");
-        assert!(sql.ends_with("WHERE t.event_time <= EXCLUDED.event_time RETURNING entity_key"), "{sql}");
+        assert!(
+            sql.ends_with(
+                "WHERE t.event_time < EXCLUDED.event_time OR (t.event_time = EXCLUDED.event_time \
+                 AND (t.deleted, t.\"a\", t.\"b\") IS NOT DISTINCT FROM (EXCLUDED.deleted, EXCLUDED.\"a\", EXCLUDED.\"b\")) \
+                 RETURNING entity_key"
+            ),
+            "{sql}"
+        );
         assert!(sql.contains("deleted = false"), "a write revives a tombstone: {sql}");
     }
 
@@ -240,14 +278,14 @@ mod tests {
         let sql = delete(&view(), 2);
         assert!(sql.contains("VALUES ($1, $2, true), ($3, $4, true) ON CONFLICT"), "{sql}");
         assert!(
-            sql.contains("deleted = true, \"a\" = NULL, \"b\" = NULL WHERE t.event_time <= EXCLUDED.event_time"),
+            sql.contains("deleted = true, \"a\" = NULL, \"b\" = NULL WHERE t.event_time < EXCLUDED.event_time"),
             "{sql}"
         );
     }
 
     #[test]
-    fn reads_skip_tombstones() {
-        assert!(select(&view()).ends_with("AND NOT deleted"));
+    fn reads_see_tombstones() {
+        assert!(select(&view()).starts_with("SELECT entity_key, event_time, deleted, \"a\", \"b\" FROM"));
     }
 
     #[test]
