@@ -133,8 +133,8 @@ async fn raw_copy(bench: &Bench, rows: usize) -> Result<Duration> {
     Ok(started.elapsed())
 }
 
-/// The floor of visibility: PUBLISH acknowledged until a subscriber on the
-/// same cluster has the message.
+/// The floor of visibility: an SPUBLISH (sharded pub/sub, as Strata uses)
+/// sent until a subscriber on the same cluster has the message.
 async fn raw_pubsub(bench: &Bench, rounds: usize) -> Result<Histogram<u64>> {
     let nodes = bench.stack.redis_nodes();
     let (host, port) = nodes[0].rsplit_once(':').context("node")?;
@@ -146,12 +146,12 @@ async fn raw_pubsub(bench: &Bench, rounds: usize) -> Result<Histogram<u64>> {
     publisher.init().await?;
     let subscriber = Builder::from_config(config()).build_subscriber_client()?;
     subscriber.init().await?;
-    subscriber.subscribe("bench:floor").await?;
+    subscriber.ssubscribe("bench:floor").await?;
     let mut messages = subscriber.message_rx();
     let mut histogram = Histogram::new(3)?;
     for i in 0..rounds {
-        let _: i64 = publisher.publish("bench:floor", i.to_string()).await?;
         let acked = Instant::now();
+        let _: i64 = publisher.spublish("bench:floor", i.to_string()).await?;
         loop {
             let message = tokio::time::timeout(Duration::from_secs(5), messages.recv()).await??;
             if message.value.as_string().as_deref() == Some(&i.to_string()) {
@@ -166,8 +166,9 @@ async fn raw_pubsub(bench: &Bench, rounds: usize) -> Result<Histogram<u64>> {
 }
 
 /// Writes through A; for each, the time from acknowledgement until B,
-/// which held the old value in its L1, answers the new one.
-async fn visibility(bench: &Bench, rounds: usize) -> Result<(Histogram<u64>, u64)> {
+/// which held the old value in its L1, answers the new one, and until B
+/// applied the announcement.
+async fn visibility(bench: &Bench, rounds: usize) -> Result<(Histogram<u64>, Histogram<u64>, u64)> {
     let (a, b) = (bench.server(VIEWS, |_| {}).await?, bench.server(VIEWS, |_| {}).await?);
     let mut ca = FeatureStoreClient::connect(format!("http://{}", a.grpc_addr())).await?;
     let mut cb = FeatureStoreClient::connect(format!("http://{}", b.grpc_addr())).await?;
@@ -190,6 +191,8 @@ async fn visibility(bench: &Bench, rounds: usize) -> Result<(Histogram<u64>, u64
         _ => None,
     };
     let mut histogram = Histogram::new(3)?;
+    let mut heard = Histogram::new(3)?;
+    let mut applied = b.invalidations().applied();
     let mut polls = 0u64;
     for i in 0..rounds {
         let key = format!("vis:{}", i % 100);
@@ -197,21 +200,30 @@ async fn visibility(bench: &Bench, rounds: usize) -> Result<(Histogram<u64>, u64
         // B holds the current value in L1 (the first read may fill it).
         cb.get_features(get(&key)).await?;
         cb.get_features(get(&key)).await?;
+        let before = *applied.borrow_and_update();
         ca.write_features(write(&key, round, round)).await?;
         let acked = Instant::now();
-        loop {
-            polls += 1;
-            let rows = cb.get_features(get(&key)).await?.into_inner().rows;
-            if n_of(&rows) == Some(round) {
-                break;
+        let heard_at = async {
+            applied.wait_for(|n| *n > before).await?;
+            anyhow::Ok(acked.elapsed())
+        };
+        let served_at = async {
+            loop {
+                polls += 1;
+                let rows = cb.get_features(get(&key)).await?.into_inner().rows;
+                if n_of(&rows) == Some(round) {
+                    return anyhow::Ok(acked.elapsed());
+                }
+                ensure!(acked.elapsed() < Duration::from_secs(5), "B never served write {round}");
             }
-            ensure!(acked.elapsed() < Duration::from_secs(5), "B never served write {round}");
-        }
-        histogram.record(acked.elapsed().as_micros() as u64)?;
+        };
+        let (heard_at, served_at) = tokio::join!(heard_at, served_at);
+        heard.record(heard_at?.as_micros() as u64)?;
+        histogram.record(served_at?.as_micros() as u64)?;
     }
     a.shutdown().await;
     b.shutdown().await;
-    Ok((histogram, polls))
+    Ok((histogram, heard, polls))
 }
 
 fn main() -> Result<()> {
@@ -255,7 +267,7 @@ fn main() -> Result<()> {
         let rate = |d: Duration| rows as f64 / d.as_secs_f64();
 
         let pubsub = raw_pubsub(&bench, writes).await?;
-        let (visible, polls) = visibility(&bench, writes).await?;
+        let (visible, heard, polls) = visibility(&bench, writes).await?;
         bench.stop().await;
 
         let cores = std::thread::available_parallelism().map_or(0, |n| n.get());
@@ -274,7 +286,11 @@ fn main() -> Result<()> {
         println!();
         println!("write-to-visibility over {writes} writes (A acknowledges -> B answers the new value):");
         println!("{:<40} {:>8} {:>8} {:>8} {:>8}", "", "p50us", "p99us", "p999us", "maxus");
-        for (name, h) in [("floor: redis PUBLISH -> subscriber", &pubsub), ("strata: write on A -> read on B", &visible)] {
+        for (name, h) in [
+            ("floor: redis SPUBLISH sent -> subscriber", &pubsub),
+            ("strata: ack on A -> B heard it", &heard),
+            ("strata: ack on A -> B serves it", &visible),
+        ] {
             println!("{:<40} {:>8} {:>8} {:>8} {:>8}", name, us(h, 0.5), us(h, 0.99), us(h, 0.999), h.max());
         }
         println!("B was asked {:.2} times per write on average", polls as f64 / writes as f64);
@@ -295,6 +311,7 @@ fn main() -> Result<()> {
             "visibility": {
                 "writes": writes,
                 "floor_pubsub_us": {"p50": us(&pubsub, 0.5), "p99": us(&pubsub, 0.99), "p999": us(&pubsub, 0.999)},
+                "strata_heard_us": {"p50": us(&heard, 0.5), "p99": us(&heard, 0.99), "p999": us(&heard, 0.999), "max": heard.max()},
                 "strata_us": {"p50": us(&visible, 0.5), "p99": us(&visible, 0.99), "p999": us(&visible, 0.999), "max": visible.max()},
             },
         });

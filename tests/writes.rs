@@ -397,16 +397,7 @@ async fn a_million_rows_bulk_loaded_into_two_shards_are_all_readable_and_replace
         }
     }
     let report = load(env, &load_options("bulk", &path, Format::Csv)).await?;
-    println!(
-        "bulk load: {} rows in {:.1?} = {:.0} rows/s ({} written, {} skipped, {} rejected, {} failed)",
-        report.rows_read,
-        report.elapsed,
-        report.rows_per_second(),
-        report.written,
-        report.skipped_older,
-        report.rejected.len(),
-        report.failed
-    );
+    println!("bulk load: {}", report.summary());
     ensure!(report.rows_read == ROWS as u64 && report.written == ROWS as u64, "{report:?}");
     ensure!(report.rejected.is_empty() && report.failed == 0 && report.cache_errors == 0, "{report:?}");
 

@@ -3,11 +3,12 @@
 //! After a write is committed and its Redis copy replaced, the writer
 //! publishes the written keys on one channel; every server instance
 //! subscribes and drops those keys from its L1 (refusing fills by loads that
-//! started earlier, see [`crate::Stamp`]). A cluster forwards a PUBLISH to
-//! every node, so a subscriber on any node hears every write.
+//! started earlier, see [`crate::Stamp`]). The channel is a sharded one
+//! (SPUBLISH / SSUBSCRIBE): messages go to the shard owning the channel's
+//! slot and straight to its subscribers, not over the cluster bus.
 //!
 //! Pub/sub is fire-and-forget: a subscriber whose connection drops cannot
-//! know what it missed. So whenever its connection comes back, the listener
+//! know what it missed. So whenever a connection comes back, the listener
 //! subscribes again and then clears the whole L1; the same when it fell so
 //! far behind that messages were dropped. TTLs remain the final bound.
 
@@ -117,7 +118,10 @@ impl InvalidationListener {
     ) -> Result<InvalidationListener, L2Error> {
         let client = builder(config)?.build_subscriber_client()?;
         client.init().await?;
-        client.subscribe(channel.as_str()).await?;
+        // Sharded pub/sub: the subscription lives on the shard owning the
+        // channel's slot; a failover there drops the connection, and the
+        // re-connection clears L1 like any other.
+        client.ssubscribe(channel.as_str()).await?;
         // Created after the first connection, so only re-connections show.
         let reconnects = client.reconnect_rx();
         let messages = client.message_rx();

@@ -119,6 +119,20 @@ fn check_key(key: &str, field: impl Fn() -> String, limits: &Limits) -> Result<(
     Ok(())
 }
 
+/// Checks a request's `entity_keys`: some, at most `limit`, each valid.
+fn check_keys(keys: &[String], limit: usize, limits: &Limits) -> Result<(), InvalidRequest> {
+    if keys.is_empty() {
+        return Err(InvalidRequest::NoKeys);
+    }
+    if keys.len() > limit {
+        return Err(InvalidRequest::TooManyKeys { count: keys.len(), limit });
+    }
+    for (i, key) in keys.iter().enumerate() {
+        check_key(key, || format!("entity_keys[{i}]"), limits)?;
+    }
+    Ok(())
+}
+
 /// Validates a GetFeatures request against the registry.
 pub fn read_request(
     request: v1::GetFeaturesRequest,
@@ -127,15 +141,7 @@ pub fn read_request(
 ) -> Result<FeatureRead, InvalidRequest> {
     let v1::GetFeaturesRequest { feature_view, entity_keys, features } = request;
     let view = view(registry, &feature_view)?.clone();
-    if entity_keys.is_empty() {
-        return Err(InvalidRequest::NoKeys);
-    }
-    if entity_keys.len() > limits.max_keys_per_request {
-        return Err(InvalidRequest::TooManyKeys { count: entity_keys.len(), limit: limits.max_keys_per_request });
-    }
-    for (i, key) in entity_keys.iter().enumerate() {
-        check_key(key, || format!("entity_keys[{i}]"), limits)?;
-    }
+    check_keys(&entity_keys, limits.max_keys_per_request, limits)?;
     let columns = if features.is_empty() {
         (0..view.features.len()).collect()
     } else {
@@ -235,19 +241,13 @@ pub fn delete_request(
 ) -> Result<FeatureDelete, InvalidRequest> {
     let v1::DeleteFeaturesRequest { feature_view, entity_keys, event_time } = request;
     let view = view(registry, &feature_view)?.clone();
-    if entity_keys.is_empty() {
-        return Err(InvalidRequest::NoKeys);
-    }
-    if entity_keys.len() > limits.max_rows_per_write {
-        return Err(InvalidRequest::TooManyKeys { count: entity_keys.len(), limit: limits.max_rows_per_write });
-    }
+    check_keys(&entity_keys, limits.max_rows_per_write, limits)?;
     let at = event_time.ok_or_else(|| InvalidRequest::MissingEventTime { field: "event_time".into() })?;
     let at = event_time_from_wire(at, || "event_time".into())?;
     let mut keys = Vec::with_capacity(entity_keys.len());
     let mut index: HashMap<String, usize> = HashMap::with_capacity(entity_keys.len());
     let mut requested = Vec::with_capacity(entity_keys.len());
-    for (i, key) in entity_keys.into_iter().enumerate() {
-        check_key(&key, || format!("entity_keys[{i}]"), limits)?;
+    for key in entity_keys {
         let at = *index.entry(key).or_insert_with_key(|key| {
             keys.push(key.clone());
             keys.len() - 1

@@ -103,6 +103,20 @@ impl LoadReport {
     pub fn rows_per_second(&self) -> f64 {
         self.rows_read as f64 / self.elapsed.as_secs_f64().max(1e-9)
     }
+
+    /// One line: rows read, time, speed, and the counts.
+    pub fn summary(&self) -> String {
+        format!(
+            "{} rows read in {:.1?} ({:.0} rows/s): {} written, {} skipped as older, {} rejected, {} failed",
+            self.rows_read,
+            self.elapsed,
+            self.rows_per_second(),
+            self.written,
+            self.skipped_older,
+            self.rejected.len(),
+            self.failed,
+        )
+    }
 }
 
 /// What the reader sends a shard writer.
@@ -268,16 +282,7 @@ pub fn print_report(report: &LoadReport, file: &Path) {
     for failure in &report.failures {
         println!("failed batch: {failure}");
     }
-    println!(
-        "{} rows read in {:.1?} ({:.0} rows/s): {} written, {} skipped as older, {} rejected, {} failed",
-        report.rows_read,
-        report.elapsed,
-        report.rows_per_second(),
-        report.written,
-        report.skipped_older,
-        report.rejected.len(),
-        report.failed,
-    );
+    println!("{}", report.summary());
     if report.cache_errors > 0 {
         println!(
             "warning: redis could not be updated for {} written keys; their old cached copies live until their TTLs end",

@@ -241,3 +241,59 @@ fn write_response<'a>(
     }
     Ok(response)
 }
+
+#[cfg(test)]
+mod tests {
+    use strata_shard_router::ShardError;
+
+    use super::*;
+
+    fn outcome(written: &[&str], skipped: &[&str], failed: &[&str]) -> UpsertOutcome {
+        let owned = |keys: &[&str]| keys.iter().map(|k| (*k).to_owned()).collect::<Vec<_>>();
+        UpsertOutcome {
+            written: owned(written),
+            skipped_older: owned(skipped),
+            failed: if failed.is_empty() { Vec::new() } else { vec![(ShardError::NoShards, owned(failed))] },
+        }
+    }
+
+    fn outcomes(response: &v1::WriteFeaturesResponse) -> Vec<(&str, v1::WriteOutcome, &str)> {
+        response
+            .results
+            .iter()
+            .map(|r| {
+                let outcome = v1::WriteOutcome::try_from(r.outcome).unwrap_or(v1::WriteOutcome::Unspecified);
+                (r.entity_key.as_str(), outcome, r.error.as_str())
+            })
+            .collect()
+    }
+
+    #[test]
+    fn every_request_row_gets_its_own_result_in_request_order() {
+        use v1::WriteOutcome::{Failed, SkippedOlder, Written};
+        let done = outcome(&["a"], &["b"], &["c"]);
+        // "a" twice: the first row was superseded by the second.
+        let requested = [("a", false), ("b", true), ("c", true), ("a", true)];
+        let response = write_response("v", "write", &done, requested.into_iter()).unwrap();
+        assert_eq!(
+            outcomes(&response),
+            [
+                ("a", SkippedOlder, ""),
+                ("b", SkippedOlder, ""),
+                ("c", Failed, "no shards are configured"),
+                ("a", Written, "")
+            ]
+        );
+        assert_eq!((response.rows_written, response.rows_skipped_older, response.rows_failed), (1, 2, 1));
+    }
+
+    #[test]
+    fn a_write_of_which_nothing_could_be_stored_fails_as_unavailable() {
+        let done = outcome(&[], &[], &["a", "b"]);
+        let error = write_response("v", "write", &done, [("a", true), ("b", true)].into_iter()).unwrap_err();
+        assert_eq!(Status::from(error).code(), tonic::Code::Unavailable);
+        // A key the shards never answered for is never reported as written.
+        let response = write_response("v", "write", &outcome(&["a"], &[], &[]), [("a", true), ("z", true)].into_iter());
+        assert_eq!(response.unwrap().rows_failed, 1);
+    }
+}
