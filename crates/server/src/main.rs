@@ -92,7 +92,7 @@ async fn main() -> std::process::ExitCode {
     tracing_subscriber::fmt()
         .with_env_filter(
             tracing_subscriber::EnvFilter::try_from_default_env()
-                .unwrap_or_else(|_| tracing_subscriber::EnvFilter::new("info,fred=warn")),
+                .unwrap_or_else(|_| tracing_subscriber::EnvFilter::new("info,fred=warn,tokio_postgres=warn")),
         )
         .init();
     match run(Cli::parse()).await {
