@@ -18,6 +18,7 @@ use std::fs::File;
 use std::io::{BufRead, BufReader, Read};
 use std::path::{Path, PathBuf};
 use std::sync::Arc;
+use std::sync::atomic::{AtomicU64, Ordering};
 use std::time::{Duration, Instant};
 
 use anyhow::{Context, Result, bail};
@@ -155,6 +156,8 @@ pub async fn load(
     let file = File::open(&options.file).with_context(|| format!("cannot open {}", options.file.display()))?;
     let size = file.metadata().map(|m| m.len()).unwrap_or(0);
     let bar = progress_bar(size, options.progress);
+    // Rows committed so far, over all shards, for the progress line.
+    let committed = Arc::new(AtomicU64::new(0));
     let batch_rows = options.batch_rows.max(1);
     let concurrency = options.concurrency.max(1);
 
@@ -163,7 +166,7 @@ pub async fn load(
     for shard in 0..shards.shard_count() {
         let (tx, rx) = mpsc::channel::<Batch>(concurrency);
         senders.push(tx);
-        let (shards, l2, view, bar) = (shards.clone(), l2.clone(), view.clone(), bar.clone());
+        let (shards, l2, view, committed) = (shards.clone(), l2.clone(), view.clone(), committed.clone());
         let (channel, guard_ttl) = (config.writes.channel.clone(), config.writes.guard_ttl);
         writers.push(tokio::spawn(async move {
             let mut tally = LoadReport::default();
@@ -201,7 +204,7 @@ pub async fn load(
                         tally.failures.push(error.to_string());
                     }
                 }
-                bar.set_message(format!("{} written", tally.written));
+                committed.fetch_add(rows as u64, Ordering::Relaxed);
             }
             tally
         }));
@@ -220,6 +223,11 @@ pub async fn load(
             let counted = CountingReader { inner: file, bar: bar.clone() };
             let mut on_row = |line: u64, parsed: Parsed| -> Result<()> {
                 read += 1;
+                if read.is_multiple_of(10_000) {
+                    let rate = read as f64 / started.elapsed().as_secs_f64().max(1e-9);
+                    let done = committed.load(Ordering::Relaxed);
+                    bar.set_message(format!("{read} rows read ({rate:.0} rows/s), {done} through postgres"));
+                }
                 match parsed {
                     Ok((key, row)) => {
                         let shard = router.shard_of(&key);
@@ -297,7 +305,7 @@ fn progress_bar(size: u64, enabled: bool) -> ProgressBar {
         if enabled { ProgressDrawTarget::stderr() } else { ProgressDrawTarget::hidden() },
     );
     bar.set_style(
-        ProgressStyle::with_template("{elapsed_precise} [{bar:30}] {percent:>3}% {binary_bytes_per_sec} {msg}")
+        ProgressStyle::with_template("{elapsed_precise} [{bar:30}] {percent:>3}% {msg}")
             .unwrap_or_else(|_| ProgressStyle::default_bar())
             .progress_chars("=> "),
     );
