@@ -9,6 +9,7 @@ use std::time::{Duration, Instant};
 use anyhow::{Context, Result, bail, ensure};
 use fred::prelude::KeysInterface as _;
 use futures::StreamExt as _;
+use strata_cache_tiers::Put;
 use strata_core::{Content, EventTime, decode_entry};
 use strata_proto::v1::{self, value::Kind};
 use strata_server::RunningServer;
@@ -494,6 +495,18 @@ async fn a_file_with_bad_rows_loads_the_good_ones_reports_the_bad_by_line_and_re
     // Run again, as after a crash: same result, same data.
     let again = load(env, &load_options("bulk_bad", &csv, Format::Csv)).await?;
     ensure!(again.written == 2 && rejects(&again) == want, "{again:?}");
+
+    // Redis holds a guard for each loaded key: a reader misses, and a fill
+    // carrying an older row (read before the load committed) is refused.
+    let loaded_at = micros(1_767_225_600);
+    ensure!(redis_entry(env, &server, "bulk_bad", "bad:7").await? == Some((Content::Guard, loaded_at)));
+    let registry = env.registry()?;
+    let view = registry.get("bulk_bad").context("view")?;
+    let older = strata_core::Row { event_time: micros(1), values: vec![strata_core::Value::Int64(-1); 3] };
+    let life = strata_core::Lifetime { soft: Duration::from_secs(60), hard: Duration::from_secs(60) };
+    let late_fill = Put { key: "bad:7", content: Content::Found(&older), version: older.event_time, life };
+    ensure!(server.tiers().l2().put_many(view, &[late_fill]).await? == [false], "the guard refuses an older fill");
+    ensure!(redis_entry(env, &server, "bulk_bad", "bad:7").await? == Some((Content::Guard, loaded_at)));
 
     // JSON Lines, with one row older than what is stored.
     let jsonl = dir.path().join("more.jsonl");
