@@ -284,6 +284,7 @@ async fn list_feature_views_returns_the_registry(env: &'static Env) -> Result<()
                 "resubscribe",
                 "bulk",
                 "bulk_bad",
+                "repair",
                 "warming",
                 "rejects"
             ],

@@ -26,6 +26,7 @@ integration_tests!(
     out_of_order_writes_and_deletes_leave_the_newer_state_at_every_tier,
     a_delayed_cache_fill_carrying_an_old_value_loses_at_l2_and_l1,
     a_killed_subscription_clears_l1_and_fresh_data_is_served,
+    a_write_whose_cache_step_failed_is_repaired_on_every_instance,
     a_million_rows_bulk_loaded_into_two_shards_are_all_readable_and_replace_cached_copies,
     a_file_with_bad_rows_loads_the_good_ones_reports_the_bad_by_line_and_reloads_safely,
     warming_preloads_given_and_most_read_keys_into_redis,
@@ -362,6 +363,34 @@ async fn a_killed_subscription_clears_l1_and_fresh_data_is_served(env: &'static 
     while n_of(&read(&b, "resubscribe", key).await?) != Some(3) {
         ensure!(started.elapsed() < Duration::from_secs(5), "B missed a write after resubscribing");
         tokio::task::yield_now().await;
+    }
+    a.shutdown().await;
+    b.shutdown().await;
+    Ok(())
+}
+
+async fn a_write_whose_cache_step_failed_is_repaired_on_every_instance(env: &'static Env) -> Result<()> {
+    let (a, b) = (env.server().await?, env.server().await?);
+    let key = "repair:1";
+    let mut ca = client(&a).await?;
+    ca.write_features(write("repair", vec![row(key, ts(1, 0), n(1))])).await?;
+    cached_in_l1(&b, "repair", key).await?;
+
+    // Redis "fails" for the next write's cache step: the old copy stays in
+    // Redis and nobody is told. The write is committed all the same.
+    a.tiers().fail_next_cache_steps(1);
+    let written = ca.write_features(write("repair", vec![row(key, ts(2, 0), n(2))])).await?.into_inner();
+    ensure!(written.rows_written == 1, "{written:?}");
+
+    // The repair puts Redis right and announces the key again.
+    for server in [&a, &b] {
+        settles(server, "repair", key, &[Some(1)], Some(2)).await?;
+    }
+    ensure!(redis_entry(env, &a, "repair", key).await? == Some((Content::Found(2), micros(2))));
+    let page = scrape(&a).await?;
+    for outcome in ["queued", "repaired"] {
+        let n = sample(&page, "strata_cache_repairs_total", &[("view", "repair"), ("outcome", outcome)]);
+        ensure!(n == 1.0, "repairs {outcome}: {n}");
     }
     a.shutdown().await;
     b.shutdown().await;

@@ -138,6 +138,12 @@ features = [
 ]
 
 [[views]]
+name = "repair"
+l1_ttl = "5m"
+l2_ttl = "10m"
+features = [{ name = "n", type = "int64" }]
+
+[[views]]
 name = "warming"
 l1_ttl = "5m"
 l2_ttl = "10m"

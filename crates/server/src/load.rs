@@ -180,8 +180,10 @@ pub async fn load(
                         let cache_errors = match &result {
                             Ok(written) => {
                                 let keys: Vec<&str> = written.iter().map(|(k, _)| k.as_str()).collect();
-                                let failed = guard(l2, view, written, guard_ttl).await;
-                                announce(l2, channel, 0, view, &keys).await;
+                                let mut failed = guard(l2, view, written, guard_ttl).await;
+                                if !announce(l2, channel, 0, view, &keys).await {
+                                    failed = keys.len();
+                                }
                                 failed
                             }
                             Err(_) => 0,

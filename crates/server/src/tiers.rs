@@ -22,16 +22,19 @@
 //! to drop its own (Redis pub/sub). An L1 fill by a load that began before
 //! an invalidation is refused ([`strata_cache_tiers::Stamp`]).
 
+use std::sync::atomic::{AtomicUsize, Ordering};
 use std::sync::{Arc, OnceLock};
 use std::time::Duration;
 
 use futures::future::BoxFuture;
 use rand::Rng;
 use strata_cache_tiers::{
-    Cached, L1Cache, L2Cache, Put, RefreshQueue, RefreshTier, Reloader, SingleFlight, Stamp, invalidation_messages,
+    Cached, L1Cache, L2Cache, L2Error, Put, RefreshQueue, RefreshTier, Reloader, SingleFlight, Stamp,
+    invalidation_messages,
 };
 use strata_core::{Content, EventTime, FeatureView, Lifetime, Row};
 use strata_shard_router::{Fetched, ShardRouter, UpsertOutcome};
+use tokio::sync::mpsc;
 
 /// Which tier answered a key.
 #[derive(Clone, Copy, Debug, PartialEq, Eq)]
@@ -153,7 +156,16 @@ pub struct Tiers {
     /// In-flight loads, with the stamp their leader took.
     flights: Arc<SingleFlight<(u32, String), (Loaded, Stamp)>>,
     refresh: RefreshQueue,
+    /// Written keys whose cache step failed, to be put right in the
+    /// background.
+    repairs: mpsc::Sender<Repair>,
 }
+
+/// Written keys of a view whose Redis copy or announcement failed.
+type Repair = (Arc<FeatureView>, Vec<String>);
+
+/// Repairs waiting at most (batches of keys); more are dropped and counted.
+const REPAIR_QUEUE: usize = 1_024;
 
 /// L2 and L3: everything below L1.
 struct Lower {
@@ -165,6 +177,8 @@ struct Lower {
     /// For scheduling L2 refreshes; set once the queue exists.
     refresh: OnceLock<RefreshQueue>,
     fill_hook: OnceLock<FillHook>,
+    /// Cache steps of writes still to fail on purpose (tests only).
+    failing_writes: AtomicUsize,
 }
 
 /// A uniform sample in [0, 1) for jitter.
@@ -216,12 +230,22 @@ impl Tiers {
             hot_keys,
             refresh: OnceLock::new(),
             fill_hook: OnceLock::new(),
+            failing_writes: AtomicUsize::new(0),
         });
         let refresh = RefreshQueue::start(l1.clone(), lower.clone(), capacity, concurrency);
         let _ = lower.refresh.set(refresh.clone());
         // Never 0, which announcements from outside any server carry.
         let origin = rand::rng().random_range(1..u64::MAX);
-        Tiers { l1, origin, lower, flights: Arc::new(SingleFlight::default()), refresh }
+        let (repairs, queue) = mpsc::channel(REPAIR_QUEUE);
+        tokio::spawn(repair(lower.clone(), l1.clone(), origin, queue));
+        Tiers { l1, origin, lower, flights: Arc::new(SingleFlight::default()), refresh, repairs }
+    }
+
+    /// Makes the cache step (Redis and the announcement) of the next `n`
+    /// writes fail as if Redis were down. For tests of the repair.
+    #[doc(hidden)]
+    pub fn fail_next_cache_steps(&self, n: usize) {
+        self.lower.failing_writes.store(n, Ordering::SeqCst);
     }
 
     /// This instance's name in invalidation announcements.
@@ -378,7 +402,7 @@ impl Tiers {
         finish(tokio::spawn(async move { this.delete_now(&view, &keys, at).await })).await
     }
 
-    async fn write_now(&self, view: &FeatureView, rows: &[(String, Row)]) -> UpsertOutcome {
+    async fn write_now(&self, view: &Arc<FeatureView>, rows: &[(String, Row)]) -> UpsertOutcome {
         let outcome = self.lower.shards.upsert(view, rows).await;
         if outcome.written.is_empty() {
             return outcome;
@@ -394,12 +418,11 @@ impl Tiers {
                 Some(Put { key, content: Content::Found(row), version: row.event_time, life })
             })
             .collect();
-        self.lower.put_after_write(view, &puts).await;
-        self.announce(view, &outcome.written).await;
+        self.after_write(view, &puts, &outcome.written).await;
         outcome
     }
 
-    async fn delete_now(&self, view: &FeatureView, keys: &[String], at: EventTime) -> UpsertOutcome {
+    async fn delete_now(&self, view: &Arc<FeatureView>, keys: &[String], at: EventTime) -> UpsertOutcome {
         let outcome = self.lower.shards.delete(view, keys, at).await;
         if outcome.written.is_empty() {
             return outcome;
@@ -407,8 +430,7 @@ impl Tiers {
         let life = self.lower.guard_life(view);
         let puts: Vec<Put<'_>> =
             outcome.written.iter().map(|key| Put { key, content: Content::Missing, version: at, life }).collect();
-        self.lower.put_after_write(view, &puts).await;
-        self.announce(view, &outcome.written).await;
+        self.after_write(view, &puts, &outcome.written).await;
         outcome
     }
 
@@ -446,12 +468,57 @@ impl Tiers {
         counts
     }
 
-    /// Drops keys from this instance's L1 at once, and publishes them so
-    /// every other instance drops them too.
-    async fn announce(&self, view: &FeatureView, keys: &[String]) {
-        let keys: Vec<&str> = keys.iter().map(String::as_str).collect();
+    /// The cache step of a write: store what it left in Redis (unless
+    /// Redis holds a newer version), drop the keys from this instance's L1
+    /// at once, and announce them so every other instance drops them too.
+    /// If Redis fails, the keys are queued for repair: otherwise Redis
+    /// would keep the old copy until its TTL, and every instance would
+    /// read it again.
+    async fn after_write(&self, view: &Arc<FeatureView>, puts: &[Put<'_>], written: &[String]) {
+        let keys: Vec<&str> = written.iter().map(String::as_str).collect();
         self.l1.invalidate_many(view.id, &keys).await;
-        announce(&self.lower.l2, &self.lower.writes.channel, self.origin, view, &keys).await;
+        let injected =
+            self.lower.failing_writes.fetch_update(Ordering::SeqCst, Ordering::SeqCst, |n| n.checked_sub(1)).is_ok();
+        let done = !injected
+            && self.lower.put_after_write(view, puts).await
+            && announce(&self.lower.l2, &self.lower.writes.channel, self.origin, view, &keys).await;
+        if !done {
+            let queued = self.repairs.try_send((view.clone(), written.to_vec())).is_ok();
+            let outcome = if queued { "queued" } else { "dropped" };
+            metrics::counter!("strata_cache_repairs_total", "view" => view.name.clone(), "outcome" => outcome)
+                .increment(written.len() as u64);
+        }
+    }
+}
+
+/// Puts right the caches of written keys whose cache step failed: reads
+/// them from PostgreSQL, stores them in Redis (never over a newer version),
+/// then drops and announces them again, since instances may have re-read
+/// the old Redis copy meanwhile. Retries with backoff; gives up once the
+/// view's L2 TTL has passed, as any old copy has expired by then.
+async fn repair(lower: Arc<Lower>, l1: L1Cache, origin: u64, mut queue: mpsc::Receiver<Repair>) {
+    while let Some((view, keys)) = queue.recv().await {
+        let keys: Vec<&str> = keys.iter().map(String::as_str).collect();
+        let give_up = tokio::time::Instant::now() + view.l2_ttl;
+        let mut delay = Duration::from_millis(50);
+        let outcome = loop {
+            let (loaded, stored) = lower.fetch_and_put(&view, &keys).await;
+            let fetched = loaded.iter().all(|l| !matches!(l, Loaded::Unavailable));
+            if fetched && stored.is_ok() {
+                l1.invalidate_many(view.id, &keys).await;
+                if announce(&lower.l2, &lower.writes.channel, origin, &view, &keys).await {
+                    break "repaired";
+                }
+            }
+            if tokio::time::Instant::now() + delay > give_up {
+                break "expired";
+            }
+            tokio::time::sleep(delay).await;
+            delay = (delay * 2).min(Duration::from_secs(5));
+        };
+        tracing::info!(view = %view.name, keys = keys.len(), outcome, "cache repair after a write");
+        metrics::counter!("strata_cache_repairs_total", "view" => view.name.clone(), "outcome" => outcome)
+            .increment(keys.len() as u64);
     }
 }
 
@@ -464,16 +531,18 @@ async fn finish(task: tokio::task::JoinHandle<UpsertOutcome>) -> UpsertOutcome {
 }
 
 /// Publishes written keys of a view on the invalidation channel, so every
-/// instance drops its L1 copy. A failure is logged and counted: instances
-/// then keep their copy until its L1 TTL ends.
-/// `origin` is the announcing instance (0 for none).
-pub async fn announce(l2: &L2Cache, channel: &str, origin: u64, view: &FeatureView, keys: &[&str]) {
+/// instance drops its L1 copy. `origin` is the announcing instance (0 for
+/// none). A failure is logged and counted, and false returned.
+pub async fn announce(l2: &L2Cache, channel: &str, origin: u64, view: &FeatureView, keys: &[&str]) -> bool {
+    let mut ok = true;
     for message in invalidation_messages(origin, &view.name, keys) {
         if let Err(error) = l2.publish(channel, message).await {
             tracing::warn!(view = %view.name, %error, "publishing an invalidation failed");
             metrics::counter!("strata_cache_errors_total", "tier" => "l2", "op" => "publish").increment(1);
+            ok = false;
         }
     }
+    ok
 }
 
 /// Leaves guards in Redis for rows written without copying their values
@@ -507,12 +576,16 @@ impl Lower {
         Lifetime { soft: life.soft, hard: life.hard.max(self.writes.guard_ttl) }
     }
 
-    /// Stores what writes left in Redis; a failure is logged and counted
-    /// (the old copy stays until its TTL ends).
-    async fn put_after_write(&self, view: &FeatureView, puts: &[Put<'_>]) {
-        if let Err(error) = self.l2.put_many(view, puts).await {
-            tracing::warn!(view = %view.name, keys = puts.len(), %error, "redis update after a write failed");
-            metrics::counter!("strata_cache_errors_total", "tier" => "l2", "op" => "write").increment(1);
+    /// Stores what writes left in Redis; a failure is logged, counted, and
+    /// false returned.
+    async fn put_after_write(&self, view: &FeatureView, puts: &[Put<'_>]) -> bool {
+        match self.l2.put_many(view, puts).await {
+            Ok(_) => true,
+            Err(error) => {
+                tracing::warn!(view = %view.name, keys = puts.len(), %error, "redis update after a write failed");
+                metrics::counter!("strata_cache_errors_total", "tier" => "l2", "op" => "write").increment(1);
+                false
+            }
         }
     }
 
@@ -646,6 +719,16 @@ impl Lower {
     /// Reads PostgreSQL and fills Redis with what it found (and, with
     /// protection, with what does not exist).
     async fn fetch_and_fill(&self, view: &Arc<FeatureView>, keys: &[&str]) -> Vec<Loaded> {
+        let (loaded, stored) = self.fetch_and_put(view, keys).await;
+        if let Err(error) = stored {
+            tracing::warn!(view = %view.name, keys = keys.len(), %error, "redis fill failed");
+            metrics::counter!("strata_cache_errors_total", "tier" => "l2", "op" => "set").increment(1);
+        }
+        loaded
+    }
+
+    /// [`Lower::fetch_and_fill`], telling whether Redis took the values.
+    async fn fetch_and_put(&self, view: &Arc<FeatureView>, keys: &[&str]) -> (Vec<Loaded>, Result<(), L2Error>) {
         // Each value with the version it is filed under in Redis: a row's
         // event time, a deletion's, or "never written".
         let fetched: Vec<(Loaded, EventTime)> = self
@@ -681,11 +764,8 @@ impl Lower {
                 _ => None,
             })
             .collect();
-        if let Err(error) = self.l2.put_many(view, &fills).await {
-            tracing::warn!(view = %view.name, keys = fills.len(), %error, "redis fill failed");
-            metrics::counter!("strata_cache_errors_total", "tier" => "l2", "op" => "set").increment(1);
-        }
-        fetched.into_iter().map(|(loaded, _)| loaded).collect()
+        let stored = self.l2.put_many(view, &fills).await.map(drop);
+        (fetched.into_iter().map(|(loaded, _)| loaded).collect(), stored)
     }
 }
 
