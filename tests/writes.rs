@@ -26,6 +26,7 @@ integration_tests!(
     out_of_order_writes_and_deletes_leave_the_newer_state_at_every_tier,
     a_delayed_cache_fill_carrying_an_old_value_loses_at_l2_and_l1,
     a_killed_subscription_clears_l1_and_fresh_data_is_served,
+    a_quietly_ended_subscription_is_noticed_by_its_heartbeat,
     a_write_whose_cache_step_failed_is_repaired_on_every_instance,
     a_million_rows_bulk_loaded_into_two_shards_are_all_readable_and_replace_cached_copies,
     a_file_with_bad_rows_loads_the_good_ones_reports_the_bad_by_line_and_reloads_safely,
@@ -369,6 +370,41 @@ async fn a_killed_subscription_clears_l1_and_fresh_data_is_served(env: &'static 
     Ok(())
 }
 
+async fn a_quietly_ended_subscription_is_noticed_by_its_heartbeat(env: &'static Env) -> Result<()> {
+    let (a, b) = (env.server().await?, env.server().await?);
+    let key = "quiet:1";
+    let mut ca = client(&a).await?;
+    ca.write_features(write("resubscribe", vec![row(key, ts(1, 0), n(1))])).await?;
+    cached_in_l1(&b, "resubscribe", key).await?;
+
+    // The server ends B's subscription, the connection stays up: what a
+    // slot move does to a sharded subscription. B hears no more writes.
+    let channel = env.config()?.validate()?.writes.channel;
+    let mut clears = b.invalidations().clears();
+    let before = *clears.borrow_and_update();
+    b.invalidations().unsubscribe_quietly(&channel).await?;
+    ca.write_features(write("resubscribe", vec![row(key, ts(2, 0), n(2))])).await?;
+    let stale = read(&b, "resubscribe", key).await?;
+    ensure!(n_of(&stale) == Some(1) && source(&stale) == v1::Source::L1, "B cannot know yet: {stale:?}");
+
+    // Its heartbeats stop coming back: B renews the subscription and clears L1.
+    let started = Instant::now();
+    tokio::time::timeout(Duration::from_secs(10), clears.wait_for(|n| *n > before))
+        .await
+        .context("B did not notice that its subscription had ended")??;
+    println!("heartbeat: B noticed its silent subscription after {:.1?}", started.elapsed());
+    settles(&b, "resubscribe", key, &[Some(1)], Some(2)).await?;
+    ensure!(sample(&scrape(&b).await?, "strata_l1_clears_total", &[("reason", "silent")]) >= 1.0);
+
+    // And hears writes again.
+    cached_in_l1(&b, "resubscribe", key).await?;
+    ca.write_features(write("resubscribe", vec![row(key, ts(3, 0), n(3))])).await?;
+    settles(&b, "resubscribe", key, &[Some(2)], Some(3)).await?;
+    a.shutdown().await;
+    b.shutdown().await;
+    Ok(())
+}
+
 async fn a_write_whose_cache_step_failed_is_repaired_on_every_instance(env: &'static Env) -> Result<()> {
     let (a, b) = (env.server().await?, env.server().await?);
     let key = "repair:1";
@@ -544,15 +580,17 @@ async fn a_file_with_bad_rows_loads_the_good_ones_reports_the_bad_by_line_and_re
         "{\"entity_key\": \"bad:1\", \"event_time\": \"2025-01-01T00:00:00Z\", \"n\": 100}\n\
          {\"entity_key\": \"bad:9\", \"event_time\": 1767225600, \"n\": 9, \"emb\": [0.25]}\n\
          {\"entity_key\": \"bad:10\", \"event_time\": 1767225600, \"n\": \"ten\"}\n\
-         {oops\n",
+         {oops\n\
+         {\"entity_key\": \"bad:11\", \"event_time\": 1767225600, \"n\": 1}\n\
+         {\"entity_key\": \"bad:11\", \"event_time\": 1767225600, \"n\": 2}\n",
     )?;
     let json = load(env, &load_options("bulk_bad", &jsonl, Format::Jsonl)).await?;
-    ensure!(json.written == 1 && json.skipped_older == 1, "{json:?}");
+    ensure!(json.written == 2 && json.skipped_older == 2, "{json:?}");
     let lines: Vec<u64> = json.rejected.iter().map(|r| r.line).collect();
     ensure!(lines == [3, 4], "{:?}", json.rejected);
 
     let mut c = client(&server).await?;
-    let keys = ["bad:1", "bad:7", "bad:9", "bad:2"];
+    let keys = ["bad:1", "bad:7", "bad:9", "bad:2", "bad:11"];
     let rows = c.get_features(get("bulk_bad", &keys, &[])).await?.into_inner().rows;
     ensure!(rows[0].values[0] == v(Kind::Int64Value(1)), "the older JSON row did not replace bad:1: {:?}", rows[0]);
     ensure!(rows[0].values[2] == v(Kind::FloatListValue(v1::FloatList { values: vec![0.5] })));
@@ -568,6 +606,11 @@ async fn a_file_with_bad_rows_loads_the_good_ones_reports_the_bad_by_line_and_re
     );
     ensure!(rows[2].values[0] == v(Kind::Int64Value(9)));
     ensure!(status(&rows[3]) == v1::RowStatus::NotFound, "a rejected row is not stored: {:?}", rows[3]);
+    ensure!(
+        rows[4].values[0] == v(Kind::Int64Value(2)),
+        "of two rows with one event time the later wins: {:?}",
+        rows[4]
+    );
 
     let err = load(env, &load_options("no_such_view", &csv, Format::Csv)).await.expect_err("unknown view");
     ensure!(err.to_string().contains("unknown view \"no_such_view\""), "{err}");

@@ -8,20 +8,23 @@
 //! slot and straight to its subscribers, not over the cluster bus.
 //!
 //! Pub/sub is fire-and-forget: a subscriber whose connection drops cannot
-//! know what it missed. So whenever a connection comes back, the listener
-//! subscribes again and then clears the whole L1; the same when it fell so
-//! far behind that messages were dropped. TTLs remain the final bound.
+//! know what it missed. So whenever a connection comes back, or the cluster
+//! changes shape (the channel's slot may have moved, which ends a sharded
+//! subscription silently), the listener subscribes again and then clears
+//! the whole L1; the same when it fell so far behind that messages were
+//! dropped. TTLs remain the final bound.
 
 use std::collections::HashMap;
 
 use fred::clients::SubscriberClient;
 use fred::prelude::*;
-use fred::types::Message;
+use fred::types::{ClusterStateChange, Message};
 use tokio::sync::{broadcast, watch};
 use tokio::task::JoinHandle;
+use tokio::time::{Duration, Instant};
 
 use crate::l2::builder;
-use crate::{L1Cache, L2Config, L2Error};
+use crate::{L1Cache, L2Cache, L2Config, L2Error};
 
 const FORMAT: u8 = 1;
 /// Keys per message, so one huge write does not make one huge message.
@@ -32,7 +35,10 @@ pub const KEYS_PER_MESSAGE: usize = 1_000;
 /// which dropped the keys itself and ignores its own messages (0: no
 /// instance, e.g. `strata load`).
 pub fn invalidation_messages(origin: u64, view: &str, keys: &[&str]) -> Vec<Vec<u8>> {
-    keys.chunks(KEYS_PER_MESSAGE)
+    // No keys still make one message (a heartbeat).
+    let chunks: Vec<&[&str]> = if keys.is_empty() { vec![keys] } else { keys.chunks(KEYS_PER_MESSAGE).collect() };
+    chunks
+        .into_iter()
         .map(|chunk| {
             let size = 17 + view.len() + chunk.iter().map(|k| 4 + k.len()).sum::<usize>();
             let mut out = Vec::with_capacity(size);
@@ -108,9 +114,14 @@ pub struct InvalidationListener {
 impl InvalidationListener {
     /// Subscribes to `channel` (returning once the subscription stands) and
     /// applies invalidations to `l1`, except those `origin` (this instance)
-    /// announced; `views` maps view names to registry ids.
+    /// announced; `views` maps view names to registry ids. Through `l2` it
+    /// sends itself a heartbeat on the channel every second: a subscription
+    /// that hears nothing of its own for [`SILENCE`] is renewed and L1
+    /// cleared, whether the connection died quietly or the channel's slot
+    /// moved (which ends a sharded subscription without a word from fred).
     pub async fn start(
         config: &L2Config,
+        l2: L2Cache,
         channel: String,
         origin: u64,
         l1: L1Cache,
@@ -119,16 +130,27 @@ impl InvalidationListener {
         let client = builder(config)?.build_subscriber_client()?;
         client.init().await?;
         // Sharded pub/sub: the subscription lives on the shard owning the
-        // channel's slot; a failover there drops the connection, and the
-        // re-connection clears L1 like any other.
+        // channel's slot; a failover or a slot move there is handled like a
+        // re-connection (see `Worker::run`).
         client.ssubscribe(channel.as_str()).await?;
         // Created after the first connection, so only re-connections show.
         let reconnects = client.reconnect_rx();
+        let changes = client.cluster_change_rx();
         let messages = client.message_rx();
         let (cleared_tx, cleared) = watch::channel(0);
         let (applied_tx, applied) = watch::channel(0);
-        let worker = Worker { client: client.clone(), origin, l1, views, cleared: cleared_tx, applied: applied_tx };
-        let task = tokio::spawn(worker.run(messages, reconnects));
+        let worker = Worker {
+            client: client.clone(),
+            l2,
+            channel,
+            origin,
+            l1,
+            views,
+            heard: Instant::now(),
+            cleared: cleared_tx,
+            applied: applied_tx,
+        };
+        let task = tokio::spawn(worker.run(messages, reconnects, changes));
         Ok(InvalidationListener { client, task, cleared, applied })
     }
 
@@ -143,6 +165,14 @@ impl InvalidationListener {
         self.applied.clone()
     }
 
+    /// Ends the subscription on the server while the connection stays up,
+    /// as a slot move does. For tests of the heartbeat.
+    #[doc(hidden)]
+    pub async fn unsubscribe_quietly(&self, channel: &str) -> Result<(), L2Error> {
+        self.client.sunsubscribe(channel).await?;
+        Ok(())
+    }
+
     /// The name the subscriber's connections carry in `CLIENT LIST`.
     pub fn client_name(&self) -> String {
         self.client.id().to_string()
@@ -154,9 +184,20 @@ impl InvalidationListener {
     }
 }
 
+/// How often a listener sends itself a heartbeat.
+pub const HEARTBEAT: Duration = Duration::from_secs(1);
+/// How long a listener may hear nothing of its own before it renews its
+/// subscription and clears L1.
+pub const SILENCE: Duration = Duration::from_secs(3);
+
 struct Worker {
     client: SubscriberClient,
+    /// Publishes the heartbeats.
+    l2: L2Cache,
+    channel: String,
     origin: u64,
+    /// When a message of this instance's own came back last.
+    heard: Instant,
     l1: L1Cache,
     views: HashMap<String, u32>,
     cleared: watch::Sender<u64>,
@@ -164,9 +205,32 @@ struct Worker {
 }
 
 impl Worker {
-    async fn run(self, mut messages: broadcast::Receiver<Message>, mut reconnects: broadcast::Receiver<Server>) {
+    async fn run(
+        mut self,
+        mut messages: broadcast::Receiver<Message>,
+        mut reconnects: broadcast::Receiver<Server>,
+        mut changes: broadcast::Receiver<Vec<ClusterStateChange>>,
+    ) {
+        let mut heartbeat = tokio::time::interval(HEARTBEAT);
+        heartbeat.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Delay);
         loop {
             tokio::select! {
+                _ = heartbeat.tick() => {
+                    if self.heard.elapsed() > SILENCE {
+                        tracing::warn!(silent_for = ?self.heard.elapsed(), "invalidation subscription went quiet; renewing it");
+                        self.resubscribe().await;
+                        self.clear("silent").await;
+                        self.heard = Instant::now();
+                    }
+                    // An empty announcement of our own: hearing it back
+                    // proves the subscription still stands.
+                    let beat = invalidation_messages(self.origin, "", &[]);
+                    for message in beat {
+                        if let Err(error) = self.l2.publish(&self.channel, message).await {
+                            tracing::debug!(%error, "invalidation heartbeat failed");
+                        }
+                    }
+                }
                 message = messages.recv() => match message {
                     Ok(message) => self.apply(message).await,
                     Err(broadcast::error::RecvError::Lagged(missed)) => {
@@ -182,16 +246,29 @@ impl Worker {
                     }
                     Err(broadcast::error::RecvError::Closed) => return,
                 },
+                // The channel's slot may have moved to another node, which
+                // ends a sharded subscription without closing the connection
+                // (and fred drops the SUNSUBSCRIBE that says so).
+                change = changes.recv() => match change {
+                    Ok(_) | Err(broadcast::error::RecvError::Lagged(_)) => {
+                        self.resubscribe().await;
+                        self.clear("cluster_changed").await;
+                    }
+                    Err(broadcast::error::RecvError::Closed) => return,
+                },
             }
         }
     }
 
-    async fn apply(&self, message: Message) {
+    async fn apply(&mut self, message: Message) {
         let decoded = message.value.as_bytes().and_then(decode_invalidation);
         let Some(Invalidation { origin, view, keys }) = decoded else {
             tracing::warn!(channel = %message.channel, "ignoring an invalidation message that does not decode");
             return;
         };
+        if origin == self.origin {
+            self.heard = Instant::now();
+        }
         // Its own writes this instance dropped before announcing them; a
         // view it does not serve (another config version) it has no copy of.
         if origin != self.origin
@@ -210,7 +287,10 @@ impl Worker {
     /// between would be missed.
     async fn resubscribe(&self) {
         let mut delay = std::time::Duration::from_millis(10);
-        while let Err(error) = self.client.resubscribe_all().await {
+        // SSUBSCRIBE alone: fred's `resubscribe_all` also sends empty
+        // SUBSCRIBE/PSUBSCRIBE commands whose error replies can be taken for
+        // the answer to ours.
+        while let Err(error) = self.client.ssubscribe(self.channel.as_str()).await {
             tracing::warn!(%error, "re-subscribing to invalidations failed; retrying");
             tokio::time::sleep(delay).await;
             delay = (delay * 2).min(std::time::Duration::from_secs(1));
@@ -248,6 +328,11 @@ mod tests {
 
     #[test]
     fn garbage_does_not_decode_and_does_not_panic() {
+        assert_eq!(
+            decode_invalidation(&invalidation_messages(3, "", &[])[0]),
+            Some(Invalidation { origin: 3, view: String::new(), keys: vec![] }),
+            "a heartbeat is one message without keys"
+        );
         let message = &invalidation_messages(1, "v", &["a", "b"])[0];
         for cut in 0..message.len() {
             assert_eq!(decode_invalidation(&message[..cut]), None);

@@ -263,8 +263,11 @@ pub async fn load(
     // returns, whether the reader succeeded or not.
     let read = reader.await.context("the reader panicked");
     let mut report = LoadReport::default();
-    for writer in writers {
-        let tally = writer.await.context("a shard writer panicked")?;
+    // Every writer is awaited before anything is reported, so none is left
+    // committing batches after the load returns.
+    let tallies = futures::future::join_all(writers).await;
+    for tally in tallies {
+        let tally = tally.context("a shard writer panicked")?;
         report.written += tally.written;
         report.skipped_older += tally.skipped_older;
         report.failed += tally.failed;

@@ -57,10 +57,16 @@ impl RunningServer {
         // Subscribed before serving, so no write announced after the first
         // answer can be missed.
         let views = config.registry.views().iter().map(|v| (v.name.clone(), v.id)).collect();
-        let invalidations =
-            InvalidationListener::start(&config.redis, config.writes.channel.clone(), tiers.origin(), l1, views)
-                .await
-                .context("cannot subscribe to invalidations")?;
+        let invalidations = InvalidationListener::start(
+            &config.redis,
+            tiers.l2().clone(),
+            config.writes.channel.clone(),
+            tiers.origin(),
+            l1,
+            views,
+        )
+        .await
+        .context("cannot subscribe to invalidations")?;
 
         let (health, health_service) = tonic_health::server::health_reporter();
         health.set_serving::<FeatureStoreServer<FeatureStoreService>>().await;

@@ -161,11 +161,14 @@ pub struct Tiers {
     repairs: mpsc::Sender<Repair>,
 }
 
-/// Written keys of a view whose Redis copy or announcement failed.
-type Repair = (Arc<FeatureView>, Vec<String>);
+/// Written keys of a view whose Redis copy or announcement failed, and
+/// when.
+type Repair = (Arc<FeatureView>, Vec<String>, tokio::time::Instant);
 
 /// Repairs waiting at most (batches of keys); more are dropped and counted.
 const REPAIR_QUEUE: usize = 1_024;
+/// Repairs retrying at once, so one stuck batch does not hold up the rest.
+const REPAIRS_AT_ONCE: usize = 8;
 
 /// L2 and L3: everything below L1.
 struct Lower {
@@ -476,14 +479,18 @@ impl Tiers {
     /// read it again.
     async fn after_write(&self, view: &Arc<FeatureView>, puts: &[Put<'_>], written: &[String]) {
         let keys: Vec<&str> = written.iter().map(String::as_str).collect();
-        self.l1.invalidate_many(view.id, &keys).await;
         let injected =
             self.lower.failing_writes.fetch_update(Ordering::SeqCst, Ordering::SeqCst, |n| n.checked_sub(1)).is_ok();
-        let done = !injected
-            && self.lower.put_after_write(view, puts).await
-            && announce(&self.lower.l2, &self.lower.writes.channel, self.origin, view, &keys).await;
-        if !done {
-            let queued = self.repairs.try_send((view.clone(), written.to_vec())).is_ok();
+        let stored = !injected && self.lower.put_after_write(view, puts).await;
+        // After Redis holds the new copy: a local read that refilled L1
+        // from the old one in between is dropped here (this instance
+        // ignores its own announcements).
+        self.l1.invalidate_many(view.id, &keys).await;
+        let announced =
+            !injected && announce(&self.lower.l2, &self.lower.writes.channel, self.origin, view, &keys).await;
+        if !(stored && announced) {
+            let repair = (view.clone(), written.to_vec(), tokio::time::Instant::now());
+            let queued = self.repairs.try_send(repair).is_ok();
             let outcome = if queued { "queued" } else { "dropped" };
             metrics::counter!("strata_cache_repairs_total", "view" => view.name.clone(), "outcome" => outcome)
                 .increment(written.len() as u64);
@@ -494,39 +501,49 @@ impl Tiers {
 /// Puts right the caches of written keys whose cache step failed: reads
 /// them from PostgreSQL, stores them in Redis (never over a newer version),
 /// then drops and announces them again, since instances may have re-read
-/// the old Redis copy meanwhile. Retries with backoff; gives up once the
-/// view's L2 TTL has passed, as any old copy has expired by then.
+/// the old Redis copy meanwhile. Retries with backoff, a few repairs at a
+/// time; gives up once the view's L2 TTL has passed since the write, as any
+/// old copy has expired by then.
 async fn repair(lower: Arc<Lower>, l1: L1Cache, origin: u64, mut queue: mpsc::Receiver<Repair>) {
-    while let Some((view, keys)) = queue.recv().await {
-        let keys: Vec<&str> = keys.iter().map(String::as_str).collect();
-        let give_up = tokio::time::Instant::now() + view.l2_ttl;
-        let mut delay = Duration::from_millis(50);
-        let outcome = loop {
-            let (loaded, stored) = lower.fetch_and_put(&view, &keys).await;
-            let fetched = loaded.iter().all(|l| !matches!(l, Loaded::Unavailable));
-            if fetched && stored.is_ok() {
-                l1.invalidate_many(view.id, &keys).await;
-                if announce(&lower.l2, &lower.writes.channel, origin, &view, &keys).await {
-                    break "repaired";
+    let running = Arc::new(tokio::sync::Semaphore::new(REPAIRS_AT_ONCE));
+    while let Some((view, keys, queued_at)) = queue.recv().await {
+        let Ok(permit) = running.clone().acquire_owned().await else { return };
+        let (lower, l1) = (lower.clone(), l1.clone());
+        tokio::spawn(async move {
+            let _permit = permit;
+            let keys: Vec<&str> = keys.iter().map(String::as_str).collect();
+            let give_up = queued_at + view.l2_ttl;
+            let mut delay = Duration::from_millis(50);
+            let outcome = loop {
+                let (loaded, stored) = lower.fetch_and_put(&view, &keys).await;
+                let fetched = loaded.iter().all(|l| !matches!(l, Loaded::Unavailable));
+                if fetched && stored.is_ok() {
+                    l1.invalidate_many(view.id, &keys).await;
+                    if announce(&lower.l2, &lower.writes.channel, origin, &view, &keys).await {
+                        break "repaired";
+                    }
                 }
-            }
-            if tokio::time::Instant::now() + delay > give_up {
-                break "expired";
-            }
-            tokio::time::sleep(delay).await;
-            delay = (delay * 2).min(Duration::from_secs(5));
-        };
-        tracing::info!(view = %view.name, keys = keys.len(), outcome, "cache repair after a write");
-        metrics::counter!("strata_cache_repairs_total", "view" => view.name.clone(), "outcome" => outcome)
-            .increment(keys.len() as u64);
+                if tokio::time::Instant::now() + delay > give_up {
+                    break "expired";
+                }
+                tokio::time::sleep(delay).await;
+                delay = (delay * 2).min(Duration::from_secs(5));
+            };
+            tracing::info!(view = %view.name, keys = keys.len(), outcome, "cache repair after a write");
+            metrics::counter!("strata_cache_repairs_total", "view" => view.name.clone(), "outcome" => outcome)
+                .increment(keys.len() as u64);
+        });
     }
 }
 
-/// The outcome of a spawned write; a panic in it is a bug, passed on.
+/// The outcome of a spawned write. A panic in it is a bug, passed on; a
+/// write cancelled by the runtime shutting down reports no result for its
+/// keys (they answer FAILED, and a retry is safe).
 async fn finish(task: tokio::task::JoinHandle<UpsertOutcome>) -> UpsertOutcome {
     match task.await {
         Ok(outcome) => outcome,
-        Err(error) => std::panic::resume_unwind(error.into_panic()),
+        Err(error) if error.is_panic() => std::panic::resume_unwind(error.into_panic()),
+        Err(_) => UpsertOutcome::default(),
     }
 }
 

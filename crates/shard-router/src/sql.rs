@@ -97,8 +97,15 @@ fn guard(view: &FeatureView) -> String {
 /// The temporary table a bulk load copies a batch into.
 pub(crate) const STAGING: &str = "strata_load_batch";
 
+/// The staging table has the view's columns, and the order rows were copied
+/// in, so that of two rows of one key with the same event time the later
+/// one in the input wins, as in a WriteFeatures request.
 pub(crate) fn create_staging(view: &FeatureView) -> String {
-    format!("CREATE TEMP TABLE {STAGING} (LIKE {} INCLUDING DEFAULTS) ON COMMIT DROP", table(view))
+    format!(
+        "CREATE TEMP TABLE {STAGING} (LIKE {} INCLUDING DEFAULTS, strata_ord bigint GENERATED ALWAYS AS IDENTITY) \
+         ON COMMIT DROP",
+        table(view)
+    )
 }
 
 pub(crate) fn copy_into_staging(view: &FeatureView) -> String {
@@ -113,7 +120,7 @@ pub(crate) fn merge_staging(view: &FeatureView) -> String {
     format!(
         "INSERT INTO {table} AS t (entity_key, event_time{cols}) \
          SELECT DISTINCT ON (entity_key) entity_key, event_time{cols} FROM {STAGING} \
-         ORDER BY entity_key, event_time DESC{conflict} RETURNING entity_key, event_time",
+         ORDER BY entity_key, event_time DESC, strata_ord DESC{conflict} RETURNING entity_key, event_time",
         table = table(view),
         conflict = on_conflict(view),
     )
@@ -281,6 +288,14 @@ mod tests {
             sql.contains("deleted = true, \"a\" = NULL, \"b\" = NULL WHERE t.event_time < EXCLUDED.event_time"),
             "{sql}"
         );
+    }
+
+    #[test]
+    fn a_bulk_merge_keeps_the_newest_row_of_a_key_and_the_later_of_a_tie() {
+        let sql = merge_staging(&view());
+        assert!(sql.contains("SELECT DISTINCT ON (entity_key)"), "{sql}");
+        assert!(sql.contains("ORDER BY entity_key, event_time DESC, strata_ord DESC ON CONFLICT"), "{sql}");
+        assert!(create_staging(&view()).contains("strata_ord bigint GENERATED ALWAYS AS IDENTITY"));
     }
 
     #[test]
