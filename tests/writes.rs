@@ -118,6 +118,18 @@ async fn settles(
     Ok(())
 }
 
+/// Two instances, A and B; `key` of `view` written through A with n = 1 at
+/// t = 1s, and held in B's L1.
+async fn b_caches(env: &Env, view: &str, key: &str) -> Result<(RunningServer, RunningServer, FeatureStore)> {
+    let (a, b) = (env.server().await?, env.server().await?);
+    let mut ca = client(&a).await?;
+    ca.write_features(write(view, vec![row(key, ts(1, 0), n(1))])).await?;
+    cached_in_l1(&b, view, key).await?;
+    Ok((a, b, ca))
+}
+
+type FeatureStore = strata_proto::v1::feature_store_client::FeatureStoreClient<tonic::transport::Channel>;
+
 fn micros(seconds: i64) -> EventTime {
     EventTime(seconds * 1_000_000)
 }
@@ -329,10 +341,8 @@ async fn a_delayed_cache_fill_carrying_an_old_value_loses_at_l2_and_l1(env: &'st
 }
 
 async fn a_killed_subscription_clears_l1_and_fresh_data_is_served(env: &'static Env) -> Result<()> {
-    let (a, b) = (env.server().await?, env.server().await?);
     let key = "resub:1";
-    client(&a).await?.write_features(write("resubscribe", vec![row(key, ts(1, 0), n(1))])).await?;
-    cached_in_l1(&b, "resubscribe", key).await?;
+    let (a, b, mut ca) = b_caches(env, "resubscribe", key).await?;
 
     // A change B is never told about: straight into PostgreSQL, Redis
     // evicted, nothing published; as if B had missed the announcement.
@@ -359,23 +369,16 @@ async fn a_killed_subscription_clears_l1_and_fresh_data_is_served(env: &'static 
 
     // The subscription stands again: a write through A reaches B's L1.
     cached_in_l1(&b, "resubscribe", key).await?;
-    client(&a).await?.write_features(write("resubscribe", vec![row(key, ts(3, 0), n(3))])).await?;
-    let started = Instant::now();
-    while n_of(&read(&b, "resubscribe", key).await?) != Some(3) {
-        ensure!(started.elapsed() < Duration::from_secs(5), "B missed a write after resubscribing");
-        tokio::task::yield_now().await;
-    }
+    ca.write_features(write("resubscribe", vec![row(key, ts(3, 0), n(3))])).await?;
+    settles(&b, "resubscribe", key, &[Some(2)], Some(3)).await?;
     a.shutdown().await;
     b.shutdown().await;
     Ok(())
 }
 
 async fn a_quietly_ended_subscription_is_noticed_by_its_heartbeat(env: &'static Env) -> Result<()> {
-    let (a, b) = (env.server().await?, env.server().await?);
     let key = "quiet:1";
-    let mut ca = client(&a).await?;
-    ca.write_features(write("resubscribe", vec![row(key, ts(1, 0), n(1))])).await?;
-    cached_in_l1(&b, "resubscribe", key).await?;
+    let (a, b, mut ca) = b_caches(env, "resubscribe", key).await?;
 
     // The server ends B's subscription, the connection stays up: what a
     // slot move does to a sharded subscription. B hears no more writes.
@@ -406,11 +409,8 @@ async fn a_quietly_ended_subscription_is_noticed_by_its_heartbeat(env: &'static 
 }
 
 async fn a_write_whose_cache_step_failed_is_repaired_on_every_instance(env: &'static Env) -> Result<()> {
-    let (a, b) = (env.server().await?, env.server().await?);
     let key = "repair:1";
-    let mut ca = client(&a).await?;
-    ca.write_features(write("repair", vec![row(key, ts(1, 0), n(1))])).await?;
-    cached_in_l1(&b, "repair", key).await?;
+    let (a, b, mut ca) = b_caches(env, "repair", key).await?;
 
     // Redis "fails" for the next write's cache step: the old copy stays in
     // Redis and nobody is told. The write is committed all the same.
