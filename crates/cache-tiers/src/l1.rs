@@ -106,8 +106,11 @@ impl Epochs {
     }
 
     fn outdated(&self, stamp: Stamp, view: u32, key: &str) -> bool {
-        self.cleared.load(Ordering::SeqCst) > stamp.0
-            || self.buckets[Self::bucket(view, key)].load(Ordering::SeqCst) > stamp.0
+        self.outdated_in(stamp, Self::bucket(view, key))
+    }
+
+    fn outdated_in(&self, stamp: Stamp, bucket: usize) -> bool {
+        self.cleared.load(Ordering::SeqCst) > stamp.0 || self.buckets[bucket].load(Ordering::SeqCst) > stamp.0
     }
 }
 
@@ -172,7 +175,8 @@ impl L1Cache {
         let now = Instant::now();
         let mut refused = 0;
         for (key, value, life) in entries {
-            if self.epochs.outdated(stamp, view.id, &key) {
+            let bucket = Epochs::bucket(view.id, &key);
+            if self.epochs.outdated_in(stamp, bucket) {
                 refused += 1;
                 continue;
             }
@@ -187,7 +191,7 @@ impl L1Cache {
             self.cache.insert(cache_key.clone(), Arc::new(entry)).await;
             // An invalidation between the check and the insert would have
             // missed this entry: look again, now that it is in.
-            if self.epochs.outdated(stamp, view.id, &cache_key.1) {
+            if self.epochs.outdated_in(stamp, bucket) {
                 self.cache.invalidate(&cache_key).await;
                 refused += 1;
             }
