@@ -64,6 +64,9 @@ pub struct L1Hit {
 pub struct L1Cache {
     cache: Cache<Key, Arc<Entry>>,
     epochs: Arc<Epochs>,
+    /// How long a row stays after its hard expiry, to be served as stale
+    /// when the tiers below cannot answer (stale-if-error).
+    keep_stale: Duration,
 }
 
 /// Taken before a load from the tiers below starts; a fill carrying the
@@ -114,6 +117,12 @@ impl Epochs {
     }
 }
 
+/// Whether an entry is worth keeping past its expiry: rows are, to be
+/// served stale when their shard is down.
+fn keeps_stale(value: &Cached) -> bool {
+    matches!(value, Cached::Found(_))
+}
+
 /// Per-entry bookkeeping of moka and of the key, counted in the weight so
 /// that many tiny rows cannot exceed the byte bound by much.
 const ENTRY_OVERHEAD: usize = 128;
@@ -132,7 +141,32 @@ impl L1Cache {
             .max_capacity(max_bytes)
             .expire_after(PerEntryTtl)
             .build();
-        L1Cache { cache, epochs: Arc::new(Epochs::new()) }
+        L1Cache { cache, epochs: Arc::new(Epochs::new()), keep_stale: Duration::ZERO }
+    }
+
+    /// Keeps rows for `keep_stale` after their hard expiry: misses for
+    /// [`L1Cache::get_many`], but [`L1Cache::get_stale`] still finds them.
+    /// They count against the byte bound like any entry.
+    pub fn keep_stale(mut self, keep_stale: Duration) -> L1Cache {
+        self.keep_stale = keep_stale;
+        self
+    }
+
+    /// Rows of a batch past their hard expiry but still kept (see
+    /// [`L1Cache::keep_stale`]), for answering when their shard cannot be
+    /// read. Aligned with `keys`. Only rows: an expired "does not exist"
+    /// is not worth serving.
+    pub async fn get_stale(&self, view: &FeatureView, keys: &[&str]) -> Vec<Option<Arc<Row>>> {
+        let now = Instant::now();
+        let mut out = Vec::with_capacity(keys.len());
+        for key in keys {
+            let entry = self.cache.get(&(view.id, (*key).to_owned())).await;
+            out.push(entry.and_then(|e| match &e.value {
+                Cached::Found(row) if now >= e.hard_at && now < e.hard_at + self.keep_stale => Some(row.clone()),
+                _ => None,
+            }));
+        }
+        out
     }
 
     /// Marks the start of a load whose values may fill this cache.
@@ -180,11 +214,12 @@ impl L1Cache {
                 refused += 1;
                 continue;
             }
+            let ttl = if keeps_stale(&value) { life.hard.saturating_add(self.keep_stale) } else { life.hard };
             let entry = Entry {
                 value,
                 soft_at: now + life.soft,
                 hard_at: now + life.hard,
-                ttl: life.hard,
+                ttl,
                 refreshing: false.into(),
             };
             let cache_key = (view.id, key);
@@ -337,6 +372,28 @@ pub(crate) mod tests {
         assert!(l1.get_many(a, &["k"]).await[0].is_some(), "until the hard expiry");
         tokio::time::advance(Duration::from_millis(1)).await;
         assert_eq!(l1.get_many(a, &["k"]).await, vec![None], "at the hard expiry it is a miss");
+    }
+
+    #[tokio::test(start_paused = true)]
+    async fn expired_rows_stay_available_as_stale_for_the_grace_period_only() {
+        let registry = registry();
+        let a = registry.get("a").unwrap();
+        let l1 = L1Cache::new(1 << 20).keep_stale(Duration::from_secs(60));
+        l1.insert_many(a, l1.stamp(), [("k".to_owned(), found("v"), LIFE), ("no".to_owned(), Cached::Missing, LIFE)])
+            .await;
+        assert_eq!(l1.get_stale(a, &["k"]).await, vec![None], "a live entry is a hit, not stale");
+
+        tokio::time::advance(LIFE.hard).await;
+        assert_eq!(l1.get_many(a, &["k"]).await, vec![None], "past its TTL a row is a miss");
+        assert_eq!(l1.get_stale(a, &["k", "no"]).await, vec![Some(row("v")), None], "but is kept as stale");
+
+        tokio::time::advance(Duration::from_secs(60)).await;
+        assert_eq!(l1.get_stale(a, &["k"]).await, vec![None], "until the grace period ends");
+
+        l1.insert_many(a, l1.stamp(), [("w".to_owned(), found("w"), LIFE)]).await;
+        tokio::time::advance(LIFE.hard).await;
+        l1.invalidate_many(a.id, &["w"]).await;
+        assert_eq!(l1.get_stale(a, &["w"]).await, vec![None], "an invalidated row is never served");
     }
 
     #[tokio::test(start_paused = true)]

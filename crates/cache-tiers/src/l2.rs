@@ -5,7 +5,10 @@ use fred::bytes::Bytes;
 use fred::interfaces::FunctionInterface as _;
 use fred::prelude::*;
 use fred::types::config::TcpConfig;
-use strata_core::{Content, EventTime, FeatureView, Lifetime, Row, decode_entry, encode_entry};
+use strata_core::{
+    Breaker, BreakerConfig, Content, EventTime, FeatureView, Lifetime, Row, TIMEOUT_FLOOR, decode_entry, encode_entry,
+};
+use tokio::time::Instant;
 
 use crate::Cached;
 
@@ -21,6 +24,9 @@ pub struct L2Config {
     pub connect_timeout: Duration,
     /// Prefix of every key Strata writes, so one cluster can be shared.
     pub key_prefix: String,
+    /// When the cluster's circuit breaker opens (every request then skips
+    /// Redis), and for how long.
+    pub breaker: BreakerConfig,
 }
 
 #[derive(Debug, thiserror::Error)]
@@ -33,6 +39,10 @@ pub enum L2Error {
     Redis(#[from] fred::error::Error),
     #[error("redis answered {got} results for {want} commands")]
     ShortPipeline { got: usize, want: usize },
+    #[error("redis is skipped: its circuit breaker is open after repeated failures")]
+    Open,
+    #[error("redis did not answer in time")]
+    Timeout,
 }
 
 /// A hit in Redis.
@@ -79,6 +89,14 @@ pub struct Put<'a> {
     /// event time.
     pub version: EventTime,
     pub life: Lifetime,
+}
+
+/// The results of a pipeline of `want` commands, or its first error (a
+/// failed command fails the batch, and counts against the breaker).
+fn all_ok<T>(results: Vec<Result<T, fred::error::Error>>, want: usize) -> Result<Vec<T>, L2Error> {
+    let got = results.len();
+    let values = results.into_iter().collect::<Result<Vec<T>, _>>()?;
+    if got == want { Ok(values) } else { Err(L2Error::ShortPipeline { got, want }) }
 }
 
 fn now_ms() -> i64 {
@@ -135,6 +153,8 @@ pub(crate) fn builder(config: &L2Config) -> Result<Builder, L2Error> {
 pub struct L2Cache {
     client: Client,
     prefix: String,
+    breaker: Breaker,
+    command_timeout: Duration,
 }
 
 impl L2Cache {
@@ -142,7 +162,12 @@ impl L2Cache {
     pub async fn connect(config: &L2Config) -> Result<L2Cache, L2Error> {
         let client = builder(config)?.build()?;
         client.init().await?;
-        let l2 = L2Cache { client, prefix: config.key_prefix.clone() };
+        let l2 = L2Cache {
+            client,
+            prefix: config.key_prefix.clone(),
+            breaker: Breaker::new("redis", config.breaker),
+            command_timeout: config.command_timeout,
+        };
         l2.load_functions().await?;
         Ok(l2)
     }
@@ -156,6 +181,45 @@ impl L2Cache {
     /// The underlying client, for publishing and for tools.
     pub fn client(&self) -> &Client {
         &self.client
+    }
+
+    /// The cluster's circuit breaker.
+    pub fn breaker(&self) -> &Breaker {
+        &self.breaker
+    }
+
+    /// The deadline of a call made with no caller's deadline: the command
+    /// timeout from now.
+    pub fn default_deadline(&self) -> Instant {
+        Instant::now() + self.command_timeout
+    }
+
+    /// Runs `op` through the cluster's breaker, cut at `deadline` or the
+    /// command timeout, whichever comes first. A call cut by a deadline
+    /// shorter than [`TIMEOUT_FLOOR`] does not count against Redis.
+    async fn guarded<T>(
+        &self,
+        deadline: Instant,
+        op: impl Future<Output = Result<T, L2Error>>,
+    ) -> Result<T, L2Error> {
+        let Some(call) = self.breaker.call() else { return Err(L2Error::Open) };
+        let started = Instant::now();
+        match tokio::time::timeout_at(deadline.min(started + self.command_timeout), op).await {
+            Ok(Ok(value)) => {
+                call.succeeded();
+                Ok(value)
+            }
+            Ok(Err(error)) => {
+                call.failed();
+                Err(error)
+            }
+            Err(_) => {
+                if started.elapsed() >= TIMEOUT_FLOOR.min(self.command_timeout) {
+                    call.failed();
+                }
+                Err(L2Error::Timeout)
+            }
+        }
     }
 
     fn key(&self, view: &FeatureView, entity: &str) -> String {
@@ -173,22 +237,21 @@ impl L2Cache {
 
     /// Looks up a batch with one pipeline; the answer is aligned with `keys`.
     /// An entry of an older shape of the view reads as a miss.
-    pub async fn get_many(&self, view: &FeatureView, keys: &[&str]) -> Result<Vec<Option<L2Hit>>, L2Error> {
+    pub async fn get_many(
+        &self,
+        view: &FeatureView,
+        keys: &[&str],
+        deadline: Instant,
+    ) -> Result<Vec<Option<L2Hit>>, L2Error> {
         let pipeline = self.client.pipeline();
         for key in keys {
             let () = pipeline.get(self.key(view, key)).await?;
         }
-        let results = pipeline.try_all::<Option<Bytes>>().await;
-        if results.len() != keys.len() {
-            return Err(match results.into_iter().find_map(Result::err) {
-                Some(e) => e.into(),
-                None => L2Error::ShortPipeline { got: 0, want: keys.len() },
-            });
-        }
+        let results = self.guarded(deadline, async { all_ok(pipeline.try_all::<Option<Bytes>>().await, keys.len()) });
         let now = now_ms();
         let mut out = Vec::with_capacity(keys.len());
-        for (key, result) in keys.iter().zip(results) {
-            out.push(match result? {
+        for (key, result) in keys.iter().zip(results.await?) {
+            out.push(match result {
                 None => None,
                 Some(bytes) => match decode_entry(view.fingerprint, &bytes) {
                     Ok(entry) => {
@@ -219,10 +282,19 @@ impl L2Cache {
     /// after its lifetime's hard TTL and turns stale after its soft one.
     /// Aligned with `entries`: true where stored, false where refused
     /// because a newer version is there.
-    pub async fn put_many(&self, view: &FeatureView, entries: &[Put<'_>]) -> Result<Vec<bool>, L2Error> {
+    pub async fn put_many(
+        &self,
+        view: &FeatureView,
+        entries: &[Put<'_>],
+        deadline: Instant,
+    ) -> Result<Vec<bool>, L2Error> {
         if entries.is_empty() {
             return Ok(Vec::new());
         }
+        self.guarded(deadline, self.put_now(view, entries)).await
+    }
+
+    async fn put_now(&self, view: &FeatureView, entries: &[Put<'_>]) -> Result<Vec<bool>, L2Error> {
         let now = now_ms();
         let commands: Vec<(String, Value, Value)> = entries
             .iter()
@@ -270,18 +342,21 @@ impl L2Cache {
     /// Tries to take a short lease on each key (`SET lease NX PX ttl`): the
     /// holder reloads the key from PostgreSQL, other instances wait for its
     /// result in Redis. Aligned with `keys`: true where the lease was taken.
-    pub async fn try_leases(&self, view: &FeatureView, keys: &[&str], ttl: Duration) -> Result<Vec<bool>, L2Error> {
+    pub async fn try_leases(
+        &self,
+        view: &FeatureView,
+        keys: &[&str],
+        ttl: Duration,
+        deadline: Instant,
+    ) -> Result<Vec<bool>, L2Error> {
         let pipeline = self.client.pipeline();
         for key in keys {
             let () = pipeline
                 .set(self.lease_key(view, key), 1, Some(Expiration::PX(millis(ttl))), Some(SetOptions::NX), false)
                 .await?;
         }
-        let results = pipeline.try_all::<Option<String>>().await;
-        if results.len() != keys.len() {
-            return Err(L2Error::ShortPipeline { got: results.len(), want: keys.len() });
-        }
-        results.into_iter().map(|r| Ok(r?.is_some())).collect()
+        let results = self.guarded(deadline, async { all_ok(pipeline.try_all::<Option<String>>().await, keys.len()) });
+        Ok(results.await?.into_iter().map(|r| r.is_some()).collect())
     }
 
     /// Gives leases back once their keys are reloaded.
@@ -293,7 +368,8 @@ impl L2Cache {
         for key in keys {
             let () = pipeline.del(self.lease_key(view, key)).await?;
         }
-        Self::expect_all_ok(pipeline.try_all::<Value>().await, keys.len())
+        let results = self.guarded(self.default_deadline(), async { all_ok(pipeline.try_all::<Value>().await, keys.len()) });
+        results.await.map(drop)
     }
 
     /// Counts reads of keys of a view in a sorted set (one per view, so one
@@ -337,15 +413,7 @@ impl L2Cache {
         for key in keys {
             let () = pipeline.del(self.key_of(view, key)).await?;
         }
-        Self::expect_all_ok(pipeline.try_all::<Value>().await, keys.len())
-    }
-
-    fn expect_all_ok(results: Vec<Result<Value, fred::error::Error>>, want: usize) -> Result<(), L2Error> {
-        let got = results.len();
-        for result in results {
-            result?;
-        }
-        if got == want { Ok(()) } else { Err(L2Error::ShortPipeline { got, want }) }
+        all_ok(pipeline.try_all::<Value>().await, keys.len()).map(drop)
     }
 
     /// Publishes `message` on the sharded channel `channel` (SPUBLISH): it
@@ -353,8 +421,11 @@ impl L2Cache {
     /// subscribers there, not over the cluster bus to every node (which
     /// showed 40 ms stalls here).
     pub async fn publish(&self, channel: &str, message: Vec<u8>) -> Result<(), L2Error> {
-        let _receivers: i64 = self.client.spublish(channel, Bytes::from(message)).await?;
-        Ok(())
+        self.guarded(self.default_deadline(), async {
+            let _receivers: i64 = self.client.spublish(channel, Bytes::from(message)).await?;
+            Ok(())
+        })
+        .await
     }
 
     /// Removes every key from every primary of the cluster (all of Strata's

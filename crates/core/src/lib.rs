@@ -1,6 +1,7 @@
 //! Strata's domain vocabulary, shared by every other crate: feature views and
 //! their typed features (the registry), feature values, rows with their event
-//! time, and the compact encoding a row has in a cache.
+//! time, the compact encoding a row has in a cache, and the circuit breaker
+//! and retry backoff every tier uses around its dependency.
 //!
 //! This crate knows nothing about gRPC, Redis or PostgreSQL; the crates that
 //! talk to those translate to and from these types at their edges.
@@ -9,10 +10,12 @@
 
 mod codec;
 mod registry;
+mod resilience;
 mod ttl;
 mod value;
 
 pub use codec::{Content, DecodeError, Entry, VERSION_OFFSET, decode_entry, encode_entry, version_bytes};
 pub use registry::{Feature, FeatureSpec, FeatureView, FeatureViewSpec, Registry, RegistryError};
+pub use resilience::{Breaker, BreakerConfig, BreakerState, Call, RetryPolicy, TIMEOUT_FLOOR};
 pub use ttl::{Lifetime, jittered, soft_after};
 pub use value::{EventTime, FeatureType, Row, Value};

@@ -16,10 +16,11 @@ use figment::Figment;
 use figment::providers::{Env, Format, Toml};
 use serde::Deserialize;
 use strata_cache_tiers::L2Config;
-use strata_core::{FeatureViewSpec, Registry};
+use strata_core::{BreakerConfig, FeatureViewSpec, Registry, RetryPolicy};
 use strata_proto::Limits;
 use strata_shard_router::{PoolOptions, ShardConfig};
 
+use crate::admission::{ClientLimit, RateLimits};
 use crate::tiers::{HotKeys, Protection, WritePolicy};
 
 /// The environment variable prefix; `__` separates levels, so
@@ -37,7 +38,69 @@ pub struct FileConfig {
     pub stampede: StampedeSection,
     pub writes: WritesSection,
     pub hot_keys: HotKeysSection,
+    pub breaker: BreakerSection,
+    pub retry: RetrySection,
+    pub rate_limits: RateLimitsSection,
     pub views: Vec<FeatureViewSpec>,
+}
+
+/// Circuit breakers, one for the Redis Cluster and one per PostgreSQL
+/// shard: after `failures` consecutive failed (or timed-out) calls the
+/// dependency is skipped for `open_for`, then one probe call decides.
+#[derive(Debug, Deserialize)]
+#[serde(default, deny_unknown_fields)]
+pub struct BreakerSection {
+    pub failures: u32,
+    #[serde(with = "humantime_serde")]
+    pub open_for: Duration,
+}
+
+impl Default for BreakerSection {
+    fn default() -> Self {
+        let b = BreakerConfig::default();
+        BreakerSection { failures: b.failures, open_for: b.open_for }
+    }
+}
+
+/// Retries of failed PostgreSQL reads, within the request's deadline:
+/// `attempts` tries in all, waiting a random time up to `base_delay * 2^n`
+/// (at most `max_delay`) before each retry.
+#[derive(Debug, Deserialize)]
+#[serde(default, deny_unknown_fields)]
+pub struct RetrySection {
+    pub attempts: u32,
+    #[serde(with = "humantime_serde")]
+    pub base_delay: Duration,
+    #[serde(with = "humantime_serde")]
+    pub max_delay: Duration,
+}
+
+impl Default for RetrySection {
+    fn default() -> Self {
+        let r = RetryPolicy::default();
+        RetrySection { attempts: r.attempts, base_delay: r.base, max_delay: r.cap }
+    }
+}
+
+/// Per-client request rate limits (token buckets). A client names itself
+/// in the `x-client-id` request header; clients without an entry in
+/// `clients` (and requests without the header, as one client) get
+/// `per_second` and `burst`. 0 means no limit.
+#[derive(Debug, Default, Deserialize)]
+#[serde(default, deny_unknown_fields)]
+pub struct RateLimitsSection {
+    pub per_second: u32,
+    pub burst: u32,
+    pub clients: Vec<ClientLimitSection>,
+}
+
+#[derive(Debug, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct ClientLimitSection {
+    pub id: String,
+    pub per_second: u32,
+    #[serde(default)]
+    pub burst: u32,
 }
 
 /// Sampling of reads, so `strata warm --top N` can preload the most-read
@@ -110,6 +173,19 @@ impl Default for StampedeSection {
 pub struct ServerSection {
     pub grpc_addr: String,
     pub metrics_addr: String,
+    /// The budget of a request whose client sent no `grpc-timeout`.
+    #[serde(with = "humantime_serde")]
+    pub default_deadline: Duration,
+    /// The longest budget honoured; a longer `grpc-timeout` is cut to it.
+    #[serde(with = "humantime_serde")]
+    pub max_deadline: Duration,
+    /// FeatureStore requests in flight at most; more are refused at once
+    /// with RESOURCE_EXHAUSTED instead of queueing.
+    pub max_in_flight: usize,
+    /// On SIGTERM or SIGINT: how long in-flight requests get to finish
+    /// before the process exits.
+    #[serde(with = "humantime_serde")]
+    pub drain_timeout: Duration,
 }
 
 #[derive(Debug, Deserialize)]
@@ -125,6 +201,10 @@ pub struct LimitsSection {
 pub struct L1Section {
     /// Upper bound of the in-process cache, in bytes of cached rows.
     pub max_bytes: u64,
+    /// How long past its TTL a row is kept, to be served marked STALE when
+    /// its shard cannot be read (stale-if-error); 0 turns it off.
+    #[serde(with = "humantime_serde")]
+    pub max_stale: Duration,
 }
 
 #[derive(Debug, Deserialize)]
@@ -156,7 +236,14 @@ pub struct ShardSection {
 
 impl Default for ServerSection {
     fn default() -> Self {
-        ServerSection { grpc_addr: "127.0.0.1:50051".into(), metrics_addr: "127.0.0.1:9090".into() }
+        ServerSection {
+            grpc_addr: "127.0.0.1:50051".into(),
+            metrics_addr: "127.0.0.1:9090".into(),
+            default_deadline: Duration::from_secs(1),
+            max_deadline: Duration::from_secs(30),
+            max_in_flight: 256,
+            drain_timeout: Duration::from_secs(10),
+        }
     }
 }
 
@@ -173,7 +260,7 @@ impl Default for LimitsSection {
 
 impl Default for L1Section {
     fn default() -> Self {
-        L1Section { max_bytes: 256 * 1024 * 1024 }
+        L1Section { max_bytes: 256 * 1024 * 1024, max_stale: Duration::from_secs(300) }
     }
 }
 
@@ -199,13 +286,26 @@ impl Default for PostgresSection {
     }
 }
 
+/// How long a request may take: its client's `grpc-timeout`, else
+/// `default`, and never more than `max`.
+#[derive(Clone, Copy, Debug)]
+pub struct Deadlines {
+    pub default: Duration,
+    pub max: Duration,
+}
+
 /// The validated configuration the server runs with.
 #[derive(Clone, Debug)]
 pub struct Config {
     pub grpc_addr: SocketAddr,
     pub metrics_addr: SocketAddr,
+    pub deadlines: Deadlines,
+    pub max_in_flight: usize,
+    pub drain_timeout: Duration,
+    pub rate_limits: RateLimits,
     pub limits: Limits,
     pub l1_max_bytes: u64,
+    pub l1_max_stale: Duration,
     pub redis: L2Config,
     pub pool: PoolOptions,
     pub shards: Vec<ShardConfig>,
@@ -238,12 +338,73 @@ impl FileConfig {
     }
 
     pub fn validate(self) -> Result<Config> {
-        let FileConfig { server, limits, l1, redis, postgres, stampede, writes, hot_keys, views } = self;
-        let ServerSection { grpc_addr, metrics_addr } = server;
+        let FileConfig {
+            server,
+            limits,
+            l1,
+            redis,
+            postgres,
+            stampede,
+            writes,
+            hot_keys,
+            breaker,
+            retry,
+            rate_limits,
+            views,
+        } = self;
+        let ServerSection { grpc_addr, metrics_addr, default_deadline, max_deadline, max_in_flight, drain_timeout } =
+            server;
         let grpc_addr =
             grpc_addr.parse().with_context(|| format!("server.grpc_addr: {grpc_addr:?} is not an address"))?;
         let metrics_addr =
             metrics_addr.parse().with_context(|| format!("server.metrics_addr: {metrics_addr:?} is not an address"))?;
+
+        for (name, value) in [
+            ("server.default_deadline", default_deadline),
+            ("server.max_deadline", max_deadline),
+            ("server.drain_timeout", drain_timeout),
+        ] {
+            if value.is_zero() {
+                bail!("{name} must be greater than zero");
+            }
+        }
+        if default_deadline > max_deadline {
+            bail!("server.default_deadline ({default_deadline:?}) is longer than server.max_deadline ({max_deadline:?})");
+        }
+        if max_in_flight == 0 {
+            bail!("server.max_in_flight must be greater than zero");
+        }
+
+        let BreakerSection { failures, open_for } = breaker;
+        if failures == 0 {
+            bail!("breaker.failures must be greater than zero");
+        }
+        if open_for.is_zero() {
+            bail!("breaker.open_for must be greater than zero");
+        }
+        let breaker = BreakerConfig { failures, open_for };
+
+        let RetrySection { attempts, base_delay, max_delay } = retry;
+        if attempts == 0 {
+            bail!("retry.attempts must be at least 1 (1 means no retries)");
+        }
+        if base_delay > max_delay {
+            bail!("retry.base_delay ({base_delay:?}) is longer than retry.max_delay ({max_delay:?})");
+        }
+
+        let RateLimitsSection { per_second, burst, clients } = rate_limits;
+        let mut ids = std::collections::HashSet::new();
+        let mut client_limits = Vec::with_capacity(clients.len());
+        for ClientLimitSection { id, per_second, burst } in clients {
+            if id.is_empty() {
+                bail!("rate_limits.clients: an id must not be empty");
+            }
+            if !ids.insert(id.clone()) {
+                bail!("rate_limits.clients: id {id:?} is listed twice");
+            }
+            client_limits.push(ClientLimit { id, per_second, burst });
+        }
+        let rate_limits = RateLimits { per_second, burst, clients: client_limits };
 
         let LimitsSection { max_keys_per_request, max_key_bytes, max_rows_per_write } = limits;
         for (name, value) in [
@@ -256,7 +417,7 @@ impl FileConfig {
             }
         }
 
-        let L1Section { max_bytes } = l1;
+        let L1Section { max_bytes, max_stale } = l1;
 
         let RedisSection { nodes, command_timeout, connect_timeout, key_prefix } = redis;
         if nodes.is_empty() {
@@ -315,12 +476,22 @@ impl FileConfig {
         Ok(Config {
             grpc_addr,
             metrics_addr,
+            deadlines: Deadlines { default: default_deadline, max: max_deadline },
+            max_in_flight,
+            drain_timeout,
+            rate_limits,
+            l1_max_stale: max_stale,
             limits: Limits { max_keys_per_request, max_key_bytes, max_rows_per_write },
             l1_max_bytes: max_bytes,
             hot_keys: HotKeys { sample_rate, keep },
             writes: WritePolicy { channel: format!("{key_prefix}invalidations"), guard_ttl },
-            redis: L2Config { nodes, command_timeout, connect_timeout, key_prefix },
-            pool: PoolOptions { max_connections: max_connections_per_shard, connect_timeout: pg_connect_timeout },
+            redis: L2Config { nodes, command_timeout, connect_timeout, key_prefix, breaker },
+            pool: PoolOptions {
+                max_connections: max_connections_per_shard,
+                connect_timeout: pg_connect_timeout,
+                breaker,
+                retry: RetryPolicy { attempts, base: base_delay, cap: max_delay },
+            },
             shards: shards.into_iter().map(|s| ShardConfig { name: s.name, url: s.url }).collect(),
             protection: Protection { enabled, lease_ttl, refresh_queue, refresh_concurrency },
             registry: Arc::new(registry),

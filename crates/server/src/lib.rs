@@ -7,6 +7,7 @@
 
 #![forbid(unsafe_code)]
 
+pub mod admission;
 pub mod config;
 pub mod demo;
 pub mod dev;

@@ -1,7 +1,14 @@
 //! Starting and stopping one Strata server: tiers, gRPC (FeatureStore,
-//! health, reflection) and the metrics endpoint.
+//! health, reflection) and the metrics endpoint; the health monitor that
+//! keeps the gRPC health status true; the drain on shutdown.
+//!
+//! Health services: `""` and `strata.v1.FeatureStore` are readiness (SERVING
+//! while the server can answer: some shard reachable, or something cached;
+//! NOT_SERVING while draining), `liveness` is SERVING while the process
+//! runs, whatever its backends do.
 
 use std::net::SocketAddr;
+use std::sync::Arc;
 use std::time::Duration;
 
 use anyhow::{Context, Result};
@@ -15,13 +22,20 @@ use tonic::transport::server::TcpIncoming;
 use tonic_health::ServingStatus;
 use tonic_health::server::HealthReporter;
 
+use crate::admission::{Admission, AdmissionLayer};
 use crate::config::Config;
 use crate::metrics::{self, GrpcMetricsLayer};
 use crate::service::FeatureStoreService;
 use crate::tiers::Tiers;
 
-/// How long in-flight requests get to finish once shutdown starts.
-const DRAIN_TIMEOUT: Duration = Duration::from_secs(10);
+/// The health service name of the liveness check.
+pub const LIVENESS: &str = "liveness";
+/// How often the health monitor probes the shards and updates readiness.
+const HEALTH_EVERY: Duration = Duration::from_secs(1);
+/// How long a shard probe may take.
+const PROBE_TIMEOUT: Duration = Duration::from_millis(500);
+/// How often shards that could not be migrated at start-up are tried again.
+const MIGRATE_RETRY: Duration = Duration::from_secs(2);
 
 /// A server that is accepting requests.
 pub struct RunningServer {
@@ -30,22 +44,26 @@ pub struct RunningServer {
     tiers: Tiers,
     invalidations: InvalidationListener,
     health: HealthReporter,
+    admission: Arc<Admission>,
+    drain_timeout: Duration,
+    monitor: JoinHandle<()>,
     stop: watch::Sender<bool>,
     grpc: JoinHandle<Result<(), tonic::transport::Error>>,
     metrics: JoinHandle<std::io::Result<()>>,
 }
 
 impl RunningServer {
-    /// Connects to the tiers, creates the views' tables on every shard, and
-    /// starts serving. Port 0 in the config's addresses picks a free port;
-    /// the chosen ones are [`RunningServer::grpc_addr`] and
+    /// Connects to the tiers, creates the views' tables on every shard
+    /// (a shard that is down is migrated in the background once it is
+    /// back), and starts serving. Port 0 in the config's addresses picks a
+    /// free port; the chosen ones are [`RunningServer::grpc_addr`] and
     /// [`RunningServer::metrics_addr`].
     pub async fn start(config: Config) -> Result<RunningServer> {
         metrics::handle();
         let shards = ShardRouter::new(&config.shards, &config.pool)?;
-        shards.migrate(config.registry.views()).await.context("cannot create the feature view tables")?;
+        migrate(&shards, &config).await?;
         let l2 = L2Cache::connect(&config.redis).await.context("cannot connect to the redis cluster")?;
-        let l1 = L1Cache::new(config.l1_max_bytes);
+        let l1 = L1Cache::new(config.l1_max_bytes).keep_stale(config.l1_max_stale);
         let tiers = Tiers::new(
             l1.clone(),
             l2,
@@ -70,12 +88,15 @@ impl RunningServer {
 
         let (health, health_service) = tonic_health::server::health_reporter();
         health.set_serving::<FeatureStoreServer<FeatureStoreService>>().await;
+        health.set_service_status(LIVENESS, ServingStatus::Serving).await;
         let reflection = || {
             tonic_reflection::server::Builder::configure()
                 .register_encoded_file_descriptor_set(strata_proto::v1::FILE_DESCRIPTOR_SET)
                 .register_encoded_file_descriptor_set(tonic_health::pb::FILE_DESCRIPTOR_SET)
         };
-        let service = FeatureStoreService::new(config.registry.clone(), config.limits.clone(), tiers.clone());
+        let service =
+            FeatureStoreService::new(config.registry.clone(), config.limits.clone(), config.deadlines, tiers.clone());
+        let admission = Admission::new(config.max_in_flight, &config.rate_limits);
 
         let incoming = TcpIncoming::bind(config.grpc_addr)
             .with_context(|| format!("cannot listen for gRPC on {}", config.grpc_addr))?
@@ -95,6 +116,10 @@ impl RunningServer {
             .trace_fn(|request| tracing::info_span!("grpc", method = %request.uri().path()))
             // Rate, errors and duration of every RPC, including refused ones.
             .layer(GrpcMetricsLayer)
+            // Refuses FeatureStore work at once while draining, over a
+            // client's rate limit, or over the in-flight cap (load
+            // shedding: no queue builds up in front of a busy server).
+            .layer(AdmissionLayer::new(admission.clone()))
             .add_service(health_service)
             // grpcurl 1.8 speaks reflection v1alpha; newer tools speak v1.
             .add_service(reflection().build_v1alpha()?)
@@ -103,8 +128,21 @@ impl RunningServer {
         let grpc = tokio::spawn(router.serve_with_incoming_shutdown(incoming, signal(stopped.clone())));
         let metrics = tokio::spawn(metrics::serve(metrics_listener, signal(stopped)));
         health.set_service_status("", ServingStatus::Serving).await;
+        let monitor = tokio::spawn(monitor(tiers.clone(), health.clone(), admission.clone()));
         tracing::info!(%grpc_addr, %metrics_addr, views = config.registry.views().len(), shards = config.shards.len(), "serving");
-        Ok(RunningServer { grpc_addr, metrics_addr, tiers, invalidations, health, stop, grpc, metrics })
+        Ok(RunningServer {
+            grpc_addr,
+            metrics_addr,
+            tiers,
+            invalidations,
+            health,
+            admission,
+            drain_timeout: config.drain_timeout,
+            monitor,
+            stop,
+            grpc,
+            metrics,
+        })
     }
 
     pub fn grpc_addr(&self) -> SocketAddr {
@@ -127,20 +165,103 @@ impl RunningServer {
         &self.invalidations
     }
 
-    /// Turns health to NOT_SERVING, stops accepting, lets in-flight requests
-    /// finish (up to a drain timeout), and closes the tiers.
+    /// Requests being served now.
+    pub fn in_flight(&self) -> usize {
+        self.admission.in_flight()
+    }
+
+    /// Drains and stops, all within the drain timeout: health turns
+    /// NOT_SERVING (so load balancers stop sending), new requests are
+    /// refused with UNAVAILABLE, the listener closes, in-flight requests
+    /// finish, then the tiers are closed. Requests still running when the
+    /// time is up are cut (and logged).
     pub async fn shutdown(self) {
+        let deadline = tokio::time::Instant::now() + self.drain_timeout;
+        self.monitor.abort();
+        self.admission.drain();
         self.health.set_service_status("", ServingStatus::NotServing).await;
         self.health.set_not_serving::<FeatureStoreServer<FeatureStoreService>>().await;
+        tracing::info!(in_flight = self.admission.in_flight(), drain_timeout = ?self.drain_timeout, "draining");
         let _ = self.stop.send(true);
-        match tokio::time::timeout(DRAIN_TIMEOUT, self.grpc).await {
+        match tokio::time::timeout_at(deadline, self.grpc).await {
             Ok(Ok(Ok(()))) => {}
             Ok(Ok(Err(error))) => tracing::warn!(%error, "grpc server ended with an error"),
             Ok(Err(error)) => tracing::warn!(%error, "grpc server task failed"),
-            Err(_) => tracing::warn!("in-flight requests did not finish within {DRAIN_TIMEOUT:?}"),
+            Err(_) => tracing::warn!(
+                in_flight = self.admission.in_flight(),
+                "in-flight requests did not finish within the drain timeout"
+            ),
         }
-        let _ = tokio::time::timeout(DRAIN_TIMEOUT, self.metrics).await;
-        self.invalidations.close().await;
-        self.tiers.l2().close().await;
+        // Closing connections is quick, but never worth overrunning the
+        // drain time by more than a moment.
+        let close = async {
+            let _ = self.metrics.await;
+            self.invalidations.close().await;
+            self.tiers.l2().close().await;
+        };
+        let _ = tokio::time::timeout_at(deadline.max(tokio::time::Instant::now() + Duration::from_millis(250)), close)
+            .await;
+    }
+}
+
+/// Creates the views' tables on every shard. A shard that cannot be
+/// reached is left to a background task that tries again until it
+/// succeeds: a server restarted during a shard's outage still serves the
+/// other shards (and its own caches). Fails only if no shard could be
+/// migrated, which is most likely a configuration error.
+async fn migrate(shards: &ShardRouter, config: &Config) -> Result<()> {
+    let views = config.registry.views();
+    let results = shards.migrate_each(views).await;
+    let mut pending = Vec::new();
+    for (i, result) in results.iter().enumerate() {
+        if let Err(error) = result {
+            tracing::warn!(shard = shards.names()[i], %error, "cannot migrate shard; will retry in the background");
+            pending.push(i);
+        }
+    }
+    if pending.len() == results.len() {
+        let error = results.into_iter().find_map(Result::err).context("no shards")?;
+        return Err(anyhow::Error::new(error).context("cannot create the feature view tables on any shard"));
+    }
+    if !pending.is_empty() {
+        let (shards, views) = (shards.clone(), views.to_vec());
+        tokio::spawn(async move {
+            while !pending.is_empty() {
+                tokio::time::sleep(MIGRATE_RETRY).await;
+                let results = shards.migrate_each(&views).await;
+                pending.retain(|&i| results[i].is_err());
+            }
+            tracing::info!("every shard is migrated");
+        });
+    }
+    Ok(())
+}
+
+/// Probes the shards every second (so a shard that died while idle is
+/// noticed, and one that came back closes its breaker without waiting for
+/// traffic), forgets idle rate-limit buckets, and keeps readiness true:
+/// SERVING while some shard answers, or Redis does, or L1 holds anything;
+/// NOT_SERVING otherwise.
+async fn monitor(tiers: Tiers, health: HealthReporter, admission: Arc<Admission>) {
+    let mut every = tokio::time::interval(HEALTH_EVERY);
+    every.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Delay);
+    let mut ready = true;
+    loop {
+        every.tick().await;
+        let shards_up = tiers.shards().probe(PROBE_TIMEOUT).await;
+        admission.forget_idle_clients();
+        let cached = tiers.l2().breaker().is_closed() || tiers.l1.size().await.0 > 0;
+        let now_ready = shards_up.iter().any(|up| *up) || cached;
+        if now_ready != ready {
+            ready = now_ready;
+            let status = if ready { ServingStatus::Serving } else { ServingStatus::NotServing };
+            tracing::warn!(?status, shards_up = ?shards_up, cached, "readiness changed");
+            health.set_service_status("", status).await;
+            if ready {
+                health.set_serving::<FeatureStoreServer<FeatureStoreService>>().await;
+            } else {
+                health.set_not_serving::<FeatureStoreServer<FeatureStoreService>>().await;
+            }
+        }
     }
 }

@@ -4,7 +4,7 @@
 use std::collections::HashMap;
 use std::collections::hash_map::Entry;
 use std::sync::Arc;
-use std::time::SystemTime;
+use std::time::{Duration, SystemTime};
 
 use strata_core::{EventTime, Registry, Value};
 use strata_proto::v1::feature_store_server::FeatureStore;
@@ -13,8 +13,10 @@ use strata_proto::{
     write_request,
 };
 use strata_shard_router::UpsertOutcome;
+use tokio::time::Instant;
 use tonic::{Request, Response, Status};
 
+use crate::config::Deadlines;
 use crate::tiers::{Served, Source, Tiers};
 
 /// Every way a request can fail, mapped to a gRPC status in one place.
@@ -38,13 +40,49 @@ impl From<ServiceError> for Status {
 pub struct FeatureStoreService {
     registry: Arc<Registry>,
     limits: Limits,
+    deadlines: Deadlines,
     tiers: Tiers,
 }
 
 impl FeatureStoreService {
-    pub fn new(registry: Arc<Registry>, limits: Limits, tiers: Tiers) -> FeatureStoreService {
-        FeatureStoreService { registry, limits, tiers }
+    pub fn new(registry: Arc<Registry>, limits: Limits, deadlines: Deadlines, tiers: Tiers) -> FeatureStoreService {
+        FeatureStoreService { registry, limits, deadlines, tiers }
     }
+
+    /// When the tiers must have answered a request: its budget (the
+    /// client's `grpc-timeout`, else the default, at most the maximum)
+    /// from now, less a reserve for building and sending the answer.
+    fn deadline<T>(&self, request: &Request<T>) -> Instant {
+        let now = Instant::now();
+        let asked = request.metadata().get("grpc-timeout").and_then(|v| v.to_str().ok()).and_then(parse_grpc_timeout);
+        let budget = asked.unwrap_or(self.deadlines.default).min(self.deadlines.max);
+        now + budget - reserve(budget)
+    }
+}
+
+/// The part of a budget kept for answering after the tiers: a tenth, at
+/// most 20 ms.
+fn reserve(budget: Duration) -> Duration {
+    (budget / 10).min(Duration::from_millis(20))
+}
+
+/// Parses a `grpc-timeout` header value: up to 8 digits and a unit (H, M,
+/// S, m, u, n), per the gRPC over HTTP/2 spec. `None` if malformed.
+fn parse_grpc_timeout(value: &str) -> Option<Duration> {
+    let (digits, unit) = value.split_at_checked(value.len().checked_sub(1)?)?;
+    if digits.is_empty() || digits.len() > 8 || !digits.bytes().all(|b| b.is_ascii_digit()) {
+        return None;
+    }
+    let n: u64 = digits.parse().ok()?;
+    Some(match unit {
+        "H" => Duration::from_secs(n * 3600),
+        "M" => Duration::from_secs(n * 60),
+        "S" => Duration::from_secs(n),
+        "m" => Duration::from_millis(n),
+        "u" => Duration::from_micros(n),
+        "n" => Duration::from_nanos(n),
+        _ => return None,
+    })
 }
 
 /// Metric label values of a row status.
@@ -75,7 +113,8 @@ fn status_of(served: &Served) -> (v1::RowStatus, v1::Source) {
         Source::L3 => v1::Source::L3,
     };
     match served {
-        Served::Found { source: s, .. } => (v1::RowStatus::Found, source(s)),
+        Served::Found { source: s, stale: true, .. } => (v1::RowStatus::Stale, source(s)),
+        Served::Found { source: s, stale: false, .. } => (v1::RowStatus::Found, source(s)),
         Served::NotFound { source: s } => (v1::RowStatus::NotFound, source(s)),
         Served::Unavailable => (v1::RowStatus::Unavailable, v1::Source::Unspecified),
     }
@@ -87,6 +126,7 @@ impl FeatureStore for FeatureStoreService {
         &self,
         request: Request<v1::GetFeaturesRequest>,
     ) -> Result<Response<v1::GetFeaturesResponse>, Status> {
+        let deadline = self.deadline(&request);
         let read = read_request(request.into_inner(), &self.registry, &self.limits).map_err(ServiceError::from)?;
         let view = &read.view;
 
@@ -104,7 +144,7 @@ impl FeatureStore for FeatureStoreService {
             };
             slot_of.push(slot);
         }
-        let served = self.tiers.read(view, &distinct).await;
+        let served = self.tiers.read(view, &distinct, deadline).await;
         self.tiers.sample_reads(view, &distinct);
         // Values older than this are marked OUTSIDE_MAX_AGE.
         let oldest_fresh = view.max_age.map(|age| EventTime::from_system_time(SystemTime::now() - age));
@@ -118,7 +158,7 @@ impl FeatureStore for FeatureStoreService {
             .map(|(key, slot)| {
                 let answer = &served[slot];
                 let (mut status, source) = status_of(answer);
-                if let (Served::Found { row, .. }, Some(oldest)) = (answer, oldest_fresh)
+                if let (Served::Found { row, stale: false, .. }, Some(oldest)) = (answer, oldest_fresh)
                     && row.event_time < oldest
                 {
                     status = v1::RowStatus::OutsideMaxAge;
@@ -160,8 +200,9 @@ impl FeatureStore for FeatureStoreService {
         &self,
         request: Request<v1::WriteFeaturesRequest>,
     ) -> Result<Response<v1::WriteFeaturesResponse>, Status> {
+        let deadline = self.deadline(&request);
         let write = write_request(request.into_inner(), &self.registry, &self.limits).map_err(ServiceError::from)?;
-        let outcome = self.tiers.write(&write.view, &write.rows).await;
+        let outcome = self.tiers.write(&write.view, &write.rows, deadline).await;
         let requested = write.requested.iter().map(|&(at, kept)| (write.rows[at].0.as_str(), kept));
         Ok(Response::new(write_response(&write.view.name, "write", &outcome, requested)?))
     }
@@ -170,8 +211,9 @@ impl FeatureStore for FeatureStoreService {
         &self,
         request: Request<v1::DeleteFeaturesRequest>,
     ) -> Result<Response<v1::WriteFeaturesResponse>, Status> {
+        let deadline = self.deadline(&request);
         let delete = delete_request(request.into_inner(), &self.registry, &self.limits).map_err(ServiceError::from)?;
-        let outcome = self.tiers.delete(&delete.view, &delete.keys, delete.at).await;
+        let outcome = self.tiers.delete(&delete.view, &delete.keys, delete.at, deadline).await;
         let requested = delete.requested.iter().map(|&at| (delete.keys[at].as_str(), true));
         Ok(Response::new(write_response(&delete.view.name, "delete", &outcome, requested)?))
     }
@@ -266,6 +308,25 @@ mod tests {
                 (r.entity_key.as_str(), outcome, r.error.as_str())
             })
             .collect()
+    }
+
+    #[test]
+    fn grpc_timeouts_parse_in_every_unit_and_malformed_ones_are_ignored() {
+        assert_eq!(parse_grpc_timeout("100m"), Some(Duration::from_millis(100)));
+        assert_eq!(parse_grpc_timeout("2S"), Some(Duration::from_secs(2)));
+        assert_eq!(parse_grpc_timeout("1H"), Some(Duration::from_secs(3600)));
+        assert_eq!(parse_grpc_timeout("3M"), Some(Duration::from_secs(180)));
+        assert_eq!(parse_grpc_timeout("250u"), Some(Duration::from_micros(250)));
+        assert_eq!(parse_grpc_timeout("99999999n"), Some(Duration::from_nanos(99_999_999)));
+        for bad in ["", "m", "100", "100x", "123456789m", "-1m", "1.5S", "é"] {
+            assert_eq!(parse_grpc_timeout(bad), None, "{bad:?}");
+        }
+    }
+
+    #[test]
+    fn the_reserve_for_answering_is_a_tenth_of_the_budget_at_most_20_ms() {
+        assert_eq!(reserve(Duration::from_millis(50)), Duration::from_millis(5));
+        assert_eq!(reserve(Duration::from_secs(1)), Duration::from_millis(20));
     }
 
     #[test]

@@ -21,6 +21,13 @@
 //! then this instance's L1 copy is dropped and every other instance is told
 //! to drop its own (Redis pub/sub). An L1 fill by a load that began before
 //! an invalidation is refused ([`strata_cache_tiers::Stamp`]).
+//!
+//! Failures: every call below L1 is cut at the request's deadline; Redis
+//! and each shard sit behind circuit breakers (in their crates). A key
+//! whose shard cannot answer is served from a stale L1 copy (kept for
+//! `max_stale` past its TTL) or marked unavailable, and a key served from a
+//! cache while its shard's breaker is not closed is marked stale: the batch
+//! never fails as a whole.
 
 use std::sync::atomic::{AtomicUsize, Ordering};
 use std::sync::{Arc, OnceLock};
@@ -35,6 +42,7 @@ use strata_cache_tiers::{
 use strata_core::{Content, EventTime, FeatureView, Lifetime, Row};
 use strata_shard_router::{Fetched, ShardRouter, UpsertOutcome};
 use tokio::sync::mpsc;
+use tokio::time::Instant;
 
 /// Which tier answered a key.
 #[derive(Clone, Copy, Debug, PartialEq, Eq)]
@@ -60,6 +68,10 @@ pub enum Served {
     Found {
         row: Arc<Row>,
         source: Source,
+        /// Served from a cache while the key's shard could not be read:
+        /// past its TTL (stale-if-error), or while the shard's breaker is
+        /// not closed.
+        stale: bool,
     },
     NotFound {
         source: Source,
@@ -71,7 +83,7 @@ pub enum Served {
 impl Served {
     fn new(value: Cached, source: Source) -> Served {
         match value {
-            Cached::Found(row) => Served::Found { row, source },
+            Cached::Found(row) => Served::Found { row, source, stale: false },
             Cached::Missing => Served::NotFound { source },
         }
     }
@@ -169,6 +181,10 @@ type Repair = (Arc<FeatureView>, Vec<String>, tokio::time::Instant);
 const REPAIR_QUEUE: usize = 1_024;
 /// Repairs retrying at once, so one stuck batch does not hold up the rest.
 const REPAIRS_AT_ONCE: usize = 8;
+/// The deadline of work nobody waits for (background reloads, repairs,
+/// warming): long enough for a slow shard, short enough that a hung one
+/// does not pile up tasks.
+const BACKGROUND_BUDGET: Duration = Duration::from_secs(5);
 
 /// L2 and L3: everything below L1.
 struct Lower {
@@ -271,8 +287,10 @@ impl Tiers {
         let _ = self.lower.fill_hook.set(hook);
     }
 
-    /// Answers distinct `keys` of `view`, aligned with `keys`.
-    pub async fn read(&self, view: &Arc<FeatureView>, keys: &[&str]) -> Vec<Served> {
+    /// Answers distinct `keys` of `view`, aligned with `keys`, by
+    /// `deadline`: what the tiers below have not answered by then is
+    /// served stale from L1 or marked unavailable.
+    pub async fn read(&self, view: &Arc<FeatureView>, keys: &[&str], deadline: Instant) -> Vec<Served> {
         let protection = &self.lower.protection;
         let mut out: Vec<Option<Served>> = vec![None; keys.len()];
         // Taken before L1 is read: a miss filled from below is dropped if
@@ -294,25 +312,70 @@ impl Tiers {
         }
         count_lookups(view, Source::L1, keys.len() - misses.len(), misses.len());
         count_negative_hits(view, Source::L1, negative_hits);
-        if misses.is_empty() {
-            return out.into_iter().flatten().collect();
+        if !misses.is_empty() {
+            let loaded = if protection.enabled {
+                self.load_coalesced(view, keys, &misses, stamp, deadline).await
+            } else {
+                let miss_keys: Vec<&str> = misses.iter().map(|&i| keys[i]).collect();
+                let loaded = self.lower.load(view, &miss_keys, deadline).await;
+                self.fill_l1(view, stamp, &miss_keys, &loaded).await;
+                loaded
+            };
+            let mut unavailable = Vec::new();
+            for (i, loaded) in misses.into_iter().zip(loaded) {
+                out[i] = Some(match loaded {
+                    Loaded::Value { value, source } => Served::new(value, source),
+                    Loaded::Unavailable => {
+                        unavailable.push(i);
+                        Served::Unavailable
+                    }
+                });
+            }
+            if !unavailable.is_empty() {
+                self.serve_stale(view, keys, &unavailable, &mut out).await;
+            }
         }
+        let mut out: Vec<Served> = out.into_iter().flatten().collect();
+        if self.lower.shards.degraded() {
+            self.mark_stale(view, keys, &mut out);
+        }
+        out
+    }
 
-        let loaded = if protection.enabled {
-            self.load_coalesced(view, keys, &misses, stamp).await
-        } else {
-            let miss_keys: Vec<&str> = misses.iter().map(|&i| keys[i]).collect();
-            let loaded = self.lower.load(view, &miss_keys).await;
-            self.fill_l1(view, stamp, &miss_keys, &loaded).await;
-            loaded
-        };
-        for (i, loaded) in misses.into_iter().zip(loaded) {
-            out[i] = Some(match loaded {
-                Loaded::Value { value, source } => Served::new(value, source),
-                Loaded::Unavailable => Served::Unavailable,
-            });
+    /// Answers keys whose shard could not be read from L1 copies past
+    /// their TTL, if kept (stale-if-error).
+    async fn serve_stale(&self, view: &FeatureView, keys: &[&str], at: &[usize], out: &mut [Option<Served>]) {
+        let wanted: Vec<&str> = at.iter().map(|&i| keys[i]).collect();
+        let mut served = 0;
+        for (&i, stale) in at.iter().zip(self.l1.get_stale(view, &wanted).await) {
+            if let Some(row) = stale {
+                out[i] = Some(Served::Found { row, source: Source::L1, stale: true });
+                served += 1;
+            }
         }
-        out.into_iter().flatten().collect()
+        if served > 0 {
+            metrics::counter!("strata_stale_served_total", "view" => view.name.clone()).increment(served);
+        }
+    }
+
+    /// Marks rows served from a cache stale where their shard's breaker is
+    /// not closed: the source of truth could not have been asked.
+    fn mark_stale(&self, view: &FeatureView, keys: &[&str], out: &mut [Served]) {
+        let shards = &self.lower.shards;
+        let down: Vec<bool> = (0..shards.shard_count()).map(|s| !shards.available(s)).collect();
+        let mut marked = 0;
+        for (key, served) in keys.iter().zip(out) {
+            if let Served::Found { stale, .. } = served
+                && !*stale
+                && down[shards.shard_of(key)]
+            {
+                *stale = true;
+                marked += 1;
+            }
+        }
+        if marked > 0 {
+            metrics::counter!("strata_stale_served_total", "view" => view.name.clone()).increment(marked);
+        }
     }
 
     /// Loads the keys at `misses` with single flight: keys another request
@@ -323,6 +386,7 @@ impl Tiers {
         keys: &[&str],
         misses: &[usize],
         stamp: Stamp,
+        deadline: Instant,
     ) -> Vec<Loaded> {
         let mut out: Vec<Option<Loaded>> = vec![None; misses.len()];
         let claim = self.flights.claim(misses.iter().map(|&i| (view.id, keys[i].to_owned())).collect());
@@ -330,15 +394,20 @@ impl Tiers {
 
         let lead_keys: Vec<&str> = claim.lead.iter().map(|&j| keys[misses[j]]).collect();
         let lead = async {
-            let loaded = self.lower.load(view, &lead_keys).await;
+            let loaded = self.lower.load(view, &lead_keys, deadline).await;
             self.fill_l1(view, stamp, &lead_keys, &loaded).await;
             for (key, loaded) in lead_keys.iter().zip(&loaded) {
                 leader.complete(&(view.id, (*key).to_owned()), (loaded.clone(), stamp));
             }
             loaded
         };
-        let waits =
-            futures::future::join_all(claim.wait.into_iter().map(|(j, w)| async move { (j, w.result().await) }));
+        // A waiter gives up at its own deadline: the leader's may be later.
+        let waits = futures::future::join_all(claim.wait.into_iter().map(|(j, w)| async move {
+            match tokio::time::timeout_at(deadline, w.result()).await {
+                Ok(result) => (j, Some(result)),
+                Err(_) => (j, None),
+            }
+        }));
         let (led, waited) = tokio::join!(lead, waits);
         for (&j, loaded) in claim.lead.iter().zip(led) {
             out[j] = Some(loaded);
@@ -346,6 +415,10 @@ impl Tiers {
         let mut orphans = Vec::new();
         let mut coalesced = 0u64;
         for (j, result) in waited {
+            let Some(result) = result else {
+                out[j] = Some(Loaded::Unavailable);
+                continue;
+            };
             match result {
                 // A load that began before the key was invalidated may carry
                 // the old value; a request that may have begun after the
@@ -365,7 +438,7 @@ impl Tiers {
             // Their leader's request was cancelled, or its load predates an
             // invalidation: load them here.
             let orphan_keys: Vec<&str> = orphans.iter().map(|&j| keys[misses[j]]).collect();
-            let loaded = self.lower.load(view, &orphan_keys).await;
+            let loaded = self.lower.load(view, &orphan_keys, deadline).await;
             self.fill_l1(view, stamp, &orphan_keys, &loaded).await;
             for (j, loaded) in orphans.into_iter().zip(loaded) {
                 out[j] = Some(loaded);
@@ -390,23 +463,32 @@ impl Tiers {
     /// instance's L1 copy, and tells every instance to drop its own.
     ///
     /// Runs to the end even if the caller goes away (a cancelled request):
-    /// once PostgreSQL may have committed, the caches must follow.
-    pub async fn write(&self, view: &Arc<FeatureView>, rows: &[(String, Row)]) -> UpsertOutcome {
+    /// once PostgreSQL may have committed, the caches must follow. A shard
+    /// that has not answered by `deadline` fails its rows, whose keys are
+    /// queued for repair, since its commit may still land.
+    pub async fn write(&self, view: &Arc<FeatureView>, rows: &[(String, Row)], deadline: Instant) -> UpsertOutcome {
         let (this, view, rows) = (self.clone(), view.clone(), rows.to_vec());
-        finish(tokio::spawn(async move { this.write_now(&view, &rows).await })).await
+        finish(tokio::spawn(async move { this.write_now(&view, &rows, deadline).await })).await
     }
 
     /// Deletes keys at event time `at`; then, for the keys applied, leaves
     /// a "missing" entry in Redis (unless Redis holds a newer version) and
     /// drops the key from every instance's L1. Runs to the end even if the
     /// caller goes away.
-    pub async fn delete(&self, view: &Arc<FeatureView>, keys: &[String], at: EventTime) -> UpsertOutcome {
+    pub async fn delete(
+        &self,
+        view: &Arc<FeatureView>,
+        keys: &[String],
+        at: EventTime,
+        deadline: Instant,
+    ) -> UpsertOutcome {
         let (this, view, keys) = (self.clone(), view.clone(), keys.to_vec());
-        finish(tokio::spawn(async move { this.delete_now(&view, &keys, at).await })).await
+        finish(tokio::spawn(async move { this.delete_now(&view, &keys, at, deadline).await })).await
     }
 
-    async fn write_now(&self, view: &Arc<FeatureView>, rows: &[(String, Row)]) -> UpsertOutcome {
-        let outcome = self.lower.shards.upsert(view, rows).await;
+    async fn write_now(&self, view: &Arc<FeatureView>, rows: &[(String, Row)], deadline: Instant) -> UpsertOutcome {
+        let outcome = self.lower.shards.upsert(view, rows, deadline).await;
+        self.repair_unknown(view, &outcome);
         if outcome.written.is_empty() {
             return outcome;
         }
@@ -421,20 +503,43 @@ impl Tiers {
                 Some(Put { key, content: Content::Found(row), version: row.event_time, life })
             })
             .collect();
-        self.after_write(view, &puts, &outcome.written).await;
+        self.after_write(view, &puts, &outcome.written, deadline).await;
         outcome
     }
 
-    async fn delete_now(&self, view: &Arc<FeatureView>, keys: &[String], at: EventTime) -> UpsertOutcome {
-        let outcome = self.lower.shards.delete(view, keys, at).await;
+    async fn delete_now(
+        &self,
+        view: &Arc<FeatureView>,
+        keys: &[String],
+        at: EventTime,
+        deadline: Instant,
+    ) -> UpsertOutcome {
+        let outcome = self.lower.shards.delete(view, keys, at, deadline).await;
+        self.repair_unknown(view, &outcome);
         if outcome.written.is_empty() {
             return outcome;
         }
         let life = self.lower.guard_life(view);
         let puts: Vec<Put<'_>> =
             outcome.written.iter().map(|key| Put { key, content: Content::Missing, version: at, life }).collect();
-        self.after_write(view, &puts, &outcome.written).await;
+        self.after_write(view, &puts, &outcome.written, deadline).await;
         outcome
+    }
+
+    /// Queues for repair the keys of shards that did not answer a write in
+    /// time: their commit may land later, and the caches must then follow.
+    fn repair_unknown(&self, view: &Arc<FeatureView>, outcome: &UpsertOutcome) {
+        let unknown: Vec<String> = outcome.unknown().cloned().collect();
+        if !unknown.is_empty() {
+            self.queue_repair(view, unknown);
+        }
+    }
+
+    fn queue_repair(&self, view: &Arc<FeatureView>, keys: Vec<String>) {
+        let n = keys.len() as u64;
+        let queued = self.repairs.try_send((view.clone(), keys, Instant::now())).is_ok();
+        let outcome = if queued { "queued" } else { "dropped" };
+        metrics::counter!("strata_cache_repairs_total", "view" => view.name.clone(), "outcome" => outcome).increment(n);
     }
 
     /// Counts the keys of a sampled share of requests in Redis, off the
@@ -461,7 +566,7 @@ impl Tiers {
     /// of misses. Returns how many keys were found, missing and unavailable.
     pub async fn warm(&self, view: &Arc<FeatureView>, keys: &[&str]) -> (usize, usize, usize) {
         let mut counts = (0, 0, 0);
-        for loaded in self.lower.fetch_and_fill(view, keys).await {
+        for loaded in self.lower.fetch_and_fill(view, keys, Instant::now() + BACKGROUND_BUDGET).await {
             match loaded {
                 Loaded::Value { value: Cached::Found(_), .. } => counts.0 += 1,
                 Loaded::Value { value: Cached::Missing, .. } => counts.1 += 1,
@@ -477,11 +582,11 @@ impl Tiers {
     /// If Redis fails, the keys are queued for repair: otherwise Redis
     /// would keep the old copy until its TTL, and every instance would
     /// read it again.
-    async fn after_write(&self, view: &Arc<FeatureView>, puts: &[Put<'_>], written: &[String]) {
+    async fn after_write(&self, view: &Arc<FeatureView>, puts: &[Put<'_>], written: &[String], deadline: Instant) {
         let keys: Vec<&str> = written.iter().map(String::as_str).collect();
         let injected =
             self.lower.failing_writes.fetch_update(Ordering::SeqCst, Ordering::SeqCst, |n| n.checked_sub(1)).is_ok();
-        let stored = !injected && self.lower.put_after_write(view, puts).await;
+        let stored = !injected && self.lower.put_after_write(view, puts, deadline).await;
         // After Redis holds the new copy: a local read that refilled L1
         // from the old one in between is dropped here (this instance
         // ignores its own announcements).
@@ -489,11 +594,7 @@ impl Tiers {
         let announced =
             !injected && announce(&self.lower.l2, &self.lower.writes.channel, self.origin, view, &keys).await;
         if !(stored && announced) {
-            let repair = (view.clone(), written.to_vec(), tokio::time::Instant::now());
-            let queued = self.repairs.try_send(repair).is_ok();
-            let outcome = if queued { "queued" } else { "dropped" };
-            metrics::counter!("strata_cache_repairs_total", "view" => view.name.clone(), "outcome" => outcome)
-                .increment(written.len() as u64);
+            self.queue_repair(view, written.to_vec());
         }
     }
 }
@@ -515,7 +616,7 @@ async fn repair(lower: Arc<Lower>, l1: L1Cache, origin: u64, mut queue: mpsc::Re
             let give_up = queued_at + view.l2_ttl;
             let mut delay = Duration::from_millis(50);
             let outcome = loop {
-                let (loaded, stored) = lower.fetch_and_put(&view, &keys).await;
+                let (loaded, stored) = lower.fetch_and_put(&view, &keys, Instant::now() + BACKGROUND_BUDGET).await;
                 let fetched = loaded.iter().all(|l| !matches!(l, Loaded::Unavailable));
                 if fetched && stored.is_ok() {
                     l1.invalidate_many(view.id, &keys).await;
@@ -573,7 +674,7 @@ pub async fn guard(l2: &L2Cache, view: &FeatureView, written: &[(String, EventTi
     for chunk in written.chunks(GUARD_PIPELINE) {
         let puts: Vec<Put<'_>> =
             chunk.iter().map(|(key, at)| Put { key, content: Content::Guard, version: *at, life }).collect();
-        if let Err(error) = l2.put_many(view, &puts).await {
+        if let Err(error) = l2.put_many(view, &puts, l2.default_deadline()).await {
             tracing::warn!(view = %view.name, keys = puts.len(), %error, "redis guard after a bulk write failed");
             metrics::counter!("strata_cache_errors_total", "tier" => "l2", "op" => "write").increment(1);
             failed += puts.len();
@@ -595,8 +696,8 @@ impl Lower {
 
     /// Stores what writes left in Redis; a failure is logged, counted, and
     /// false returned.
-    async fn put_after_write(&self, view: &FeatureView, puts: &[Put<'_>]) -> bool {
-        match self.l2.put_many(view, puts).await {
+    async fn put_after_write(&self, view: &FeatureView, puts: &[Put<'_>], deadline: Instant) -> bool {
+        match self.l2.put_many(view, puts, deadline).await {
             Ok(_) => true,
             Err(error) => {
                 tracing::warn!(view = %view.name, keys = puts.len(), %error, "redis update after a write failed");
@@ -607,10 +708,12 @@ impl Lower {
     }
 
     /// Loads distinct keys from L2, then PostgreSQL; aligned with `keys`.
-    async fn load(&self, view: &Arc<FeatureView>, keys: &[&str]) -> Vec<Loaded> {
+    async fn load(&self, view: &Arc<FeatureView>, keys: &[&str], deadline: Instant) -> Vec<Loaded> {
         let mut out: Vec<Option<Loaded>> = vec![None; keys.len()];
-        let (hits, l2_up) = match self.l2.get_many(view, keys).await {
+        let (hits, l2_up) = match self.l2.get_many(view, keys, deadline).await {
             Ok(hits) => (hits, true),
+            // Skipped while the breaker is open: not worth a warning each.
+            Err(L2Error::Open) => (vec![None; keys.len()], false),
             Err(error) => {
                 tracing::warn!(view = %view.name, keys = keys.len(), %error, "redis read failed; going to postgres");
                 metrics::counter!("strata_cache_errors_total", "tier" => "l2", "op" => "get").increment(1);
@@ -642,9 +745,9 @@ impl Lower {
 
         let miss_keys: Vec<&str> = misses.iter().map(|&i| keys[i]).collect();
         let loaded = if self.protection.enabled && l2_up {
-            self.load_under_leases(view, &miss_keys).await
+            self.load_under_leases(view, &miss_keys, deadline).await
         } else {
-            self.fetch_and_fill(view, &miss_keys).await
+            self.fetch_and_fill(view, &miss_keys, deadline).await
         };
         for (i, loaded) in misses.into_iter().zip(loaded) {
             out[i] = Some(loaded);
@@ -656,12 +759,12 @@ impl Lower {
     /// it reads PostgreSQL and fills Redis; elsewhere it waits for the lease
     /// holder's result in Redis, and reads PostgreSQL itself only if none
     /// comes within the lease TTL.
-    async fn load_under_leases(&self, view: &Arc<FeatureView>, keys: &[&str]) -> Vec<Loaded> {
-        let won = match self.l2.try_leases(view, keys, self.protection.lease_ttl).await {
+    async fn load_under_leases(&self, view: &Arc<FeatureView>, keys: &[&str], deadline: Instant) -> Vec<Loaded> {
+        let won = match self.l2.try_leases(view, keys, self.protection.lease_ttl, deadline).await {
             Ok(won) => won,
             Err(error) => {
                 tracing::warn!(view = %view.name, %error, "redis lease failed; going to postgres");
-                return self.fetch_and_fill(view, keys).await;
+                return self.fetch_and_fill(view, keys, deadline).await;
             }
         };
         let (mine, theirs): (Vec<usize>, Vec<usize>) = (0..keys.len()).partition(|&i| won[i]);
@@ -675,7 +778,7 @@ impl Lower {
             // Another instance may have filled a key between our miss and
             // our lease (it reloaded and released in that window): look once
             // more before going to PostgreSQL.
-            let mut loaded: Vec<Option<Loaded>> = match self.l2.get_many(view, &mine_keys).await {
+            let mut loaded: Vec<Option<Loaded>> = match self.l2.get_many(view, &mine_keys, deadline).await {
                 Ok(hits) => hits
                     .into_iter()
                     .map(|hit| hit.map(|hit| Loaded::Value { value: hit.value, source: Source::L2 }))
@@ -685,7 +788,7 @@ impl Lower {
             let cold: Vec<usize> = (0..mine_keys.len()).filter(|&i| loaded[i].is_none()).collect();
             let cold_keys: Vec<&str> = cold.iter().map(|&i| mine_keys[i]).collect();
             if !cold_keys.is_empty() {
-                for (i, fetched) in cold.into_iter().zip(self.fetch_and_fill(view, &cold_keys).await) {
+                for (i, fetched) in cold.into_iter().zip(self.fetch_and_fill(view, &cold_keys, deadline).await) {
                     loaded[i] = Some(fetched);
                 }
             }
@@ -695,7 +798,7 @@ impl Lower {
             }
             loaded
         };
-        let (mine_loaded, theirs_loaded) = tokio::join!(load_mine, self.wait_for_holders(view, &theirs_keys));
+        let (mine_loaded, theirs_loaded) = tokio::join!(load_mine, self.wait_for_holders(view, &theirs_keys, deadline));
         let mut out: Vec<Option<Loaded>> = vec![None; keys.len()];
         for (i, loaded) in mine.into_iter().zip(mine_loaded).chain(theirs.into_iter().zip(theirs_loaded)) {
             out[i] = Some(loaded);
@@ -704,17 +807,21 @@ impl Lower {
     }
 
     /// Polls Redis for keys another instance is reloading, with backoff, up
-    /// to the lease TTL; what did not arrive is read from PostgreSQL.
-    async fn wait_for_holders(&self, view: &Arc<FeatureView>, keys: &[&str]) -> Vec<Loaded> {
+    /// to the lease TTL; what did not arrive is read from PostgreSQL. Half
+    /// the time left to the request at most is spent waiting, so the read
+    /// of PostgreSQL still has the other half.
+    async fn wait_for_holders(&self, view: &Arc<FeatureView>, keys: &[&str], deadline: Instant) -> Vec<Loaded> {
         let mut out: Vec<Option<Loaded>> = vec![None; keys.len()];
-        let deadline = tokio::time::Instant::now() + self.protection.lease_ttl;
+        let now = Instant::now();
+        let patience = self.protection.lease_ttl.min(deadline.saturating_duration_since(now) / 2);
+        let give_up = now + patience;
         let mut delay = Duration::from_millis(2);
         let mut pending: Vec<usize> = (0..keys.len()).collect();
-        while !pending.is_empty() && tokio::time::Instant::now() < deadline {
+        while !pending.is_empty() && Instant::now() < give_up {
             tokio::time::sleep(delay).await;
             delay = (delay * 2).min(Duration::from_millis(50));
             let pending_keys: Vec<&str> = pending.iter().map(|&i| keys[i]).collect();
-            let Ok(hits) = self.l2.get_many(view, &pending_keys).await else { break };
+            let Ok(hits) = self.l2.get_many(view, &pending_keys, deadline).await else { break };
             let mut still = Vec::new();
             for (i, hit) in pending.into_iter().zip(hits) {
                 match hit {
@@ -726,7 +833,7 @@ impl Lower {
         }
         if !pending.is_empty() {
             let late: Vec<&str> = pending.iter().map(|&i| keys[i]).collect();
-            for (i, loaded) in pending.iter().zip(self.fetch_and_fill(view, &late).await) {
+            for (i, loaded) in pending.iter().zip(self.fetch_and_fill(view, &late, deadline).await) {
                 out[*i] = Some(loaded);
             }
         }
@@ -735,22 +842,29 @@ impl Lower {
 
     /// Reads PostgreSQL and fills Redis with what it found (and, with
     /// protection, with what does not exist).
-    async fn fetch_and_fill(&self, view: &Arc<FeatureView>, keys: &[&str]) -> Vec<Loaded> {
-        let (loaded, stored) = self.fetch_and_put(view, keys).await;
+    async fn fetch_and_fill(&self, view: &Arc<FeatureView>, keys: &[&str], deadline: Instant) -> Vec<Loaded> {
+        let (loaded, stored) = self.fetch_and_put(view, keys, deadline).await;
         if let Err(error) = stored {
-            tracing::warn!(view = %view.name, keys = keys.len(), %error, "redis fill failed");
+            if !matches!(error, L2Error::Open) {
+                tracing::warn!(view = %view.name, keys = keys.len(), %error, "redis fill failed");
+            }
             metrics::counter!("strata_cache_errors_total", "tier" => "l2", "op" => "set").increment(1);
         }
         loaded
     }
 
     /// [`Lower::fetch_and_fill`], telling whether Redis took the values.
-    async fn fetch_and_put(&self, view: &Arc<FeatureView>, keys: &[&str]) -> (Vec<Loaded>, Result<(), L2Error>) {
+    async fn fetch_and_put(
+        &self,
+        view: &Arc<FeatureView>,
+        keys: &[&str],
+        deadline: Instant,
+    ) -> (Vec<Loaded>, Result<(), L2Error>) {
         // Each value with the version it is filed under in Redis: a row's
         // event time, a deletion's, or "never written".
         let fetched: Vec<(Loaded, EventTime)> = self
             .shards
-            .fetch(view, keys)
+            .fetch(view, keys, deadline)
             .await
             .into_iter()
             .map(|fetched| match fetched {
@@ -781,7 +895,7 @@ impl Lower {
                 _ => None,
             })
             .collect();
-        let stored = self.l2.put_many(view, &fills).await.map(drop);
+        let stored = self.l2.put_many(view, &fills, deadline).await.map(drop);
         (fetched.into_iter().map(|(loaded, _)| loaded).collect(), stored)
     }
 }
@@ -794,15 +908,17 @@ impl Reloader for Lower {
         keys: Vec<String>,
     ) -> Vec<Option<(Cached, Lifetime)>> {
         let key_refs: Vec<&str> = keys.iter().map(String::as_str).collect();
+        let deadline = Instant::now() + BACKGROUND_BUDGET;
         let loaded = match tier {
-            RefreshTier::L1 => self.load(&view, &key_refs).await,
+            RefreshTier::L1 => self.load(&view, &key_refs, deadline).await,
             RefreshTier::L2 => {
                 // Of all instances that saw the stale entry, the lease holder
                 // reloads it; the rest keep serving what they have.
-                let won = self.l2.try_leases(&view, &key_refs, self.protection.lease_ttl).await.unwrap_or_default();
+                let won =
+                    self.l2.try_leases(&view, &key_refs, self.protection.lease_ttl, deadline).await.unwrap_or_default();
                 let mine: Vec<&str> = key_refs.iter().zip(&won).filter(|(_, w)| **w).map(|(k, _)| *k).collect();
                 count_leases(&view, mine.len(), keys.len() - mine.len());
-                let mut fresh = self.fetch_and_fill(&view, &mine).await.into_iter();
+                let mut fresh = self.fetch_and_fill(&view, &mine, deadline).await.into_iter();
                 let _ = self.l2.release_leases(&view, &mine).await;
                 won.iter()
                     .chain(std::iter::repeat(&false))

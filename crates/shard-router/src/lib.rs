@@ -5,6 +5,12 @@
 //! `= ANY($1)` query per shard, shards queried concurrently; a batch write is
 //! one transaction per shard, guarded by event time.
 //!
+//! Each shard sits behind a circuit breaker: a shard that keeps failing (or
+//! hanging) is refused at once instead of costing every request its
+//! deadline, and is probed until it answers again. Reads are cut at the
+//! caller's deadline and retried with backoff while time remains; a shard
+//! that cannot answer marks its keys unavailable without failing the batch.
+//!
 //! It knows nothing about gRPC or the cache tiers.
 
 #![forbid(unsafe_code)]
@@ -20,7 +26,8 @@ use std::time::{Duration, Instant};
 
 use deadpool_postgres::{Manager, ManagerConfig, Pool, RecyclingMethod, Runtime};
 use futures::future::join_all;
-use strata_core::{EventTime, FeatureView, Row};
+use rand::Rng;
+use strata_core::{Breaker, BreakerConfig, BreakerState, EventTime, FeatureView, RetryPolicy, Row, TIMEOUT_FLOOR};
 use tokio_postgres::NoTls;
 
 pub use routing::{jump_hash, shard_for};
@@ -40,11 +47,20 @@ pub struct PoolOptions {
     pub max_connections: usize,
     /// Longest wait for a free connection or a new one.
     pub connect_timeout: Duration,
+    /// When a shard's circuit breaker opens, and for how long.
+    pub breaker: BreakerConfig,
+    /// How failed reads are retried within their deadline.
+    pub retry: RetryPolicy,
 }
 
 impl Default for PoolOptions {
     fn default() -> Self {
-        PoolOptions { max_connections: 16, connect_timeout: Duration::from_secs(2) }
+        PoolOptions {
+            max_connections: 16,
+            connect_timeout: Duration::from_secs(2),
+            breaker: BreakerConfig::default(),
+            retry: RetryPolicy::default(),
+        }
     }
 }
 
@@ -62,8 +78,21 @@ pub enum ShardError {
     Schema { shard: String, view: String, column: String, found: String, expected: String },
     #[error("shard {shard}: view {view}: {message}")]
     Decode { shard: String, view: String, message: String },
+    #[error("shard {shard} is unavailable: its circuit breaker is open after repeated failures")]
+    Open { shard: String },
+    #[error("shard {shard} did not answer within the deadline")]
+    Timeout { shard: String },
     #[error("no shards are configured")]
     NoShards,
+}
+
+impl ShardError {
+    /// Whether trying again soon may succeed: a connection or query
+    /// failure may be one broken connection. A refusal by the breaker, a
+    /// spent deadline or a schema problem would only fail again.
+    fn retryable(&self) -> bool {
+        matches!(self, ShardError::Connect { .. } | ShardError::Query { .. })
+    }
 }
 
 /// What a batch read found for one key.
@@ -87,8 +116,17 @@ pub struct UpsertOutcome {
     /// Keys not applied because a newer event time is stored.
     pub skipped_older: Vec<String>,
     /// Shards whose transaction failed, with the keys it held. Nothing of
-    /// such a shard's part of the batch was applied.
+    /// such a shard's part of the batch was applied, except after a
+    /// [`ShardError::Timeout`]: the commit may still land.
     pub failed: Vec<(ShardError, Vec<String>)>,
+}
+
+impl UpsertOutcome {
+    /// Keys whose write may or may not have been applied: their shard did
+    /// not answer within the deadline, so a commit may still land.
+    pub fn unknown(&self) -> impl Iterator<Item = &String> {
+        self.failed.iter().filter(|(e, _)| matches!(e, ShardError::Timeout { .. })).flat_map(|(_, keys)| keys)
+    }
 }
 
 struct Shard {
@@ -96,12 +134,14 @@ struct Shard {
     /// The shard index as a metrics label.
     label: String,
     pool: Pool,
+    breaker: Breaker,
 }
 
 /// Routes keys to shards and runs the batch queries.
 #[derive(Clone)]
 pub struct ShardRouter {
     shards: Arc<Vec<Shard>>,
+    retry: RetryPolicy,
 }
 
 impl ShardRouter {
@@ -127,9 +167,42 @@ impl ShardRouter {
                 .create_timeout(Some(options.connect_timeout))
                 .build()
                 .map_err(|e| ShardError::Pool { shard: config.name.clone(), message: e.to_string() })?;
-            shards.push(Shard { name: config.name.clone(), label: index.to_string(), pool });
+            let breaker = Breaker::new(format!("postgres:{}", config.name), options.breaker);
+            shards.push(Shard { name: config.name.clone(), label: index.to_string(), pool, breaker });
         }
-        Ok(ShardRouter { shards: Arc::new(shards) })
+        Ok(ShardRouter { shards: Arc::new(shards), retry: options.retry })
+    }
+
+    /// The breaker state of each shard, in config order.
+    pub fn states(&self) -> Vec<BreakerState> {
+        self.shards.iter().map(|s| s.breaker.state()).collect()
+    }
+
+    /// Whether shard `shard` is answering normally (its breaker closed).
+    pub fn available(&self, shard: usize) -> bool {
+        self.shards[shard].breaker.is_closed()
+    }
+
+    /// Whether any shard is not answering normally. Cheap: for the hot
+    /// path, which marks cached rows of such shards stale.
+    pub fn degraded(&self) -> bool {
+        self.shards.iter().any(|s| !s.breaker.is_closed())
+    }
+
+    /// Asks every shard `SELECT 1` within `timeout`, through its breaker, so
+    /// a shard that died while idle is noticed and one that came back is
+    /// closed again without waiting for traffic. Returns which answered.
+    pub async fn probe(&self, timeout: Duration) -> Vec<bool> {
+        let probes = self.shards.iter().map(|shard| async move {
+            let deadline = tokio::time::Instant::now() + timeout;
+            let ping = async {
+                let client = shard.client().await?;
+                client.simple_query("SELECT 1").await.map_err(|e| shard.query_error(e))?;
+                Ok(())
+            };
+            shard.guarded(Some(deadline), ping).await.is_ok()
+        });
+        join_all(probes).await
     }
 
     pub fn shard_count(&self) -> usize {
@@ -146,17 +219,31 @@ impl ShardRouter {
     /// columns for features new to the config. Idempotent; safe to run from
     /// several servers at once.
     pub async fn migrate(&self, views: &[Arc<FeatureView>]) -> Result<(), ShardError> {
+        self.migrate_each(views).await.into_iter().collect()
+    }
+
+    /// [`ShardRouter::migrate`], with each shard's own result in config
+    /// order, so a server can start while a shard is down and migrate it
+    /// once it is back.
+    pub async fn migrate_each(&self, views: &[Arc<FeatureView>]) -> Vec<Result<(), ShardError>> {
         let runs = self.shards.iter().map(|shard| async move {
             let client = shard.client().await?;
             schema::migrate(&client, &shard.name, views).await
         });
-        join_all(runs).await.into_iter().collect()
+        join_all(runs).await
+    }
+
+    /// Shard names in config order.
+    pub fn names(&self) -> Vec<&str> {
+        self.shards.iter().map(|s| s.name.as_str()).collect()
     }
 
     /// Reads the rows of `keys` (which must be distinct): one query per shard
     /// that owns any of them, all shards at once. The answer is aligned with
-    /// `keys`. A shard that fails marks its keys [`Fetched::Unavailable`].
-    pub async fn fetch(&self, view: &FeatureView, keys: &[&str]) -> Vec<Fetched> {
+    /// `keys`. A shard that fails, or has not answered by `deadline`, marks
+    /// its keys [`Fetched::Unavailable`]; a failed query is retried with
+    /// backoff while the deadline allows.
+    pub async fn fetch(&self, view: &FeatureView, keys: &[&str], deadline: tokio::time::Instant) -> Vec<Fetched> {
         let mut by_shard: Vec<Vec<usize>> = vec![Vec::new(); self.shards.len()];
         for (i, key) in keys.iter().enumerate() {
             by_shard[self.shard_of(key)].push(i);
@@ -165,9 +252,26 @@ impl ShardRouter {
             let shard = &self.shards[s];
             let shard_keys: Vec<&str> = idx.iter().map(|&i| keys[i]).collect();
             async move {
-                let started = Instant::now();
-                let result = shard.fetch(view, &shard_keys).await;
-                shard.observe("fetch", started, result.is_ok());
+                let mut retry = 0;
+                let result = loop {
+                    let started = Instant::now();
+                    let result = shard.guarded(Some(deadline), shard.fetch(view, &shard_keys)).await;
+                    shard.observe("fetch", started, &result);
+                    match result {
+                        Err(error) if error.retryable() && retry + 1 < self.retry.attempts => {
+                            let wait = self.retry.backoff(retry, rand::rng().random::<f64>());
+                            if tokio::time::Instant::now() + wait >= deadline {
+                                break Err(error);
+                            }
+                            tracing::debug!(shard = %shard.name, %error, ?wait, "retrying a shard read");
+                            metrics::counter!("strata_shard_retries_total", "shard" => shard.label.clone())
+                                .increment(1);
+                            tokio::time::sleep(wait).await;
+                            retry += 1;
+                        }
+                        result => break result,
+                    }
+                };
                 (idx, result)
             }
         });
@@ -184,7 +288,11 @@ impl ShardRouter {
                     }
                 }
                 Err(error) => {
-                    tracing::warn!(view = %view.name, keys = idx.len(), %error, "shard read failed");
+                    if matches!(error, ShardError::Open { .. }) {
+                        tracing::debug!(view = %view.name, keys = idx.len(), %error, "shard read refused");
+                    } else {
+                        tracing::warn!(view = %view.name, keys = idx.len(), %error, "shard read failed");
+                    }
                     for &i in idx {
                         out[i] = Fetched::Unavailable;
                     }
@@ -196,16 +304,28 @@ impl ShardRouter {
 
     /// Upserts rows (distinct keys): one transaction per shard, all shards at
     /// once. A row replaces the stored one only if its event time is not
-    /// older.
-    pub async fn upsert(&self, view: &FeatureView, rows: &[(String, Row)]) -> UpsertOutcome {
-        self.per_shard(rows, |row| &row.0, "upsert", |shard, rows| shard.upsert(view, rows)).await
+    /// older. A shard that has not answered by `deadline` reports
+    /// [`ShardError::Timeout`] for its keys (see [`UpsertOutcome::unknown`]).
+    pub async fn upsert(
+        &self,
+        view: &FeatureView,
+        rows: &[(String, Row)],
+        deadline: tokio::time::Instant,
+    ) -> UpsertOutcome {
+        self.per_shard(rows, |row| &row.0, "upsert", deadline, |shard, rows| shard.upsert(view, rows)).await
     }
 
     /// Deletes keys (distinct) at event time `at`: each becomes a tombstone,
     /// unless a newer event time is stored, so a write older than the
     /// deletion can no longer bring the row back.
-    pub async fn delete(&self, view: &FeatureView, keys: &[String], at: EventTime) -> UpsertOutcome {
-        self.per_shard(keys, |key| key, "delete", |shard, keys| shard.delete(view, keys, at)).await
+    pub async fn delete(
+        &self,
+        view: &FeatureView,
+        keys: &[String],
+        at: EventTime,
+        deadline: tokio::time::Instant,
+    ) -> UpsertOutcome {
+        self.per_shard(keys, |key| key, "delete", deadline, |shard, keys| shard.delete(view, keys, at)).await
     }
 
     /// Runs `op` on each shard's part of `items`, all shards at once.
@@ -214,6 +334,7 @@ impl ShardRouter {
         items: &'a [T],
         key: impl Fn(&T) -> &String,
         label: &'static str,
+        deadline: tokio::time::Instant,
         op: F,
     ) -> UpsertOutcome
     where
@@ -230,8 +351,8 @@ impl ShardRouter {
             let run = op(shard, part);
             async move {
                 let started = Instant::now();
-                let result = run.await;
-                shard.observe(label, started, result.is_ok());
+                let result = shard.guarded(Some(deadline), run).await;
+                shard.observe(label, started, &result);
                 (keys, result)
             }
         });
@@ -266,8 +387,8 @@ impl ShardRouter {
     ) -> Result<Vec<(String, EventTime)>, ShardError> {
         let shard = &self.shards[shard];
         let started = Instant::now();
-        let result = shard.copy_upsert(view, rows).await;
-        shard.observe("copy", started, result.is_ok());
+        let result = shard.guarded(None, shard.copy_upsert(view, rows)).await;
+        shard.observe("copy", started, &result);
         result
     }
 
@@ -293,12 +414,53 @@ impl Shard {
         ShardError::Query { shard: self.name.clone(), source }
     }
 
-    fn observe(&self, op: &'static str, started: Instant, ok: bool) {
+    /// Records a query's duration, and its failure by reason. Calls the
+    /// breaker refused never reached the shard: only counted.
+    fn observe<T>(&self, op: &'static str, started: Instant, result: &Result<T, ShardError>) {
+        let reason = match result {
+            Ok(_) => None,
+            Err(ShardError::Open { .. }) => {
+                metrics::counter!("strata_shard_refused_total", "shard" => self.label.clone(), "op" => op)
+                    .increment(1);
+                return;
+            }
+            Err(ShardError::Timeout { .. }) => Some("timeout"),
+            Err(ShardError::Connect { .. }) => Some("connect"),
+            Err(_) => Some("query"),
+        };
         metrics::histogram!("strata_shard_query_duration_seconds", "shard" => self.label.clone(), "op" => op)
             .record(started.elapsed());
-        if !ok {
-            metrics::counter!("strata_shard_errors_total", "shard" => self.label.clone(), "op" => op).increment(1);
+        if let Some(reason) = reason {
+            metrics::counter!("strata_shard_errors_total", "shard" => self.label.clone(), "op" => op, "reason" => reason)
+                .increment(1);
         }
+    }
+
+    /// Runs `op` through the shard's breaker, cut at `deadline`. A call
+    /// cut by a deadline shorter than [`TIMEOUT_FLOOR`] does not count
+    /// against the shard.
+    async fn guarded<T>(
+        &self,
+        deadline: Option<tokio::time::Instant>,
+        op: impl Future<Output = Result<T, ShardError>>,
+    ) -> Result<T, ShardError> {
+        let Some(call) = self.breaker.call() else {
+            return Err(ShardError::Open { shard: self.name.clone() });
+        };
+        let started = tokio::time::Instant::now();
+        let result = match deadline {
+            Some(deadline) => match tokio::time::timeout_at(deadline, op).await {
+                Ok(result) => result,
+                Err(_) => Err(ShardError::Timeout { shard: self.name.clone() }),
+            },
+            None => op.await,
+        };
+        match &result {
+            Ok(_) => call.succeeded(),
+            Err(ShardError::Timeout { .. }) if started.elapsed() < TIMEOUT_FLOOR => drop(call),
+            Err(_) => call.failed(),
+        }
+        result
     }
 
     async fn fetch(

@@ -1,0 +1,295 @@
+//! Admission of FeatureStore requests, decided before any work is done:
+//! refused while the server drains, per-client token-bucket rate limits,
+//! and a global cap on requests in flight. Every refusal is immediate (no
+//! queue, so an overloaded server answers "no" in microseconds instead of
+//! "yes" too late) and a gRPC status naming the reason. Health checks and
+//! reflection are never refused: a probe must see the truth under load.
+
+use std::collections::HashMap;
+use std::future::Future;
+use std::num::NonZeroU32;
+use std::pin::Pin;
+use std::sync::Arc;
+use std::sync::atomic::{AtomicBool, Ordering};
+use std::task::{Context, Poll};
+
+use governor::{DefaultDirectRateLimiter, DefaultKeyedRateLimiter, Quota, RateLimiter};
+use tokio::sync::{OwnedSemaphorePermit, Semaphore};
+use tonic::Status;
+use tonic::codegen::http;
+
+/// The request header in which a client names itself.
+pub const CLIENT_ID_HEADER: &str = "x-client-id";
+/// Longest client id accepted; longer ids are refused, so that ids cannot
+/// grow the limiter's memory without bound.
+pub const MAX_CLIENT_ID_BYTES: usize = 128;
+/// Paths of the RPCs admission applies to.
+const GUARDED_PREFIX: &str = "/strata.v1.FeatureStore/";
+
+/// Rate limits as configured: `per_second` and `burst` for any client not
+/// listed (0: unlimited), and per-client overrides.
+#[derive(Clone, Debug, Default)]
+pub struct RateLimits {
+    pub per_second: u32,
+    pub burst: u32,
+    pub clients: Vec<ClientLimit>,
+}
+
+#[derive(Clone, Debug)]
+pub struct ClientLimit {
+    pub id: String,
+    /// 0: unlimited.
+    pub per_second: u32,
+    /// Requests allowed at once after a quiet time; 0 means `per_second`.
+    pub burst: u32,
+}
+
+fn quota(per_second: u32, burst: u32) -> Option<Quota> {
+    let rate = NonZeroU32::new(per_second)?;
+    let burst = NonZeroU32::new(burst).unwrap_or(rate);
+    Some(Quota::per_second(rate).allow_burst(burst))
+}
+
+/// Why a request was refused; the `reason` label of
+/// `strata_requests_refused_total`.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub enum Refusal {
+    Draining,
+    RateLimited,
+    Overloaded,
+    BadClientId,
+}
+
+impl Refusal {
+    fn label(self) -> &'static str {
+        match self {
+            Refusal::Draining => "draining",
+            Refusal::RateLimited => "rate_limited",
+            Refusal::Overloaded => "overloaded",
+            Refusal::BadClientId => "bad_client_id",
+        }
+    }
+}
+
+/// The shared admission state of one server.
+pub struct Admission {
+    in_flight: Arc<Semaphore>,
+    max_in_flight: usize,
+    /// Listed clients, each with its own bucket (`None`: unlimited).
+    named: HashMap<String, Option<DefaultDirectRateLimiter>>,
+    /// Every other client, one bucket per id (`None`: unlimited).
+    others: Option<DefaultKeyedRateLimiter<String>>,
+    draining: AtomicBool,
+}
+
+impl Admission {
+    pub fn new(max_in_flight: usize, limits: &RateLimits) -> Arc<Admission> {
+        let named = limits
+            .clients
+            .iter()
+            .map(|c| (c.id.clone(), quota(c.per_second, c.burst).map(RateLimiter::direct)))
+            .collect();
+        Arc::new(Admission {
+            in_flight: Arc::new(Semaphore::new(max_in_flight)),
+            max_in_flight,
+            named,
+            others: quota(limits.per_second, limits.burst).map(RateLimiter::keyed),
+            draining: AtomicBool::new(false),
+        })
+    }
+
+    /// From now on, every new request is refused with UNAVAILABLE; those
+    /// in flight go on.
+    pub fn drain(&self) {
+        self.draining.store(true, Ordering::SeqCst);
+    }
+
+    /// Requests being served now.
+    pub fn in_flight(&self) -> usize {
+        self.max_in_flight - self.in_flight.available_permits()
+    }
+
+    /// Forgets the buckets of unlisted clients that are full again, so
+    /// that a stream of new client ids cannot grow memory without bound.
+    /// Called now and then.
+    pub fn forget_idle_clients(&self) {
+        if let Some(others) = &self.others {
+            others.retain_recent();
+            others.shrink_to_fit();
+        }
+    }
+
+    /// Admits a request of `client` (the header's value, if any), or says
+    /// why not. The permit is held until the response is ready.
+    pub fn admit(&self, client: Option<&[u8]>) -> Result<OwnedSemaphorePermit, (Refusal, Status)> {
+        if self.draining.load(Ordering::SeqCst) {
+            return Err((Refusal::Draining, Status::unavailable("the server is shutting down; retry on another")));
+        }
+        let client = match client.map(std::str::from_utf8) {
+            None => "",
+            Some(Ok(id)) if id.len() <= MAX_CLIENT_ID_BYTES => id,
+            Some(_) => {
+                return Err((
+                    Refusal::BadClientId,
+                    Status::invalid_argument(format!(
+                        "{CLIENT_ID_HEADER} must be UTF-8 of at most {MAX_CLIENT_ID_BYTES} bytes"
+                    )),
+                ));
+            }
+        };
+        let limited = match self.named.get(client) {
+            Some(Some(bucket)) => bucket.check().is_err(),
+            Some(None) => false,
+            None => self.others.as_ref().is_some_and(|buckets| buckets.check_key(&client.to_owned()).is_err()),
+        };
+        if limited {
+            let who = if client.is_empty() { "requests without x-client-id".to_owned() } else { format!("client {client:?}") };
+            return Err((
+                Refusal::RateLimited,
+                Status::resource_exhausted(format!("{who} is over its rate limit; slow down and retry")),
+            ));
+        }
+        self.in_flight.clone().try_acquire_owned().map_err(|_| {
+            (
+                Refusal::Overloaded,
+                Status::resource_exhausted(format!(
+                    "the server is at its limit of {} requests in flight; retry with backoff",
+                    self.max_in_flight
+                )),
+            )
+        })
+    }
+}
+
+/// The tower layer that applies [`Admission`] to FeatureStore RPCs.
+#[derive(Clone)]
+pub struct AdmissionLayer {
+    admission: Arc<Admission>,
+}
+
+impl AdmissionLayer {
+    pub fn new(admission: Arc<Admission>) -> AdmissionLayer {
+        AdmissionLayer { admission }
+    }
+}
+
+impl<S> tower::Layer<S> for AdmissionLayer {
+    type Service = Admit<S>;
+
+    fn layer(&self, inner: S) -> Admit<S> {
+        Admit { inner, admission: self.admission.clone() }
+    }
+}
+
+#[derive(Clone)]
+pub struct Admit<S> {
+    inner: S,
+    admission: Arc<Admission>,
+}
+
+impl<S, B, R> tower::Service<http::Request<B>> for Admit<S>
+where
+    S: tower::Service<http::Request<B>, Response = http::Response<R>> + Clone + Send + 'static,
+    S::Future: Send + 'static,
+    B: Send + 'static,
+    R: Default + Send + 'static,
+{
+    type Response = S::Response;
+    type Error = S::Error;
+    type Future = Pin<Box<dyn Future<Output = Result<Self::Response, Self::Error>> + Send>>;
+
+    fn poll_ready(&mut self, cx: &mut Context<'_>) -> Poll<Result<(), Self::Error>> {
+        self.inner.poll_ready(cx)
+    }
+
+    fn call(&mut self, request: http::Request<B>) -> Self::Future {
+        // The service that was polled ready is the one to call.
+        let clone = self.inner.clone();
+        let mut inner = std::mem::replace(&mut self.inner, clone);
+        if !request.uri().path().starts_with(GUARDED_PREFIX) {
+            return Box::pin(inner.call(request));
+        }
+        let client = request.headers().get(CLIENT_ID_HEADER).map(|v| v.as_bytes());
+        match self.admission.admit(client) {
+            Ok(permit) => {
+                let response = inner.call(request);
+                Box::pin(async move {
+                    let response = response.await;
+                    drop(permit);
+                    response
+                })
+            }
+            Err((refusal, status)) => {
+                metrics::counter!("strata_requests_refused_total", "reason" => refusal.label()).increment(1);
+                Box::pin(async move { Ok(status.into_http()) })
+            }
+        }
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn limits(clients: Vec<ClientLimit>) -> RateLimits {
+        RateLimits { per_second: 2, burst: 2, clients }
+    }
+
+    #[test]
+    fn a_client_over_its_burst_is_refused_and_others_are_not_affected() {
+        let admission = Admission::new(100, &limits(Vec::new()));
+        let mut held = Vec::new();
+        for _ in 0..2 {
+            held.push(admission.admit(Some(b"a")).expect("within the burst"));
+        }
+        let (refusal, status) = admission.admit(Some(b"a")).unwrap_err();
+        assert_eq!(refusal, Refusal::RateLimited);
+        assert_eq!(status.code(), tonic::Code::ResourceExhausted);
+        assert!(status.message().contains("\"a\""), "{}", status.message());
+        assert!(admission.admit(Some(b"b")).is_ok(), "each client has its own bucket");
+    }
+
+    #[test]
+    fn listed_clients_get_their_own_limit_or_none() {
+        let admission = Admission::new(100, &limits(vec![
+            ClientLimit { id: "big".into(), per_second: 10, burst: 0 },
+            ClientLimit { id: "free".into(), per_second: 0, burst: 0 },
+        ]));
+        for _ in 0..10 {
+            drop(admission.admit(Some(b"big")).expect("burst defaults to the rate"));
+        }
+        assert!(admission.admit(Some(b"big")).is_err());
+        for _ in 0..1_000 {
+            drop(admission.admit(Some(b"free")).expect("unlimited"));
+        }
+    }
+
+    #[test]
+    fn requests_over_the_in_flight_cap_are_refused_until_one_finishes() {
+        let admission = Admission::new(2, &RateLimits::default());
+        let first = admission.admit(None).unwrap();
+        let _second = admission.admit(None).unwrap();
+        assert_eq!(admission.in_flight(), 2);
+        let (refusal, status) = admission.admit(None).unwrap_err();
+        assert_eq!((refusal, status.code()), (Refusal::Overloaded, tonic::Code::ResourceExhausted));
+        drop(first);
+        assert!(admission.admit(None).is_ok());
+    }
+
+    #[test]
+    fn a_draining_server_refuses_new_work_as_unavailable() {
+        let admission = Admission::new(2, &RateLimits::default());
+        admission.drain();
+        let (refusal, status) = admission.admit(None).unwrap_err();
+        assert_eq!((refusal, status.code()), (Refusal::Draining, tonic::Code::Unavailable));
+    }
+
+    #[test]
+    fn an_oversized_client_id_is_invalid() {
+        let admission = Admission::new(2, &RateLimits::default());
+        let long = vec![b'x'; MAX_CLIENT_ID_BYTES + 1];
+        let (_, status) = admission.admit(Some(&long)).unwrap_err();
+        assert_eq!(status.code(), tonic::Code::InvalidArgument);
+        assert!(status.message().contains(CLIENT_ID_HEADER));
+    }
+}
