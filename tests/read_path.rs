@@ -286,7 +286,10 @@ async fn list_feature_views_returns_the_registry(env: &'static Env) -> Result<()
                 "bulk_bad",
                 "repair",
                 "warming",
-                "rejects"
+                "rejects",
+                "chaos",
+                "chaos_l2",
+                "chaos_pg"
             ],
         "{names:?}"
     );

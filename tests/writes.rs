@@ -570,7 +570,10 @@ async fn a_file_with_bad_rows_loads_the_good_ones_reports_the_bad_by_line_and_re
     let older = strata_core::Row { event_time: micros(1), values: vec![strata_core::Value::Int64(-1); 3] };
     let life = strata_core::Lifetime { soft: Duration::from_secs(60), hard: Duration::from_secs(60) };
     let late_fill = Put { key: "bad:7", content: Content::Found(&older), version: older.event_time, life };
-    ensure!(server.tiers().l2().put_many(view, &[late_fill], server.tiers().l2().default_deadline()).await? == [false], "the guard refuses an older fill");
+    ensure!(
+        server.tiers().l2().put_many(view, &[late_fill], server.tiers().l2().default_deadline()).await? == [false],
+        "the guard refuses an older fill"
+    );
     ensure!(redis_entry(env, &server, "bulk_bad", "bad:7").await? == Some((Content::Guard, loaded_at)));
 
     // JSON Lines, with one row older than what is stored.

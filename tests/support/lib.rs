@@ -10,7 +10,9 @@
 use std::future::Future;
 use std::path::PathBuf;
 use std::pin::Pin;
-use std::sync::{Mutex, OnceLock};
+use std::sync::OnceLock;
+
+pub mod load;
 
 use anyhow::{Context, Result};
 use strata_devstack::{PortPlan, Stack, StackOptions};
@@ -154,6 +156,25 @@ name = "rejects"
 l1_ttl = "5m"
 l2_ttl = "10m"
 features = [{ name = "n", type = "int64" }, { name = "s", type = "string" }]
+
+[[views]]
+name = "chaos"
+l1_ttl = "5m"
+l2_ttl = "10m"
+features = [{ name = "n", type = "int64" }]
+
+[[views]]
+name = "chaos_l2"
+l1_ttl = "20ms"
+l2_ttl = "10m"
+features = [{ name = "n", type = "int64" }]
+
+[[views]]
+name = "chaos_pg"
+l1_ttl = "50ms"
+l2_ttl = "100ms"
+jitter = 0.0
+features = [{ name = "n", type = "int64" }]
 "#;
 
 /// The shared environment of one test binary.
@@ -161,7 +182,9 @@ pub struct Env {
     runtime: Runtime,
     /// The stack and its folder, taken and stopped when the tests end (a
     /// static is never dropped).
-    stack: Mutex<Option<(Stack, tempfile::TempDir)>>,
+    stack: tokio::sync::Mutex<Option<(Stack, tempfile::TempDir)>>,
+    /// Held by tests that break the shared stack, so they run one at a time.
+    exclusive: tokio::sync::Mutex<()>,
     redis_nodes: Vec<String>,
     shard_urls: Vec<String>,
 }
@@ -175,6 +198,10 @@ fn env() -> &'static Env {
 /// Runs the tests (honouring the usual test-binary arguments), then stops
 /// the stack if any test started it.
 pub fn run(tests: Vec<Test>) -> std::process::ExitCode {
+    // Server logs, when asked for: RUST_LOG=info cargo test --test …
+    if std::env::var_os("RUST_LOG").is_some() {
+        tracing_subscriber::fmt().with_env_filter(tracing_subscriber::EnvFilter::from_default_env()).init();
+    }
     let args = libtest_mimic::Arguments::from_args();
     let trials = tests
         .into_iter()
@@ -187,7 +214,7 @@ pub fn run(tests: Vec<Test>) -> std::process::ExitCode {
         .collect();
     let conclusion = libtest_mimic::run(&args, trials);
     if let Some(env) = ENV.get() {
-        let stack = env.stack.lock().expect("stack lock").take();
+        let stack = env.stack.blocking_lock().take();
         if let Some((stack, dir)) = stack {
             env.runtime.block_on(stack.stop());
             drop(dir);
@@ -207,7 +234,13 @@ impl Env {
         }))?;
         let redis_nodes = stack.redis_nodes();
         let shard_urls = stack.shard_urls();
-        Ok(Env { runtime, stack: Mutex::new(Some((stack, dir))), redis_nodes, shard_urls })
+        Ok(Env {
+            runtime,
+            stack: tokio::sync::Mutex::new(Some((stack, dir))),
+            exclusive: tokio::sync::Mutex::new(()),
+            redis_nodes,
+            shard_urls,
+        })
     }
 
     /// The shipped `config/strata.toml` plus [`TEST_VIEWS`], pointed at the
@@ -298,6 +331,78 @@ impl Env {
             let _ = client.quit().await;
         }
         Ok(killed)
+    }
+
+    /// Taken by a test that breaks the shared stack (kills a node, stops a
+    /// shard), so that no other such test runs meanwhile.
+    pub async fn exclusive(&self) -> tokio::sync::MutexGuard<'_, ()> {
+        self.exclusive.lock().await
+    }
+
+    async fn with_stack<T>(&self, f: impl AsyncFnOnce(&mut Stack) -> Result<T>) -> Result<T> {
+        let mut stack = self.stack.lock().await;
+        let (stack, _) = stack.as_mut().context("the stack is stopped")?;
+        f(stack).await
+    }
+
+    /// Kills (SIGKILL) the Redis node on `port`.
+    pub async fn kill_redis(&self, port: u16) -> Result<()> {
+        self.with_stack(async |s| s.kill_redis(port).await).await
+    }
+
+    /// Starts the Redis node on `port` again; it rejoins the cluster.
+    pub async fn restart_redis(&self, port: u16) -> Result<()> {
+        self.with_stack(async |s| s.restart_redis(port).await).await
+    }
+
+    /// Stops shard `i` (fast shutdown).
+    pub async fn stop_shard(&self, i: usize) -> Result<()> {
+        self.with_stack(async |s| s.stop_shard(i).await).await
+    }
+
+    /// Starts shard `i` again and waits until it accepts connections.
+    pub async fn start_shard(&self, i: usize) -> Result<()> {
+        self.with_stack(async |s| s.start_shard(i).await).await
+    }
+
+    /// Freezes (SIGSTOP) or thaws (SIGCONT) every process of shard `i`.
+    pub async fn freeze_shard(&self, i: usize, frozen: bool) -> Result<()> {
+        self.with_stack(async |s| if frozen { s.freeze_shard(i) } else { s.thaw_shard(i) }).await
+    }
+
+    /// What the cluster says about itself, asked of the first node that
+    /// answers: `(port, is_primary, failed)` per node, and whether the
+    /// cluster state is ok.
+    pub async fn redis_cluster(&self) -> Result<(Vec<(u16, bool, bool)>, bool)> {
+        use fred::prelude::*;
+        for seed in &self.redis_nodes {
+            let (host, port) = seed.rsplit_once(':').context("node address")?;
+            let client = Builder::from_config(Config {
+                server: ServerConfig::new_centralized(host, port.parse()?),
+                fail_fast: true,
+                ..Default::default()
+            })
+            .with_connection_config(|c| c.connection_timeout = std::time::Duration::from_millis(500))
+            .build()?;
+            if client.init().await.is_err() {
+                continue;
+            }
+            let nodes: Result<String, _> = client.cluster_nodes().await;
+            let info: Result<String, _> = client.cluster_info().await;
+            let _ = client.quit().await;
+            let (Ok(nodes), Ok(info)) = (nodes, info) else { continue };
+            let nodes = nodes
+                .lines()
+                .filter_map(|line| {
+                    let fields: Vec<&str> = line.split_whitespace().collect();
+                    let port = fields.get(1)?.split('@').next()?.rsplit_once(':')?.1.parse().ok()?;
+                    let flags = fields.get(2)?;
+                    Some((port, flags.contains("master"), flags.contains("fail")))
+                })
+                .collect();
+            return Ok((nodes, info.contains("cluster_state:ok")));
+        }
+        anyhow::bail!("no redis node answers")
     }
 
     /// The validated registry of [`Env::config`].

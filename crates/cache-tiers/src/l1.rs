@@ -215,13 +215,8 @@ impl L1Cache {
                 continue;
             }
             let ttl = if keeps_stale(&value) { life.hard.saturating_add(self.keep_stale) } else { life.hard };
-            let entry = Entry {
-                value,
-                soft_at: now + life.soft,
-                hard_at: now + life.hard,
-                ttl,
-                refreshing: false.into(),
-            };
+            let entry =
+                Entry { value, soft_at: now + life.soft, hard_at: now + life.hard, ttl, refreshing: false.into() };
             let cache_key = (view.id, key);
             self.cache.insert(cache_key.clone(), Arc::new(entry)).await;
             // An invalidation between the check and the insert would have

@@ -18,6 +18,7 @@ use std::collections::BTreeMap;
 use std::path::{Path, PathBuf};
 
 use anyhow::{Context, Result};
+use nix::sys::signal::Signal;
 use serde::{Deserialize, Serialize};
 
 pub use ports::PortPlan;
@@ -145,6 +146,68 @@ impl Stack {
     fn write_description(&self) -> Result<()> {
         let json = serde_json::to_string_pretty(&self.description)?;
         std::fs::write(self.description_path(), json + "\n").context("cannot write stack.json")
+    }
+
+    /// Kills the Redis node on `port` outright (SIGKILL, as a crash would)
+    /// and waits until it is gone. For failure tests.
+    pub async fn kill_redis(&mut self, port: u16) -> Result<()> {
+        self.redis_process(port)?.end(Signal::SIGKILL).await
+    }
+
+    /// Starts the Redis node on `port` again, with its cluster state: it
+    /// rejoins the cluster (as a replica, if it was failed over).
+    pub async fn restart_redis(&mut self, port: u16) -> Result<()> {
+        let process = self.redis_process(port)?;
+        process.restart()?;
+        let pid = process.pid();
+        if let Some(node) = self.description.redis_nodes.iter_mut().find(|n| n.port == port) {
+            node.pid = pid;
+        }
+        self.write_description()?;
+        redis::wait_ready(port).await
+    }
+
+    fn redis_process(&mut self, port: u16) -> Result<&mut Managed> {
+        let i = self.description.redis_nodes.iter().position(|n| n.port == port);
+        let i = i.with_context(|| format!("no redis node on port {port}"))?;
+        Ok(&mut self.redis[i])
+    }
+
+    /// Stops shard `i` (a fast shutdown: connections are closed, as when
+    /// a database goes down for maintenance) and waits until it is gone.
+    pub async fn stop_shard(&mut self, i: usize) -> Result<()> {
+        self.shard_process(i)?.end(Signal::SIGINT).await
+    }
+
+    /// Starts shard `i` again and waits until it accepts connections.
+    pub async fn start_shard(&mut self, i: usize) -> Result<()> {
+        let process = self.shard_process(i)?;
+        process.restart()?;
+        self.description.shards[i].pid = process.pid();
+        self.write_description()?;
+        postgres::wait_ready(self.description.shards[i].port).await
+    }
+
+    /// Freezes shard `i` (SIGSTOP to its postmaster and every backend):
+    /// connections stay open and nothing answers, as with a hung host.
+    pub fn freeze_shard(&self, i: usize) -> Result<()> {
+        self.signal_shard_group(i, Signal::SIGSTOP)
+    }
+
+    /// Thaws a frozen shard (SIGCONT).
+    pub fn thaw_shard(&self, i: usize) -> Result<()> {
+        self.signal_shard_group(i, Signal::SIGCONT)
+    }
+
+    /// Signals every process of shard `i`: the postmaster and its
+    /// children (backends and background workers).
+    fn signal_shard_group(&self, i: usize, signal: Signal) -> Result<()> {
+        let process = self.postgres.get(i).with_context(|| format!("no shard {i}"))?;
+        process.signal_tree(signal)
+    }
+
+    fn shard_process(&mut self, i: usize) -> Result<&mut Managed> {
+        self.postgres.get_mut(i).with_context(|| format!("no shard {i}"))
     }
 
     /// Stops every process: PostgreSQL with a fast shutdown, Redis with

@@ -102,8 +102,8 @@ async fn start_shard(
         bail!("initdb for {name} failed: {}", String::from_utf8_lossy(&out.stderr));
     }
 
-    let mut server = Command::new(bin.join("postgres"));
-    server.args(["-D", pgdata_str, "-p", &port.to_string(), "-k", dir_str]);
+    let mut args: Vec<String> =
+        ["-D", pgdata_str, "-p", &port.to_string(), "-k", dir_str].into_iter().map(str::to_owned).collect();
     // A local development and test stack: durability is traded for speed.
     for setting in [
         "listen_addresses=127.0.0.1",
@@ -114,13 +114,19 @@ async fn start_shard(
         "shared_buffers=128MB",
         "shared_preload_libraries=pg_stat_statements",
     ] {
-        server.args(["-c", setting]);
+        args.extend(["-c".to_owned(), setting.to_owned()]);
     }
-    if let Some((uid, gid)) = user {
-        server.uid(uid.as_raw()).gid(gid.as_raw());
-    }
+    let program = bin.join("postgres");
+    let recipe = Box::new(move || {
+        let mut server = Command::new(&program);
+        server.args(&args);
+        if let Some((uid, gid)) = user {
+            server.uid(uid.as_raw()).gid(gid.as_raw());
+        }
+        server
+    });
     let log = data_dir.join(format!("postgres-{index}.log"));
-    let mut process = Managed::spawn(&format!("postgres {name} on port {port}"), server, &log, Signal::SIGINT)?;
+    let mut process = Managed::spawn(&format!("postgres {name} on port {port}"), recipe, &log, Signal::SIGINT)?;
 
     let isready = bin.join("pg_isready");
     let port_arg = port.to_string();
@@ -167,4 +173,19 @@ fn path_tag(bytes: &[u8]) -> String {
         h = (h ^ u64::from(*b)).wrapping_mul(0x0100_0000_01b3);
     }
     format!("{h:016x}")
+}
+
+/// Waits until the shard on `port` accepts connections again (after a
+/// restart).
+pub(crate) async fn wait_ready(port: u16) -> Result<()> {
+    let isready = bin_dir()?.join("pg_isready");
+    let port_arg = port.to_string();
+    wait_until(&format!("postgres on port {port}"), READY_TIMEOUT, || {
+        let isready = isready.clone();
+        let port_arg = port_arg.clone();
+        async move {
+            Ok(output(&isready, &["-h", "127.0.0.1", "-p", &port_arg, "-U", "strata", "-d", "postgres"]).await.is_ok())
+        }
+    })
+    .await
 }

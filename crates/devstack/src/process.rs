@@ -15,23 +15,73 @@ use tokio::process::{Child, Command};
 /// How long a process gets to stop after its stop signal.
 const STOP_GRACE: Duration = Duration::from_secs(10);
 
+/// Builds the command that starts a process, so it can be started again.
+pub(crate) type Recipe = Box<dyn Fn() -> Command + Send + Sync>;
+
 /// A process the stack started.
 pub(crate) struct Managed {
     name: String,
     child: Child,
     stop_signal: Signal,
+    recipe: Recipe,
+    log: std::path::PathBuf,
 }
 
 impl Managed {
-    /// Starts `command` with stdout and stderr appended to `log`. The process
-    /// gets its own process group, so a Ctrl-C meant for the stack's owner
-    /// does not kill it before the owner stops it in order.
-    pub(crate) fn spawn(name: &str, mut command: Command, log: &Path, stop_signal: Signal) -> Result<Managed> {
+    /// Starts the command `recipe` builds, with stdout and stderr appended
+    /// to `log`. The process gets its own process group, so a Ctrl-C meant
+    /// for the stack's owner does not kill it before the owner stops it in
+    /// order.
+    pub(crate) fn spawn(name: &str, recipe: Recipe, log: &Path, stop_signal: Signal) -> Result<Managed> {
+        let child = Self::start(name, &recipe, log)?;
+        Ok(Managed { name: name.to_owned(), child, stop_signal, recipe, log: log.to_owned() })
+    }
+
+    fn start(name: &str, recipe: &Recipe, log: &Path) -> Result<Child> {
         let out = File::options().create(true).append(true).open(log)?;
         let err = out.try_clone()?;
+        let mut command = recipe();
         command.stdin(Stdio::null()).stdout(out).stderr(err).kill_on_drop(true).process_group(0);
-        let child = command.spawn().with_context(|| format!("cannot start {name}"))?;
-        Ok(Managed { name: name.to_owned(), child, stop_signal })
+        command.spawn().with_context(|| format!("cannot start {name}"))
+    }
+
+    /// Sends `signal` to the process (SIGSTOP and SIGCONT freeze and thaw
+    /// it, for tests of a hung dependency).
+    pub(crate) fn signal(&self, signal: Signal) -> Result<()> {
+        let pid = self.child.id().with_context(|| format!("{} is not running", self.name))?;
+        kill(Pid::from_raw(pid as i32), signal).with_context(|| format!("cannot signal {}", self.name))
+    }
+
+    /// Sends `signal` to the process and its children. (PostgreSQL puts
+    /// each backend in a process group of its own, so the group is not
+    /// enough.) The children are found in /proc.
+    pub(crate) fn signal_tree(&self, signal: Signal) -> Result<()> {
+        let pid = self.child.id().with_context(|| format!("{} is not running", self.name))?;
+        let children = std::fs::read_dir("/proc")?.flatten().filter_map(|entry| {
+            let child: u32 = entry.file_name().to_str()?.parse().ok()?;
+            let stat = std::fs::read_to_string(entry.path().join("stat")).ok()?;
+            // pid (comm) state ppid …: the comm may hold spaces, so split after ')'.
+            let ppid: u32 = stat.rsplit_once(')')?.1.split_whitespace().nth(1)?.parse().ok()?;
+            (ppid == pid).then_some(child)
+        });
+        for child in children.chain([pid]) {
+            let _ = kill(Pid::from_raw(child as i32), signal);
+        }
+        Ok(())
+    }
+
+    /// Sends `signal` and waits for the process to exit.
+    pub(crate) async fn end(&mut self, signal: Signal) -> Result<()> {
+        self.signal(signal)?;
+        self.child.wait().await?;
+        Ok(())
+    }
+
+    /// Starts the process again after it ended.
+    pub(crate) fn restart(&mut self) -> Result<()> {
+        anyhow::ensure!(self.child.try_wait()?.is_some(), "{} is still running", self.name);
+        self.child = Self::start(&self.name, &self.recipe, &self.log)?;
+        Ok(())
     }
 
     pub(crate) fn pid(&self) -> u32 {

@@ -19,8 +19,7 @@ pub(crate) async fn start_cluster(data_dir: &Path, ports: &[u16]) -> Result<Vec<
     for &port in ports {
         let dir = data_dir.join(format!("redis-{port}"));
         std::fs::create_dir_all(&dir)?;
-        let mut command = Command::new(&server);
-        command.args([
+        let args: Vec<String> = [
             "--port",
             &port.to_string(),
             "--bind",
@@ -39,9 +38,18 @@ pub(crate) async fn start_cluster(data_dir: &Path, ports: &[u16]) -> Result<Vec<
             "no",
             "--daemonize",
             "no",
-        ]);
+        ]
+        .into_iter()
+        .map(str::to_owned)
+        .collect();
+        let server = server.clone();
+        let recipe = Box::new(move || {
+            let mut command = Command::new(&server);
+            command.args(&args);
+            command
+        });
         let log = dir.join("redis.log");
-        let process = Managed::spawn(&format!("redis-server on port {port}"), command, &log, Signal::SIGTERM)?;
+        let process = Managed::spawn(&format!("redis-server on port {port}"), recipe, &log, Signal::SIGTERM)?;
         nodes.push((port, process, log));
     }
     for (port, process, log) in &mut nodes {
@@ -90,4 +98,16 @@ pub(crate) async fn start_cluster(data_dir: &Path, ports: &[u16]) -> Result<Vec<
         started.push((RedisNode { host: "127.0.0.1".into(), port, role: role.into(), pid }, process));
     }
     Ok(started)
+}
+
+/// Waits until the node on `port` answers PING again (after a restart).
+pub(crate) async fn wait_ready(port: u16) -> Result<()> {
+    let cli = which("redis-cli").context("redis-cli is not installed (apt-get install redis-tools)")?;
+    let port_arg = port.to_string();
+    wait_until(&format!("redis on port {port}"), READY_TIMEOUT, || {
+        let cli = cli.clone();
+        let port_arg = port_arg.clone();
+        async move { Ok(output(&cli, &["-p", &port_arg, "ping"]).await.is_ok_and(|o| o.trim() == "PONG")) }
+    })
+    .await
 }

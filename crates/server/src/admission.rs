@@ -2,29 +2,25 @@
 //! refused while the server drains, per-client token-bucket rate limits,
 //! and a global cap on requests in flight. Every refusal is immediate (no
 //! queue, so an overloaded server answers "no" in microseconds instead of
-//! "yes" too late) and a gRPC status naming the reason. Health checks and
+//! "yes" too late) and a gRPC status naming the reason. The FeatureStore
+//! service asks at the start of each call (after tonic has read the
+//! request, so a refusal is a clean gRPC answer); health checks and
 //! reflection are never refused: a probe must see the truth under load.
 
 use std::collections::HashMap;
-use std::future::Future;
 use std::num::NonZeroU32;
-use std::pin::Pin;
 use std::sync::Arc;
 use std::sync::atomic::{AtomicBool, Ordering};
-use std::task::{Context, Poll};
 
 use governor::{DefaultDirectRateLimiter, DefaultKeyedRateLimiter, Quota, RateLimiter};
 use tokio::sync::{OwnedSemaphorePermit, Semaphore};
 use tonic::Status;
-use tonic::codegen::http;
 
 /// The request header in which a client names itself.
 pub const CLIENT_ID_HEADER: &str = "x-client-id";
 /// Longest client id accepted; longer ids are refused, so that ids cannot
 /// grow the limiter's memory without bound.
 pub const MAX_CLIENT_ID_BYTES: usize = 128;
-/// Paths of the RPCs admission applies to.
-const GUARDED_PREFIX: &str = "/strata.v1.FeatureStore/";
 
 /// Rate limits as configured: `per_second` and `burst` for any client not
 /// listed (0: unlimited), and per-client overrides.
@@ -122,6 +118,14 @@ impl Admission {
     /// Admits a request of `client` (the header's value, if any), or says
     /// why not. The permit is held until the response is ready.
     pub fn admit(&self, client: Option<&[u8]>) -> Result<OwnedSemaphorePermit, (Refusal, Status)> {
+        let result = self.decide(client);
+        if let Err((refusal, _)) = &result {
+            metrics::counter!("strata_requests_refused_total", "reason" => refusal.label()).increment(1);
+        }
+        result
+    }
+
+    fn decide(&self, client: Option<&[u8]>) -> Result<OwnedSemaphorePermit, (Refusal, Status)> {
         if self.draining.load(Ordering::SeqCst) {
             return Err((Refusal::Draining, Status::unavailable("the server is shutting down; retry on another")));
         }
@@ -143,7 +147,11 @@ impl Admission {
             None => self.others.as_ref().is_some_and(|buckets| buckets.check_key(&client.to_owned()).is_err()),
         };
         if limited {
-            let who = if client.is_empty() { "requests without x-client-id".to_owned() } else { format!("client {client:?}") };
+            let who = if client.is_empty() {
+                "requests without x-client-id".to_owned()
+            } else {
+                format!("client {client:?}")
+            };
             return Err((
                 Refusal::RateLimited,
                 Status::resource_exhausted(format!("{who} is over its rate limit; slow down and retry")),
@@ -158,72 +166,6 @@ impl Admission {
                 )),
             )
         })
-    }
-}
-
-/// The tower layer that applies [`Admission`] to FeatureStore RPCs.
-#[derive(Clone)]
-pub struct AdmissionLayer {
-    admission: Arc<Admission>,
-}
-
-impl AdmissionLayer {
-    pub fn new(admission: Arc<Admission>) -> AdmissionLayer {
-        AdmissionLayer { admission }
-    }
-}
-
-impl<S> tower::Layer<S> for AdmissionLayer {
-    type Service = Admit<S>;
-
-    fn layer(&self, inner: S) -> Admit<S> {
-        Admit { inner, admission: self.admission.clone() }
-    }
-}
-
-#[derive(Clone)]
-pub struct Admit<S> {
-    inner: S,
-    admission: Arc<Admission>,
-}
-
-impl<S, B, R> tower::Service<http::Request<B>> for Admit<S>
-where
-    S: tower::Service<http::Request<B>, Response = http::Response<R>> + Clone + Send + 'static,
-    S::Future: Send + 'static,
-    B: Send + 'static,
-    R: Default + Send + 'static,
-{
-    type Response = S::Response;
-    type Error = S::Error;
-    type Future = Pin<Box<dyn Future<Output = Result<Self::Response, Self::Error>> + Send>>;
-
-    fn poll_ready(&mut self, cx: &mut Context<'_>) -> Poll<Result<(), Self::Error>> {
-        self.inner.poll_ready(cx)
-    }
-
-    fn call(&mut self, request: http::Request<B>) -> Self::Future {
-        // The service that was polled ready is the one to call.
-        let clone = self.inner.clone();
-        let mut inner = std::mem::replace(&mut self.inner, clone);
-        if !request.uri().path().starts_with(GUARDED_PREFIX) {
-            return Box::pin(inner.call(request));
-        }
-        let client = request.headers().get(CLIENT_ID_HEADER).map(|v| v.as_bytes());
-        match self.admission.admit(client) {
-            Ok(permit) => {
-                let response = inner.call(request);
-                Box::pin(async move {
-                    let response = response.await;
-                    drop(permit);
-                    response
-                })
-            }
-            Err((refusal, status)) => {
-                metrics::counter!("strata_requests_refused_total", "reason" => refusal.label()).increment(1);
-                Box::pin(async move { Ok(status.into_http()) })
-            }
-        }
     }
 }
 
@@ -251,10 +193,13 @@ mod tests {
 
     #[test]
     fn listed_clients_get_their_own_limit_or_none() {
-        let admission = Admission::new(100, &limits(vec![
-            ClientLimit { id: "big".into(), per_second: 10, burst: 0 },
-            ClientLimit { id: "free".into(), per_second: 0, burst: 0 },
-        ]));
+        let admission = Admission::new(
+            100,
+            &limits(vec![
+                ClientLimit { id: "big".into(), per_second: 10, burst: 0 },
+                ClientLimit { id: "free".into(), per_second: 0, burst: 0 },
+            ]),
+        );
         for _ in 0..10 {
             drop(admission.admit(Some(b"big")).expect("burst defaults to the rate"));
         }

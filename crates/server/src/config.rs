@@ -369,7 +369,9 @@ impl FileConfig {
             }
         }
         if default_deadline > max_deadline {
-            bail!("server.default_deadline ({default_deadline:?}) is longer than server.max_deadline ({max_deadline:?})");
+            bail!(
+                "server.default_deadline ({default_deadline:?}) is longer than server.max_deadline ({max_deadline:?})"
+            );
         }
         if max_in_flight == 0 {
             bail!("server.max_in_flight must be greater than zero");

@@ -71,7 +71,12 @@ pub async fn load(tiers: &Tiers, view: &Arc<FeatureView>, count: u64) -> Result<
     let mut done = 0u64;
     let mut stream = futures::stream::iter(batches.chunks(BATCH).map(|ids| {
         let rows: Vec<(String, Row)> = ids.iter().map(|&i| (demo_key(i), demo_row(view, i))).collect();
-        async move { (rows.len(), tiers.write(view, &rows, tokio::time::Instant::now() + std::time::Duration::from_secs(60)).await) }
+        async move {
+            (
+                rows.len(),
+                tiers.write(view, &rows, tokio::time::Instant::now() + std::time::Duration::from_secs(60)).await,
+            )
+        }
     }))
     .buffer_unordered(IN_FLIGHT);
     while let Some((n, outcome)) = stream.next().await {

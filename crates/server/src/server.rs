@@ -22,7 +22,7 @@ use tonic::transport::server::TcpIncoming;
 use tonic_health::ServingStatus;
 use tonic_health::server::HealthReporter;
 
-use crate::admission::{Admission, AdmissionLayer};
+use crate::admission::Admission;
 use crate::config::Config;
 use crate::metrics::{self, GrpcMetricsLayer};
 use crate::service::FeatureStoreService;
@@ -34,6 +34,9 @@ pub const LIVENESS: &str = "liveness";
 const HEALTH_EVERY: Duration = Duration::from_secs(1);
 /// How long a shard probe may take.
 const PROBE_TIMEOUT: Duration = Duration::from_millis(500);
+/// Health ticks with the Redis breaker open after which a new Redis client
+/// replaces the old one.
+const REDIS_RECONNECT_TICKS: u32 = 3;
 /// How often shards that could not be migrated at start-up are tried again.
 const MIGRATE_RETRY: Duration = Duration::from_secs(2);
 
@@ -94,9 +97,17 @@ impl RunningServer {
                 .register_encoded_file_descriptor_set(strata_proto::v1::FILE_DESCRIPTOR_SET)
                 .register_encoded_file_descriptor_set(tonic_health::pb::FILE_DESCRIPTOR_SET)
         };
-        let service =
-            FeatureStoreService::new(config.registry.clone(), config.limits.clone(), config.deadlines, tiers.clone());
+        // Refuses FeatureStore work at once while draining, over a client's
+        // rate limit, or over the in-flight cap (load shedding: no queue
+        // builds up in front of a busy server).
         let admission = Admission::new(config.max_in_flight, &config.rate_limits);
+        let service = FeatureStoreService::new(
+            config.registry.clone(),
+            config.limits.clone(),
+            config.deadlines,
+            admission.clone(),
+            tiers.clone(),
+        );
 
         let incoming = TcpIncoming::bind(config.grpc_addr)
             .with_context(|| format!("cannot listen for gRPC on {}", config.grpc_addr))?
@@ -116,10 +127,6 @@ impl RunningServer {
             .trace_fn(|request| tracing::info_span!("grpc", method = %request.uri().path()))
             // Rate, errors and duration of every RPC, including refused ones.
             .layer(GrpcMetricsLayer)
-            // Refuses FeatureStore work at once while draining, over a
-            // client's rate limit, or over the in-flight cap (load
-            // shedding: no queue builds up in front of a busy server).
-            .layer(AdmissionLayer::new(admission.clone()))
             .add_service(health_service)
             // grpcurl 1.8 speaks reflection v1alpha; newer tools speak v1.
             .add_service(reflection().build_v1alpha()?)
@@ -239,16 +246,25 @@ async fn migrate(shards: &ShardRouter, config: &Config) -> Result<()> {
 
 /// Probes the shards every second (so a shard that died while idle is
 /// noticed, and one that came back closes its breaker without waiting for
-/// traffic), forgets idle rate-limit buckets, and keeps readiness true:
+/// traffic), reconnects to Redis while its breaker stays open, forgets idle rate-limit buckets, and keeps readiness true:
 /// SERVING while some shard answers, or Redis does, or L1 holds anything;
 /// NOT_SERVING otherwise.
 async fn monitor(tiers: Tiers, health: HealthReporter, admission: Arc<Admission>) {
     let mut every = tokio::time::interval(HEALTH_EVERY);
     every.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Delay);
     let mut ready = true;
+    let mut redis_open_ticks = 0;
     loop {
         every.tick().await;
         let shards_up = tiers.shards().probe(PROBE_TIMEOUT).await;
+        redis_open_ticks = if tiers.l2().breaker().is_closed() { 0 } else { redis_open_ticks + 1 };
+        if redis_open_ticks >= REDIS_RECONNECT_TICKS {
+            redis_open_ticks = 0;
+            match tiers.l2().reconnect().await {
+                Ok(()) => tracing::info!("reconnected to the redis cluster"),
+                Err(error) => tracing::debug!(%error, "reconnecting to the redis cluster failed"),
+            }
+        }
         admission.forget_idle_clients();
         let cached = tiers.l2().breaker().is_closed() || tiers.l1.size().await.0 > 0;
         let now_ready = shards_up.iter().any(|up| *up) || cached;

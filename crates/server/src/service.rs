@@ -16,6 +16,7 @@ use strata_shard_router::UpsertOutcome;
 use tokio::time::Instant;
 use tonic::{Request, Response, Status};
 
+use crate::admission::{Admission, CLIENT_ID_HEADER};
 use crate::config::Deadlines;
 use crate::tiers::{Served, Source, Tiers};
 
@@ -41,12 +42,26 @@ pub struct FeatureStoreService {
     registry: Arc<Registry>,
     limits: Limits,
     deadlines: Deadlines,
+    admission: Arc<Admission>,
     tiers: Tiers,
 }
 
 impl FeatureStoreService {
-    pub fn new(registry: Arc<Registry>, limits: Limits, deadlines: Deadlines, tiers: Tiers) -> FeatureStoreService {
-        FeatureStoreService { registry, limits, deadlines, tiers }
+    pub fn new(
+        registry: Arc<Registry>,
+        limits: Limits,
+        deadlines: Deadlines,
+        admission: Arc<Admission>,
+        tiers: Tiers,
+    ) -> FeatureStoreService {
+        FeatureStoreService { registry, limits, deadlines, admission, tiers }
+    }
+
+    /// Admits a request or refuses it at once (see [`Admission`]); the
+    /// permit is held until the call returns.
+    fn admit<T>(&self, request: &Request<T>) -> Result<tokio::sync::OwnedSemaphorePermit, Status> {
+        let client = request.metadata().get(CLIENT_ID_HEADER).map(|v| v.as_bytes());
+        self.admission.admit(client).map_err(|(_, status)| status)
     }
 
     /// When the tiers must have answered a request: its budget (the
@@ -126,6 +141,7 @@ impl FeatureStore for FeatureStoreService {
         &self,
         request: Request<v1::GetFeaturesRequest>,
     ) -> Result<Response<v1::GetFeaturesResponse>, Status> {
+        let _permit = self.admit(&request)?;
         let deadline = self.deadline(&request);
         let read = read_request(request.into_inner(), &self.registry, &self.limits).map_err(ServiceError::from)?;
         let view = &read.view;
@@ -200,6 +216,7 @@ impl FeatureStore for FeatureStoreService {
         &self,
         request: Request<v1::WriteFeaturesRequest>,
     ) -> Result<Response<v1::WriteFeaturesResponse>, Status> {
+        let _permit = self.admit(&request)?;
         let deadline = self.deadline(&request);
         let write = write_request(request.into_inner(), &self.registry, &self.limits).map_err(ServiceError::from)?;
         let outcome = self.tiers.write(&write.view, &write.rows, deadline).await;
@@ -211,6 +228,7 @@ impl FeatureStore for FeatureStoreService {
         &self,
         request: Request<v1::DeleteFeaturesRequest>,
     ) -> Result<Response<v1::WriteFeaturesResponse>, Status> {
+        let _permit = self.admit(&request)?;
         let deadline = self.deadline(&request);
         let delete = delete_request(request.into_inner(), &self.registry, &self.limits).map_err(ServiceError::from)?;
         let outcome = self.tiers.delete(&delete.view, &delete.keys, delete.at, deadline).await;

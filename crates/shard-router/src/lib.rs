@@ -420,8 +420,7 @@ impl Shard {
         let reason = match result {
             Ok(_) => None,
             Err(ShardError::Open { .. }) => {
-                metrics::counter!("strata_shard_refused_total", "shard" => self.label.clone(), "op" => op)
-                    .increment(1);
+                metrics::counter!("strata_shard_refused_total", "shard" => self.label.clone(), "op" => op).increment(1);
                 return;
             }
             Err(ShardError::Timeout { .. }) => Some("timeout"),
@@ -458,7 +457,10 @@ impl Shard {
         match &result {
             Ok(_) => call.succeeded(),
             Err(ShardError::Timeout { .. }) if started.elapsed() < TIMEOUT_FLOOR => drop(call),
-            Err(_) => call.failed(),
+            Err(error) => {
+                tracing::debug!(shard = %self.name, %error, waited = ?started.elapsed(), "counted against the breaker");
+                call.failed()
+            }
         }
         result
     }
