@@ -21,9 +21,8 @@ use strata_tests::wire::{self, get, row, status, ts, v, write};
 use strata_tests::{Env, TEST_VIEWS, client, integration_tests, repo_root, sample, scrape};
 use tokio::time::Instant;
 
-// `a_killed_redis_primary_fails_no_request` is not listed yet: it does not
-// pass (see its comment).
 integration_tests!(
+    a_killed_redis_primary_fails_no_request,
     a_stopped_shard_degrades_only_its_own_rows,
     a_frozen_shard_cannot_hold_requests_past_their_deadline,
     three_times_the_load_is_shed_and_the_rest_answered,
@@ -99,11 +98,6 @@ fn options(view: &str, workers: usize, keys_per_request: usize, timeout: Duratio
     LoadOptions { view: view.into(), workers, keys_per_request, timeout }
 }
 
-/// Not in the list above yet: while the primary is dead no RPC fails and
-/// no row is wrong (PostgreSQL answers), but L2 hits do not resume after
-/// the failover: both the old fred client and a new one fail to connect
-/// ("Invalid or missing cluster state") until the killed node is back.
-#[allow(dead_code)]
 async fn a_killed_redis_primary_fails_no_request(env: &'static Env) -> Result<()> {
     let _turn = env.exclusive().await;
     let server = env.server_with(fast_failures).await?;
@@ -122,7 +116,7 @@ async fn a_killed_redis_primary_fails_no_request(env: &'static Env) -> Result<()
     env.kill_redis(victim).await?;
     // The node comes back whatever happens, or the tests after this one
     // run on a broken cluster.
-    let outcome = killed_primary(env, &server, &probes, load).await;
+    let outcome = killed_primary(env, victim, &server, &probes, load).await;
     env.restart_redis(victim).await?;
     eventually("the killed node to rejoin", Duration::from_secs(30), || async {
         let (nodes, ok) = env.redis_cluster().await?;
@@ -150,13 +144,15 @@ async fn a_killed_redis_primary_fails_no_request(env: &'static Env) -> Result<()
 /// and for L2 hits, then stops the load.
 async fn killed_primary(
     env: &Env,
+    victim: u16,
     server: &RunningServer,
     probes: &[Known],
     load: Load,
 ) -> Result<(Tally, Duration, Duration)> {
     let failover = eventually("the cluster to fail over", Duration::from_secs(30), || async {
         let (nodes, ok) = env.redis_cluster().await?;
-        Ok(ok && nodes.iter().filter(|(_, primary, failed)| *primary && !*failed).count() == 3)
+        let victim_failed = nodes.iter().any(|(port, _, failed)| *port == victim && *failed);
+        Ok(ok && victim_failed && nodes.iter().filter(|(_, primary, failed)| *primary && !*failed).count() == 3)
     })
     .await?;
     // L2 hits resume: the probe keys are answered from Redis again (L1

@@ -151,9 +151,7 @@ pub(crate) fn builder(config: &L2Config) -> Result<Builder, L2Error> {
 /// The Redis Cluster tier. Cheap to clone; clones share connections.
 #[derive(Clone)]
 pub struct L2Cache {
-    /// Replaced whole by [`L2Cache::reconnect`].
-    client: Arc<std::sync::RwLock<Client>>,
-    config: Arc<L2Config>,
+    client: Client,
     prefix: String,
     breaker: Breaker,
     command_timeout: Duration,
@@ -165,8 +163,7 @@ impl L2Cache {
         let client = builder(config)?.build()?;
         client.init().await?;
         let l2 = L2Cache {
-            client: Arc::new(std::sync::RwLock::new(client)),
-            config: Arc::new(config.clone()),
+            client,
             prefix: config.key_prefix.clone(),
             breaker: Breaker::new("redis", config.breaker),
             command_timeout: config.command_timeout,
@@ -177,58 +174,18 @@ impl L2Cache {
 
     /// Loads (or replaces) Strata's function library on every primary.
     async fn load_functions(&self) -> Result<(), L2Error> {
-        let _name: Value = self.client().function_load_cluster(true, LIBRARY).await?;
+        let _name: Value = self.client.function_load_cluster(true, LIBRARY).await?;
         Ok(())
     }
 
     /// The underlying client, for publishing and for tools.
-    pub fn client(&self) -> Client {
-        self.client.read().unwrap_or_else(std::sync::PoisonError::into_inner).clone()
+    pub fn client(&self) -> &Client {
+        &self.client
     }
 
     /// The cluster's circuit breaker.
     pub fn breaker(&self) -> &Breaker {
         &self.breaker
-    }
-
-    /// Connects a new client to the cluster and, once it is up, replaces
-    /// the old one. After a primary died and its replica took over, the
-    /// old client was seen to keep waiting on the dead primary for as long
-    /// as it stayed dead; a new client learns the new topology from any
-    /// live node. Called while the breaker stays open.
-    pub async fn reconnect(&self) -> Result<(), L2Error> {
-        // Seed only from nodes that accept connections: the client gives up
-        // on a dead first seed instead of trying the next.
-        let mut config = (*self.config).clone();
-        let mut live = Vec::new();
-        for node in &config.nodes {
-            let probe = tokio::net::TcpStream::connect(node.as_str());
-            if matches!(tokio::time::timeout(Duration::from_millis(200), probe).await, Ok(Ok(_))) {
-                live.push(node.clone());
-            }
-        }
-        if live.is_empty() {
-            return Err(L2Error::Timeout);
-        }
-        config.nodes = live;
-        let fresh = builder(&config)?.build()?;
-        match tokio::time::timeout(self.config.connect_timeout, fresh.init()).await {
-            Ok(Ok(_)) => {}
-            Ok(Err(error)) => {
-                let _ = fresh.quit().await;
-                return Err(error.into());
-            }
-            Err(_) => {
-                let _ = fresh.quit().await;
-                return Err(L2Error::Timeout);
-            }
-        }
-        let old =
-            std::mem::replace(&mut *self.client.write().unwrap_or_else(std::sync::PoisonError::into_inner), fresh);
-        tokio::spawn(async move {
-            let _ = old.quit().await;
-        });
-        Ok(())
     }
 
     /// The deadline of a call made with no caller's deadline: the command
@@ -282,7 +239,7 @@ impl L2Cache {
         keys: &[&str],
         deadline: Instant,
     ) -> Result<Vec<Option<L2Hit>>, L2Error> {
-        let pipeline = self.client().pipeline();
+        let pipeline = self.client.pipeline();
         for key in keys {
             let () = pipeline.get(self.key(view, key)).await?;
         }
@@ -367,7 +324,7 @@ impl L2Cache {
         &self,
         commands: &[(String, Value, Value)],
     ) -> Result<Vec<Result<i64, fred::error::Error>>, L2Error> {
-        let pipeline = self.client().pipeline();
+        let pipeline = self.client.pipeline();
         for (key, entry, ttl) in commands {
             let () = pipeline.fcall(PUT_FUNCTION, key.as_str(), vec![entry.clone(), ttl.clone()]).await?;
         }
@@ -388,7 +345,7 @@ impl L2Cache {
         ttl: Duration,
         deadline: Instant,
     ) -> Result<Vec<bool>, L2Error> {
-        let pipeline = self.client().pipeline();
+        let pipeline = self.client.pipeline();
         for key in keys {
             let () = pipeline
                 .set(self.lease_key(view, key), 1, Some(Expiration::PX(millis(ttl))), Some(SetOptions::NX), false)
@@ -403,7 +360,7 @@ impl L2Cache {
         if keys.is_empty() {
             return Ok(());
         }
-        let pipeline = self.client().pipeline();
+        let pipeline = self.client.pipeline();
         for key in keys {
             let () = pipeline.del(self.lease_key(view, key)).await?;
         }
@@ -417,7 +374,7 @@ impl L2Cache {
     /// most-read keys so it stays bounded.
     pub async fn record_reads(&self, view: &str, keys: &[&str], keep: usize, trim: bool) -> Result<(), L2Error> {
         let set = self.hot_key(view);
-        let pipeline = self.client().pipeline();
+        let pipeline = self.client.pipeline();
         for key in keys {
             let () = pipeline.zincrby(&set, 1.0, *key).await?;
         }
@@ -436,7 +393,7 @@ impl L2Cache {
             return Ok(Vec::new());
         }
         let stop = i64::try_from(n).unwrap_or(i64::MAX) - 1;
-        Ok(self.client().zrevrange(self.hot_key(view), 0, stop, false).await?)
+        Ok(self.client.zrevrange(self.hot_key(view), 0, stop, false).await?)
     }
 
     fn hot_key(&self, view: &str) -> String {
@@ -449,7 +406,7 @@ impl L2Cache {
         if keys.is_empty() {
             return Ok(());
         }
-        let pipeline = self.client().pipeline();
+        let pipeline = self.client.pipeline();
         for key in keys {
             let () = pipeline.del(self.key_of(view, key)).await?;
         }
@@ -462,7 +419,7 @@ impl L2Cache {
     /// showed 40 ms stalls here).
     pub async fn publish(&self, channel: &str, message: Vec<u8>) -> Result<(), L2Error> {
         self.guarded(self.default_deadline(), async {
-            let _receivers: i64 = self.client().spublish(channel, Bytes::from(message)).await?;
+            let _receivers: i64 = self.client.spublish(channel, Bytes::from(message)).await?;
             Ok(())
         })
         .await
@@ -471,12 +428,12 @@ impl L2Cache {
     /// Removes every key from every primary of the cluster (all of Strata's
     /// and anyone else's). For tests and operators starting over.
     pub async fn flush_all(&self) -> Result<(), L2Error> {
-        self.client().flushall_cluster().await?;
+        self.client.flushall_cluster().await?;
         Ok(())
     }
 
     /// Closes the connections.
     pub async fn close(&self) {
-        let _ = self.client().quit().await;
+        let _ = self.client.quit().await;
     }
 }

@@ -38,6 +38,11 @@ pub(crate) async fn start_cluster(data_dir: &Path, ports: &[u16]) -> Result<Vec<
             "no",
             "--daemonize",
             "no",
+            // A replica's first full sync starts at once instead of after
+            // the default 5 s; until it is done the replica cannot take
+            // over from its primary.
+            "--repl-diskless-sync-delay",
+            "0",
         ]
         .into_iter()
         .map(str::to_owned)
@@ -81,6 +86,21 @@ pub(crate) async fn start_cluster(data_dir: &Path, ports: &[u16]) -> Result<Vec<
             async move {
                 let info = output(&cli, &["-p", &port_arg, "cluster", "info"]).await?;
                 Ok(info.contains("cluster_state:ok") && info.contains("cluster_known_nodes:6"))
+            }
+        })
+        .await?;
+    }
+    // And until every replica holds its primary's data: a replica that has
+    // not finished its first sync cannot be promoted, so a primary that dies
+    // before then is not failed over.
+    for &port in ports {
+        let port_arg = port.to_string();
+        wait_until(&format!("replication on port {port}"), READY_TIMEOUT, || {
+            let cli = cli.clone();
+            let port_arg = port_arg.clone();
+            async move {
+                let info = output(&cli, &["-p", &port_arg, "info", "replication"]).await?;
+                Ok(info.contains("role:master") || info.contains("master_link_status:up"))
             }
         })
         .await?;

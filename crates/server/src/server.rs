@@ -34,9 +34,6 @@ pub const LIVENESS: &str = "liveness";
 const HEALTH_EVERY: Duration = Duration::from_secs(1);
 /// How long a shard probe may take.
 const PROBE_TIMEOUT: Duration = Duration::from_millis(500);
-/// Health ticks with the Redis breaker open after which a new Redis client
-/// replaces the old one.
-const REDIS_RECONNECT_TICKS: u32 = 3;
 /// How often shards that could not be migrated at start-up are tried again.
 const MIGRATE_RETRY: Duration = Duration::from_secs(2);
 
@@ -246,25 +243,16 @@ async fn migrate(shards: &ShardRouter, config: &Config) -> Result<()> {
 
 /// Probes the shards every second (so a shard that died while idle is
 /// noticed, and one that came back closes its breaker without waiting for
-/// traffic), reconnects to Redis while its breaker stays open, forgets idle rate-limit buckets, and keeps readiness true:
+/// traffic), forgets idle rate-limit buckets, and keeps readiness true:
 /// SERVING while some shard answers, or Redis does, or L1 holds anything;
 /// NOT_SERVING otherwise.
 async fn monitor(tiers: Tiers, health: HealthReporter, admission: Arc<Admission>) {
     let mut every = tokio::time::interval(HEALTH_EVERY);
     every.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Delay);
     let mut ready = true;
-    let mut redis_open_ticks = 0;
     loop {
         every.tick().await;
         let shards_up = tiers.shards().probe(PROBE_TIMEOUT).await;
-        redis_open_ticks = if tiers.l2().breaker().is_closed() { 0 } else { redis_open_ticks + 1 };
-        if redis_open_ticks >= REDIS_RECONNECT_TICKS {
-            redis_open_ticks = 0;
-            match tiers.l2().reconnect().await {
-                Ok(()) => tracing::info!("reconnected to the redis cluster"),
-                Err(error) => tracing::debug!(%error, "reconnecting to the redis cluster failed"),
-            }
-        }
         admission.forget_idle_clients();
         let cached = tiers.l2().breaker().is_closed() || tiers.l1.size().await.0 > 0;
         let now_ready = shards_up.iter().any(|up| *up) || cached;
