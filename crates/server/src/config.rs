@@ -286,6 +286,10 @@ impl Default for PostgresSection {
     }
 }
 
+/// The longest `server.max_deadline` accepted: a feature lookup that may
+/// take longer is a misconfiguration (and far-future deadlines overflow).
+const MAX_DEADLINE_LIMIT: Duration = Duration::from_secs(3600);
+
 /// How long a request may take: its client's `grpc-timeout`, else
 /// `default`, and never more than `max`.
 #[derive(Clone, Copy, Debug)]
@@ -367,6 +371,9 @@ impl FileConfig {
             if value.is_zero() {
                 bail!("{name} must be greater than zero");
             }
+        }
+        if max_deadline > MAX_DEADLINE_LIMIT {
+            bail!("server.max_deadline ({max_deadline:?}) is longer than {MAX_DEADLINE_LIMIT:?}");
         }
         if default_deadline > max_deadline {
             bail!(
@@ -553,5 +560,30 @@ mod tests {
         assert_eq!(err, "limits.max_key_bytes must be greater than zero");
         let err = FileConfig::from_toml("[redis]\ncommand_timeout = \"soon\"\n").unwrap_err().to_string();
         assert!(err.contains("command_timeout"), "{err}");
+    }
+
+    #[test]
+    fn failure_settings_are_checked_and_named() {
+        let with = |extra: &str| {
+            let text = SHIPPED.replacen("[server]\n", &format!("[server]\n{extra}\n"), 1);
+            let text = text.replace("default_deadline = \"1s\"\n", "").replace("max_in_flight = 256\n", "");
+            FileConfig::from_toml(&text).and_then(FileConfig::validate).map(drop).map_err(|e| e.to_string())
+        };
+        assert_eq!(with(""), Ok(()));
+        let err = with("max_in_flight = 0").unwrap_err();
+        assert_eq!(err, "server.max_in_flight must be greater than zero");
+        let err = with("default_deadline = \"1m\"").unwrap_err();
+        assert!(err.starts_with("server.default_deadline (60s) is longer than server.max_deadline"), "{err}");
+        let config = FileConfig::from_toml(&SHIPPED.replace("failures = 5", "failures = 0")).unwrap();
+        assert_eq!(config.validate().unwrap_err().to_string(), "breaker.failures must be greater than zero");
+        let config =
+            FileConfig::from_toml(&SHIPPED.replace("max_deadline = \"30s\"", "max_deadline = \"1000h\"")).unwrap();
+        assert!(config.validate().unwrap_err().to_string().starts_with("server.max_deadline"));
+        let config = FileConfig::from_toml(&SHIPPED.replace(
+            "per_second = 0\nburst = 0",
+            "per_second = 0\nburst = 0\nclients = [{ id = \"a\", per_second = 1 }, { id = \"a\", per_second = 2 }]",
+        ))
+        .unwrap();
+        assert_eq!(config.validate().unwrap_err().to_string(), "rate_limits.clients: id \"a\" is listed twice");
     }
 }

@@ -68,7 +68,31 @@ fn describe() {
         "strata_negative_hits_total",
         "Hits on cached \"does not exist\" entries, by view and tier"
     );
-    metrics::describe_counter!("strata_shard_errors_total", "Failed PostgreSQL operations, by shard and operation");
+    metrics::describe_counter!(
+        "strata_shard_errors_total",
+        "Failed PostgreSQL operations, by shard, operation and reason (timeout, connect, query)"
+    );
+    metrics::describe_counter!(
+        "strata_shard_refused_total",
+        "PostgreSQL operations refused without trying because the shard's breaker was open, by shard and operation"
+    );
+    metrics::describe_counter!("strata_shard_retries_total", "Retried PostgreSQL reads, by shard");
+    metrics::describe_gauge!(
+        "strata_breaker_state",
+        "Circuit breaker state by dependency (redis, postgres:<shard>): 0 closed, 1 half-open, 2 open"
+    );
+    metrics::describe_counter!(
+        "strata_breaker_transitions_total",
+        "Circuit breaker state changes, by dependency and new state"
+    );
+    metrics::describe_counter!(
+        "strata_stale_served_total",
+        "Rows answered STALE (from a cache while their shard could not be read), by view"
+    );
+    metrics::describe_counter!(
+        "strata_requests_refused_total",
+        "FeatureStore requests refused before any work, by reason (draining, rate_limited, overloaded, bad_client_id)"
+    );
 }
 
 /// Serves `GET /metrics` on `listener` until `shutdown` resolves.
@@ -168,6 +192,7 @@ fn method_label(path: &str) -> &'static str {
     match path.rsplit('/').next() {
         Some("GetFeatures") => "GetFeatures",
         Some("WriteFeatures") => "WriteFeatures",
+        Some("DeleteFeatures") => "DeleteFeatures",
         Some("ListFeatureViews") => "ListFeatureViews",
         Some("Check") => "Health.Check",
         Some("Watch") => "Health.Watch",
