@@ -63,6 +63,7 @@ async fn read_all(server: &RunningServer, view: &str, keys: &[Known]) -> Result<
     for chunk in keys.chunks(100) {
         let names: Vec<&str> = chunk.iter().map(|k| k.key.as_str()).collect();
         let answer = c.get_features(get(view, &names, &["n"])).await?.into_inner();
+        ensure!(answer.rows.len() == chunk.len(), "{} rows for {} keys", answer.rows.len(), chunk.len());
         for (known, row) in chunk.iter().zip(&answer.rows) {
             if matches!(status(row), v1::RowStatus::Found | v1::RowStatus::Stale) {
                 ensure!(row.values[0].kind == Some(Kind::Int64Value(known.n)), "{} has a wrong value", known.key);
@@ -109,7 +110,7 @@ async fn a_killed_redis_primary_fails_no_request(env: &'static Env) -> Result<()
     let endpoint = format!("http://{}", server.grpc_addr());
     let load =
         Load::start(&endpoint, keys.clone(), env.shard_count(), options("chaos_l2", 4, 10, Duration::from_secs(1)));
-    load.wait_for_requests(200).await;
+    load.wait_for_requests(200).await?;
 
     let (nodes, _) = env.redis_cluster().await?;
     let victim = nodes.iter().find(|(_, primary, _)| *primary).context("a primary")?.0;
@@ -163,7 +164,7 @@ async fn killed_primary(
         Ok(rows.iter().all(|(s, source)| *s == v1::RowStatus::Found && *source == v1::Source::L2))
     })
     .await;
-    load.wait_for_requests(200).await;
+    load.wait_for_requests(200).await?;
     let tally = load.stop().await;
     match resumed {
         Ok(resumed) => Ok((tally, failover, resumed)),
@@ -186,7 +187,7 @@ async fn a_stopped_shard_degrades_only_its_own_rows(env: &'static Env) -> Result
         env.shard_count(),
         options("chaos_pg", 4, 10, Duration::from_secs(1)),
     );
-    load.wait_for_requests(100).await;
+    load.wait_for_requests(100).await?;
 
     let dead = 1;
     env.stop_shard(dead).await?;
@@ -195,7 +196,7 @@ async fn a_stopped_shard_degrades_only_its_own_rows(env: &'static Env) -> Result
         Ok(!server.tiers().shards().available(dead))
     })
     .await?;
-    load.wait_for_requests(300).await;
+    load.wait_for_requests(300).await?;
     // While it is down: live-shard rows are found, dead-shard rows are
     // stale (cached before) or unavailable (never cached), never wrong.
     let during = read_all(&server, "chaos_pg", &keys).await?;
@@ -214,7 +215,7 @@ async fn a_stopped_shard_degrades_only_its_own_rows(env: &'static Env) -> Result
         Ok(read_all(&server, "chaos_pg", &keys).await?.iter().all(|(s, _)| *s == v1::RowStatus::Found))
     })
     .await?;
-    load.wait_for_requests(100).await;
+    load.wait_for_requests(100).await?;
     let tally = load.stop().await;
     report(
         "postgres shard stopped",
@@ -231,8 +232,9 @@ async fn a_stopped_shard_degrades_only_its_own_rows(env: &'static Env) -> Result
     );
     ensure!(tally.failed_total() == 0, "no RPC may fail: {:?}", tally.failed);
     ensure!(tally.wrong == 0, "no row may carry a wrong value");
-    let live = &tally.rows[1 - dead];
-    ensure!(live[1] == 0 && live[2] == 0, "rows of the live shard are never degraded: {live:?}");
+    for (shard, rows) in tally.rows.iter().enumerate().filter(|(s, _)| *s != dead) {
+        ensure!(rows[1] == 0 && rows[2] == 0, "rows of live shard {shard} are never degraded: {rows:?}");
+    }
     ensure!(outage.stale() > before.stale(), "the outage was seen: {}", outage.figures());
     server.shutdown().await;
     Ok(())
@@ -243,9 +245,9 @@ async fn a_frozen_shard_cannot_hold_requests_past_their_deadline(env: &'static E
     let server = env.server_with(fast_failures).await?;
     let keys = seed(env, &server, "chaos_pg", "freeze", 300).await?;
     let endpoint = format!("http://{}", server.grpc_addr());
-    let deadline = Duration::from_millis(300);
+    let deadline = Duration::from_millis(500);
     let load = Load::start(&endpoint, keys.clone(), env.shard_count(), options("chaos_pg", 4, 10, deadline));
-    load.wait_for_requests(100).await;
+    load.wait_for_requests(100).await?;
 
     let frozen = 0;
     env.freeze_shard(frozen, true).await?;
@@ -255,7 +257,7 @@ async fn a_frozen_shard_cannot_hold_requests_past_their_deadline(env: &'static E
             Ok(!server.tiers().shards().available(frozen))
         })
         .await;
-        load.wait_for_requests(300).await;
+        load.wait_for_requests(300).await?;
         env.freeze_shard(frozen, false).await?;
         noticed
     };
@@ -457,7 +459,7 @@ async fn sigterm_drains_in_flight_requests_and_exits_zero(env: &'static Env) -> 
     let keys = seed(env, &writer, "chaos_pg", "term", 2_000).await?;
     writer.shutdown().await;
     let load = Load::start(&served.grpc, keys, env.shard_count(), options("chaos_pg", 8, 100, Duration::from_secs(5)));
-    load.wait_for_requests(100).await;
+    load.wait_for_requests(100).await?;
 
     let pid = served.child.id().context("pid")?;
     nix::sys::signal::kill(nix::unistd::Pid::from_raw(pid as i32), nix::sys::signal::Signal::SIGTERM)?;
@@ -472,8 +474,12 @@ async fn sigterm_drains_in_flight_requests_and_exits_zero(env: &'static Env) -> 
     // take them). The server's own word that it cut nothing is checked too.
     type Errors<'a> = Vec<(&'a String, &'a u64)>;
     let (refused, failed): (Errors, Errors) = tally.failed.iter().partition(|(error, _)| {
-        (error.starts_with("Unavailable") && (error.contains("shutting down") || error.contains("connect")))
-            || error.as_str() == "Cancelled: operation was canceled"
+        matches!(
+            error.as_str(),
+            "Unavailable: tcp connect error"
+                | "Unavailable: the server is shutting down; retry on another"
+                | "Cancelled: operation was canceled"
+        )
     });
     report(
         "sigterm under load",

@@ -104,7 +104,12 @@ impl Load {
                     let Ok(channel) = Channel::from_shared(endpoint).map(|e| e.connect_lazy()) else { return };
                     let mut client = FeatureStoreClient::new(channel);
                     while !stop.load(Ordering::Relaxed) {
-                        one(&mut client, &keys, &options, &tally).await;
+                        if !one(&mut client, &keys, &options, &tally).await {
+                            // Refused or failed: a caller backs off a
+                            // little instead of spinning on the CPU the
+                            // server needs.
+                            tokio::time::sleep(Duration::from_millis(1)).await;
+                        }
                     }
                 })
             })
@@ -125,22 +130,27 @@ impl Load {
         self.tally.lock().expect("tally").clone()
     }
 
-    /// Waits until `n` more requests have been answered (with anything).
-    pub async fn wait_for_requests(&self, n: u64) {
+    /// Waits until `n` more requests have been answered (with anything),
+    /// for at most a minute.
+    pub async fn wait_for_requests(&self, n: u64) -> anyhow::Result<()> {
         let target = self.tally().sent + n;
+        let give_up = Instant::now() + Duration::from_secs(60);
         while self.tally().sent < target {
+            anyhow::ensure!(Instant::now() < give_up, "the load made no progress: {}", self.tally().figures());
             tokio::time::sleep(Duration::from_millis(10)).await;
         }
+        Ok(())
     }
 }
 
-/// Sends one request of a random batch and tallies what came back.
+/// Sends one request of a random batch and tallies what came back; false
+/// if it was refused or failed.
 pub async fn one(
     client: &mut FeatureStoreClient<Channel>,
     keys: &[Known],
     options: &LoadOptions,
     tally: &Mutex<Tally>,
-) {
+) -> bool {
     let batch: Vec<&Known> = keys.choose_multiple(&mut rand::rng(), options.keys_per_request).collect();
     let mut request = tonic::Request::new(v1::GetFeaturesRequest {
         feature_view: options.view.clone(),
@@ -157,7 +167,10 @@ pub async fn one(
         Ok(response) => {
             tally.ok += 1;
             tally.slowest = tally.slowest.max(took);
-            for (known, row) in batch.iter().zip(&response.get_ref().rows) {
+            let rows = &response.get_ref().rows;
+            // A missing row is as wrong as a wrong value.
+            tally.wrong += batch.len().abs_diff(rows.len()) as u64;
+            for (known, row) in batch.iter().zip(rows) {
                 let status = v1::RowStatus::try_from(row.status).unwrap_or(v1::RowStatus::Unspecified);
                 let column = match status {
                     v1::RowStatus::Found | v1::RowStatus::OutsideMaxAge => 0,
@@ -175,10 +188,15 @@ pub async fn one(
                 };
                 tally.wrong += u64::from(!right);
             }
+            true
         }
-        Err(status) if status.code() == tonic::Code::ResourceExhausted => tally.shed += 1,
+        Err(status) if status.code() == tonic::Code::ResourceExhausted => {
+            tally.shed += 1;
+            false
+        }
         Err(status) => {
             *tally.failed.entry(format!("{:?}: {}", status.code(), status.message())).or_default() += 1;
+            false
         }
     }
 }

@@ -226,7 +226,7 @@ impl Worker {
                     // proves the subscription still stands.
                     let beat = invalidation_messages(self.origin, "", &[]);
                     for message in beat {
-                        if let Err(error) = self.l2.publish(&self.channel, message).await {
+                        if let Err(error) = self.l2.publish(&self.channel, message, self.l2.default_deadline()).await {
                             tracing::debug!(%error, "invalidation heartbeat failed");
                         }
                     }

@@ -152,6 +152,11 @@ impl L1Cache {
         self
     }
 
+    /// How long rows are kept past their expiry (see [`L1Cache::keep_stale`]).
+    pub fn kept_stale(&self) -> Duration {
+        self.keep_stale
+    }
+
     /// Rows of a batch past their hard expiry but still kept (see
     /// [`L1Cache::keep_stale`]), for answering when their shard cannot be
     /// read. Aligned with `keys`. Only rows: an expired "does not exist"
@@ -162,7 +167,11 @@ impl L1Cache {
         for key in keys {
             let entry = self.cache.get(&(view.id, (*key).to_owned())).await;
             out.push(entry.and_then(|e| match &e.value {
-                Cached::Found(row) if now >= e.hard_at && now < e.hard_at + self.keep_stale => Some(row.clone()),
+                Cached::Found(row)
+                    if now >= e.hard_at && e.hard_at.checked_add(self.keep_stale).is_none_or(|end| now < end) =>
+                {
+                    Some(row.clone())
+                }
                 _ => None,
             }));
         }

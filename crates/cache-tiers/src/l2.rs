@@ -417,8 +417,8 @@ impl L2Cache {
     /// goes to the shard that owns the channel's slot and straight to the
     /// subscribers there, not over the cluster bus to every node (which
     /// showed 40 ms stalls here).
-    pub async fn publish(&self, channel: &str, message: Vec<u8>) -> Result<(), L2Error> {
-        self.guarded(self.default_deadline(), async {
+    pub async fn publish(&self, channel: &str, message: Vec<u8>, deadline: Instant) -> Result<(), L2Error> {
+        self.guarded(deadline, async {
             let _receivers: i64 = self.client.spublish(channel, Bytes::from(message)).await?;
             Ok(())
         })

@@ -57,15 +57,16 @@ impl Managed {
     /// enough.) The children are found in /proc.
     pub(crate) fn signal_tree(&self, signal: Signal) -> Result<()> {
         let pid = self.child.id().with_context(|| format!("{} is not running", self.name))?;
-        let children = std::fs::read_dir("/proc")?.flatten().filter_map(|entry| {
-            let child: u32 = entry.file_name().to_str()?.parse().ok()?;
-            let stat = std::fs::read_to_string(entry.path().join("stat")).ok()?;
+        // The parent first, so it forks no new child while we look.
+        let _ = kill(Pid::from_raw(pid as i32), signal);
+        for entry in std::fs::read_dir("/proc")?.flatten() {
+            let Some(child) = entry.file_name().to_str().and_then(|n| n.parse::<u32>().ok()) else { continue };
+            let Ok(stat) = std::fs::read_to_string(entry.path().join("stat")) else { continue };
             // pid (comm) state ppid …: the comm may hold spaces, so split after ')'.
-            let ppid: u32 = stat.rsplit_once(')')?.1.split_whitespace().nth(1)?.parse().ok()?;
-            (ppid == pid).then_some(child)
-        });
-        for child in children.chain([pid]) {
-            let _ = kill(Pid::from_raw(child as i32), signal);
+            let ppid = stat.rsplit_once(')').and_then(|(_, rest)| rest.split_whitespace().nth(1)?.parse::<u32>().ok());
+            if ppid == Some(pid) {
+                let _ = kill(Pid::from_raw(child as i32), signal);
+            }
         }
         Ok(())
     }

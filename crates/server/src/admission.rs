@@ -18,9 +18,14 @@ use tonic::Status;
 
 /// The request header in which a client names itself.
 pub const CLIENT_ID_HEADER: &str = "x-client-id";
-/// Longest client id accepted; longer ids are refused, so that ids cannot
-/// grow the limiter's memory without bound.
+/// Longest client id accepted; longer ids are refused.
 pub const MAX_CLIENT_ID_BYTES: usize = 128;
+/// Unlisted clients with a bucket of their own at most. Beyond that, new
+/// ids share one bucket until idle ones are forgotten, so a stream of
+/// made-up ids cannot grow memory without bound.
+const MAX_TRACKED_CLIENTS: usize = 10_000;
+/// The bucket shared by unlisted clients beyond [`MAX_TRACKED_CLIENTS`].
+const OVERFLOW_BUCKET: &str = "\u{0}overflow";
 
 /// Rate limits as configured: `per_second` and `burst` for any client not
 /// listed (0: unlimited), and per-client overrides.
@@ -141,10 +146,24 @@ impl Admission {
                 ));
             }
         };
+        // The cap first: a request shed for overload does not spend its
+        // client's tokens.
+        let permit = self.in_flight.clone().try_acquire_owned().map_err(|_| {
+            (
+                Refusal::Overloaded,
+                Status::resource_exhausted(format!(
+                    "the server is at its limit of {} requests in flight; retry with backoff",
+                    self.max_in_flight
+                )),
+            )
+        })?;
         let limited = match self.named.get(client) {
             Some(Some(bucket)) => bucket.check().is_err(),
             Some(None) => false,
-            None => self.others.as_ref().is_some_and(|buckets| buckets.check_key(&client.to_owned()).is_err()),
+            None => self.others.as_ref().is_some_and(|buckets| {
+                let key = if buckets.len() < MAX_TRACKED_CLIENTS { client } else { OVERFLOW_BUCKET };
+                buckets.check_key(&key.to_owned()).is_err()
+            }),
         };
         if limited {
             let who = if client.is_empty() {
@@ -157,15 +176,7 @@ impl Admission {
                 Status::resource_exhausted(format!("{who} is over its rate limit; slow down and retry")),
             ));
         }
-        self.in_flight.clone().try_acquire_owned().map_err(|_| {
-            (
-                Refusal::Overloaded,
-                Status::resource_exhausted(format!(
-                    "the server is at its limit of {} requests in flight; retry with backoff",
-                    self.max_in_flight
-                )),
-            )
-        })
+        Ok(permit)
     }
 }
 
@@ -174,7 +185,8 @@ mod tests {
     use super::*;
 
     fn limits(clients: Vec<ClientLimit>) -> RateLimits {
-        RateLimits { per_second: 2, burst: 2, clients }
+        // One token a second: no refill happens during a test.
+        RateLimits { per_second: 1, burst: 2, clients }
     }
 
     #[test]
@@ -196,12 +208,12 @@ mod tests {
         let admission = Admission::new(
             100,
             &limits(vec![
-                ClientLimit { id: "big".into(), per_second: 10, burst: 0 },
+                ClientLimit { id: "big".into(), per_second: 1, burst: 10 },
                 ClientLimit { id: "free".into(), per_second: 0, burst: 0 },
             ]),
         );
         for _ in 0..10 {
-            drop(admission.admit(Some(b"big")).expect("burst defaults to the rate"));
+            drop(admission.admit(Some(b"big")).expect("within its own burst"));
         }
         assert!(admission.admit(Some(b"big")).is_err());
         for _ in 0..1_000 {

@@ -286,9 +286,14 @@ impl Default for PostgresSection {
     }
 }
 
-/// The longest `server.max_deadline` accepted: a feature lookup that may
-/// take longer is a misconfiguration (and far-future deadlines overflow).
+/// The longest `server.max_deadline` and `server.drain_timeout` accepted:
+/// a feature lookup that may take longer is a misconfiguration (and
+/// far-future instants overflow).
 const MAX_DEADLINE_LIMIT: Duration = Duration::from_secs(3600);
+/// The largest `server.max_in_flight` accepted.
+const MAX_IN_FLIGHT_LIMIT: usize = 1_000_000;
+/// The longest `l1.max_stale` accepted.
+const MAX_STALE_LIMIT: Duration = Duration::from_secs(7 * 86_400);
 
 /// How long a request may take: its client's `grpc-timeout`, else
 /// `default`, and never more than `max`.
@@ -372,16 +377,18 @@ impl FileConfig {
                 bail!("{name} must be greater than zero");
             }
         }
-        if max_deadline > MAX_DEADLINE_LIMIT {
-            bail!("server.max_deadline ({max_deadline:?}) is longer than {MAX_DEADLINE_LIMIT:?}");
+        for (name, value) in [("server.max_deadline", max_deadline), ("server.drain_timeout", drain_timeout)] {
+            if value > MAX_DEADLINE_LIMIT {
+                bail!("{name} ({value:?}) is longer than {MAX_DEADLINE_LIMIT:?}");
+            }
         }
         if default_deadline > max_deadline {
             bail!(
                 "server.default_deadline ({default_deadline:?}) is longer than server.max_deadline ({max_deadline:?})"
             );
         }
-        if max_in_flight == 0 {
-            bail!("server.max_in_flight must be greater than zero");
+        if max_in_flight == 0 || max_in_flight > MAX_IN_FLIGHT_LIMIT {
+            bail!("server.max_in_flight must be between 1 and {MAX_IN_FLIGHT_LIMIT}, not {max_in_flight}");
         }
 
         let BreakerSection { failures, open_for } = breaker;
@@ -427,6 +434,9 @@ impl FileConfig {
         }
 
         let L1Section { max_bytes, max_stale } = l1;
+        if max_stale > MAX_STALE_LIMIT {
+            bail!("l1.max_stale ({max_stale:?}) is longer than {MAX_STALE_LIMIT:?}");
+        }
 
         let RedisSection { nodes, command_timeout, connect_timeout, key_prefix } = redis;
         if nodes.is_empty() {
@@ -571,7 +581,7 @@ mod tests {
         };
         assert_eq!(with(""), Ok(()));
         let err = with("max_in_flight = 0").unwrap_err();
-        assert_eq!(err, "server.max_in_flight must be greater than zero");
+        assert_eq!(err, "server.max_in_flight must be between 1 and 1000000, not 0");
         let err = with("default_deadline = \"1m\"").unwrap_err();
         assert!(err.starts_with("server.default_deadline (60s) is longer than server.max_deadline"), "{err}");
         let config = FileConfig::from_toml(&SHIPPED.replace("failures = 5", "failures = 0")).unwrap();

@@ -181,7 +181,7 @@ pub async fn load(
                             Ok(written) => {
                                 let keys: Vec<&str> = written.iter().map(|(k, _)| k.as_str()).collect();
                                 let mut failed = guard(l2, view, written, guard_ttl).await;
-                                if !announce(l2, channel, 0, view, &keys).await {
+                                if !announce(l2, channel, 0, view, &keys, l2.default_deadline()).await {
                                     failed = keys.len();
                                 }
                                 failed

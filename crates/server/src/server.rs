@@ -181,20 +181,26 @@ impl RunningServer {
     /// time is up are cut (and logged).
     pub async fn shutdown(self) {
         let deadline = tokio::time::Instant::now() + self.drain_timeout;
+        // Stopped for good before readiness turns, so it cannot turn it back.
         self.monitor.abort();
+        let _ = self.monitor.await;
         self.admission.drain();
         self.health.set_service_status("", ServingStatus::NotServing).await;
         self.health.set_not_serving::<FeatureStoreServer<FeatureStoreService>>().await;
         tracing::info!(in_flight = self.admission.in_flight(), drain_timeout = ?self.drain_timeout, "draining");
         let _ = self.stop.send(true);
-        match tokio::time::timeout_at(deadline, self.grpc).await {
+        let mut grpc = self.grpc;
+        match tokio::time::timeout_at(deadline, &mut grpc).await {
             Ok(Ok(Ok(()))) => {}
             Ok(Ok(Err(error))) => tracing::warn!(%error, "grpc server ended with an error"),
             Ok(Err(error)) => tracing::warn!(%error, "grpc server task failed"),
-            Err(_) => tracing::warn!(
-                in_flight = self.admission.in_flight(),
-                "in-flight requests did not finish within the drain timeout"
-            ),
+            Err(_) => {
+                tracing::warn!(
+                    in_flight = self.admission.in_flight(),
+                    "in-flight requests did not finish within the drain timeout"
+                );
+                grpc.abort();
+            }
         }
         // Closing connections is quick, but never worth overrunning the
         // drain time by more than a moment.

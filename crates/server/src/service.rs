@@ -75,10 +75,11 @@ impl FeatureStoreService {
     }
 }
 
-/// The part of a budget kept for answering after the tiers: a tenth, at
-/// most 20 ms.
+/// The part of a budget kept for answering after the tiers (and for the
+/// time the request spent before reaching the service): a tenth, at most
+/// 50 ms.
 fn reserve(budget: Duration) -> Duration {
-    (budget / 10).min(Duration::from_millis(20))
+    (budget / 10).min(Duration::from_millis(50))
 }
 
 /// Parses a `grpc-timeout` header value: up to 8 digits and a unit (H, M,
@@ -174,7 +175,9 @@ impl FeatureStore for FeatureStoreService {
             .map(|(key, slot)| {
                 let answer = &served[slot];
                 let (mut status, source) = status_of(answer);
-                if let (Served::Found { row, stale: false, .. }, Some(oldest)) = (answer, oldest_fresh)
+                // Too old to use outweighs stale: a client that checks ages
+                // must see it.
+                if let (Served::Found { row, .. }, Some(oldest)) = (answer, oldest_fresh)
                     && row.event_time < oldest
                 {
                     status = v1::RowStatus::OutsideMaxAge;
@@ -342,9 +345,9 @@ mod tests {
     }
 
     #[test]
-    fn the_reserve_for_answering_is_a_tenth_of_the_budget_at_most_20_ms() {
+    fn the_reserve_for_answering_is_a_tenth_of_the_budget_at_most_50_ms() {
         assert_eq!(reserve(Duration::from_millis(50)), Duration::from_millis(5));
-        assert_eq!(reserve(Duration::from_secs(1)), Duration::from_millis(20));
+        assert_eq!(reserve(Duration::from_secs(1)), Duration::from_millis(50));
     }
 
     #[test]

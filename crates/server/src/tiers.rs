@@ -173,9 +173,10 @@ pub struct Tiers {
     repairs: mpsc::Sender<Repair>,
 }
 
-/// Written keys of a view whose Redis copy or announcement failed, and
-/// when.
-type Repair = (Arc<FeatureView>, Vec<String>, tokio::time::Instant);
+/// Written keys of a view whose Redis copy or announcement failed, each
+/// with the version PostgreSQL must hold before the repair may copy it
+/// (`EventTime::NEVER` when the write is known to be committed), and when.
+type Repair = (Arc<FeatureView>, Vec<(String, EventTime)>, tokio::time::Instant);
 
 /// Repairs waiting at most (batches of keys); more are dropped and counted.
 const REPAIR_QUEUE: usize = 1_024;
@@ -358,15 +359,17 @@ impl Tiers {
         }
     }
 
-    /// Marks rows served from a cache stale where their shard's breaker is
-    /// not closed: the source of truth could not have been asked.
+    /// Marks rows served from a cache (L1, L2) stale where their shard's
+    /// breaker is not closed: the source of truth could not have been
+    /// asked. A cached "does not exist" stays NOT_FOUND.
     fn mark_stale(&self, view: &FeatureView, keys: &[&str], out: &mut [Served]) {
         let shards = &self.lower.shards;
         let down: Vec<bool> = (0..shards.shard_count()).map(|s| !shards.available(s)).collect();
         let mut marked = 0;
         for (key, served) in keys.iter().zip(out) {
-            if let Served::Found { stale, .. } = served
+            if let Served::Found { stale, source, .. } = served
                 && !*stale
+                && *source != Source::L3
                 && down[shards.shard_of(key)]
             {
                 *stale = true;
@@ -424,6 +427,9 @@ impl Tiers {
                 // the old value; a request that may have begun after the
                 // write loads the key itself.
                 Some((_, leader_stamp)) if self.l1.outdated(leader_stamp, view.id, keys[misses[j]]) => orphans.push(j),
+                // The leader ran out of its own time (its deadline may be
+                // shorter than ours): try with ours.
+                Some((Loaded::Unavailable, _)) if Instant::now() < deadline => orphans.push(j),
                 Some((loaded, _)) => {
                     coalesced += 1;
                     out[j] = Some(loaded);
@@ -488,7 +494,9 @@ impl Tiers {
 
     async fn write_now(&self, view: &Arc<FeatureView>, rows: &[(String, Row)], deadline: Instant) -> UpsertOutcome {
         let outcome = self.lower.shards.upsert(view, rows, deadline).await;
-        self.repair_unknown(view, &outcome);
+        self.repair_unknown(view, &outcome, |key| {
+            rows.iter().find(|(k, _)| k == key).map_or(EventTime::NEVER, |(_, row)| row.event_time)
+        });
         if outcome.written.is_empty() {
             return outcome;
         }
@@ -515,7 +523,7 @@ impl Tiers {
         deadline: Instant,
     ) -> UpsertOutcome {
         let outcome = self.lower.shards.delete(view, keys, at, deadline).await;
-        self.repair_unknown(view, &outcome);
+        self.repair_unknown(view, &outcome, |_| at);
         if outcome.written.is_empty() {
             return outcome;
         }
@@ -528,14 +536,17 @@ impl Tiers {
 
     /// Queues for repair the keys of shards that did not answer a write in
     /// time: their commit may land later, and the caches must then follow.
-    fn repair_unknown(&self, view: &Arc<FeatureView>, outcome: &UpsertOutcome) {
-        let unknown: Vec<String> = outcome.unknown().cloned().collect();
+    /// The repair waits until PostgreSQL shows the write's version
+    /// (`version_of` the key), so it cannot copy the old row back while the
+    /// commit is still on its way.
+    fn repair_unknown(&self, view: &Arc<FeatureView>, outcome: &UpsertOutcome, version_of: impl Fn(&str) -> EventTime) {
+        let unknown: Vec<(String, EventTime)> = outcome.unknown().map(|key| (key.clone(), version_of(key))).collect();
         if !unknown.is_empty() {
             self.queue_repair(view, unknown);
         }
     }
 
-    fn queue_repair(&self, view: &Arc<FeatureView>, keys: Vec<String>) {
+    fn queue_repair(&self, view: &Arc<FeatureView>, keys: Vec<(String, EventTime)>) {
         let n = keys.len() as u64;
         let queued = self.repairs.try_send((view.clone(), keys, Instant::now())).is_ok();
         let outcome = if queued { "queued" } else { "dropped" };
@@ -592,9 +603,9 @@ impl Tiers {
         // ignores its own announcements).
         self.l1.invalidate_many(view.id, &keys).await;
         let announced =
-            !injected && announce(&self.lower.l2, &self.lower.writes.channel, self.origin, view, &keys).await;
+            !injected && announce(&self.lower.l2, &self.lower.writes.channel, self.origin, view, &keys, deadline).await;
         if !(stored && announced) {
-            self.queue_repair(view, written.to_vec());
+            self.queue_repair(view, written.iter().map(|key| (key.clone(), EventTime::NEVER)).collect());
         }
     }
 }
@@ -602,9 +613,11 @@ impl Tiers {
 /// Puts right the caches of written keys whose cache step failed: reads
 /// them from PostgreSQL, stores them in Redis (never over a newer version),
 /// then drops and announces them again, since instances may have re-read
-/// the old Redis copy meanwhile. Retries with backoff, a few repairs at a
-/// time; gives up once the view's L2 TTL has passed since the write, as any
-/// old copy has expired by then.
+/// the old Redis copy meanwhile. A key whose write may not have landed yet
+/// is repaired only once PostgreSQL holds its version. Retries with
+/// backoff, a few repairs at a time; gives up once every old copy has
+/// expired: the view's L2 TTL, or its L1 TTL plus the time L1 keeps stale
+/// copies, since the write.
 async fn repair(lower: Arc<Lower>, l1: L1Cache, origin: u64, mut queue: mpsc::Receiver<Repair>) {
     let running = Arc::new(tokio::sync::Semaphore::new(REPAIRS_AT_ONCE));
     while let Some((view, keys, queued_at)) = queue.recv().await {
@@ -612,15 +625,20 @@ async fn repair(lower: Arc<Lower>, l1: L1Cache, origin: u64, mut queue: mpsc::Re
         let (lower, l1) = (lower.clone(), l1.clone());
         tokio::spawn(async move {
             let _permit = permit;
-            let keys: Vec<&str> = keys.iter().map(String::as_str).collect();
-            let give_up = queued_at + view.l2_ttl;
+            let (keys, wanted): (Vec<&str>, Vec<EventTime>) = keys.iter().map(|(k, v)| (k.as_str(), *v)).unzip();
+            let old_copies_last = view.l2_ttl.max(view.l1_ttl.saturating_add(l1.kept_stale()));
+            let give_up = queued_at.checked_add(old_copies_last).unwrap_or_else(far_future);
             let mut delay = Duration::from_millis(50);
             let outcome = loop {
                 let (loaded, stored) = lower.fetch_and_put(&view, &keys, Instant::now() + BACKGROUND_BUDGET).await;
-                let fetched = loaded.iter().all(|l| !matches!(l, Loaded::Unavailable));
+                let fetched = loaded
+                    .iter()
+                    .zip(&wanted)
+                    .all(|((loaded, version), wanted)| !matches!(loaded, Loaded::Unavailable) && version >= wanted);
                 if fetched && stored.is_ok() {
                     l1.invalidate_many(view.id, &keys).await;
-                    if announce(&lower.l2, &lower.writes.channel, origin, &view, &keys).await {
+                    let deadline = Instant::now() + BACKGROUND_BUDGET;
+                    if announce(&lower.l2, &lower.writes.channel, origin, &view, &keys, deadline).await {
                         break "repaired";
                     }
                 }
@@ -637,6 +655,11 @@ async fn repair(lower: Arc<Lower>, l1: L1Cache, origin: u64, mut queue: mpsc::Re
     }
 }
 
+/// An instant later than any deadline Strata sets.
+fn far_future() -> Instant {
+    Instant::now() + Duration::from_secs(86_400 * 365)
+}
+
 /// The outcome of a spawned write. A panic in it is a bug, passed on; a
 /// write cancelled by the runtime shutting down reports no result for its
 /// keys (they answer FAILED, and a retry is safe).
@@ -650,11 +673,19 @@ async fn finish(task: tokio::task::JoinHandle<UpsertOutcome>) -> UpsertOutcome {
 
 /// Publishes written keys of a view on the invalidation channel, so every
 /// instance drops its L1 copy. `origin` is the announcing instance (0 for
-/// none). A failure is logged and counted, and false returned.
-pub async fn announce(l2: &L2Cache, channel: &str, origin: u64, view: &FeatureView, keys: &[&str]) -> bool {
+/// none). Gives up at `deadline`. A failure is logged and counted, and
+/// false returned.
+pub async fn announce(
+    l2: &L2Cache,
+    channel: &str,
+    origin: u64,
+    view: &FeatureView,
+    keys: &[&str],
+    deadline: Instant,
+) -> bool {
     let mut ok = true;
     for message in invalidation_messages(origin, &view.name, keys) {
-        if let Err(error) = l2.publish(channel, message).await {
+        if let Err(error) = l2.publish(channel, message, deadline).await {
             tracing::warn!(view = %view.name, %error, "publishing an invalidation failed");
             metrics::counter!("strata_cache_errors_total", "tier" => "l2", "op" => "publish").increment(1);
             ok = false;
@@ -793,9 +824,15 @@ impl Lower {
                 }
             }
             let loaded: Vec<Loaded> = loaded.into_iter().map(|l| l.unwrap_or(Loaded::Unavailable)).collect();
-            if let Err(error) = self.l2.release_leases(view, &mine_keys).await {
-                tracing::debug!(view = %view.name, %error, "releasing leases failed; they expire by themselves");
-            }
+            // Off the request path: the answer does not wait on Redis.
+            let (l2, view, keys) = (self.l2.clone(), view.clone(), mine_keys.iter().map(|k| (*k).to_owned()));
+            let keys: Vec<String> = keys.collect();
+            tokio::spawn(async move {
+                let keys: Vec<&str> = keys.iter().map(String::as_str).collect();
+                if let Err(error) = l2.release_leases(&view, &keys).await {
+                    tracing::debug!(view = %view.name, %error, "releasing leases failed; they expire by themselves");
+                }
+            });
             loaded
         };
         let (mine_loaded, theirs_loaded) = tokio::join!(load_mine, self.wait_for_holders(view, &theirs_keys, deadline));
@@ -844,6 +881,7 @@ impl Lower {
     /// protection, with what does not exist).
     async fn fetch_and_fill(&self, view: &Arc<FeatureView>, keys: &[&str], deadline: Instant) -> Vec<Loaded> {
         let (loaded, stored) = self.fetch_and_put(view, keys, deadline).await;
+        let loaded = loaded.into_iter().map(|(loaded, _)| loaded).collect();
         if let Err(error) = stored {
             if !matches!(error, L2Error::Open) {
                 tracing::warn!(view = %view.name, keys = keys.len(), %error, "redis fill failed");
@@ -853,13 +891,15 @@ impl Lower {
         loaded
     }
 
-    /// [`Lower::fetch_and_fill`], telling whether Redis took the values.
+    /// [`Lower::fetch_and_fill`], with the version of each value (a row's
+    /// event time, a deletion's, or `EventTime::NEVER`), telling whether
+    /// Redis took the values.
     async fn fetch_and_put(
         &self,
         view: &Arc<FeatureView>,
         keys: &[&str],
         deadline: Instant,
-    ) -> (Vec<Loaded>, Result<(), L2Error>) {
+    ) -> (Vec<(Loaded, EventTime)>, Result<(), L2Error>) {
         // Each value with the version it is filed under in Redis: a row's
         // event time, a deletion's, or "never written".
         let fetched: Vec<(Loaded, EventTime)> = self
@@ -896,7 +936,8 @@ impl Lower {
             })
             .collect();
         let stored = self.l2.put_many(view, &fills, deadline).await.map(drop);
-        (fetched.into_iter().map(|(loaded, _)| loaded).collect(), stored)
+        drop(fills);
+        (fetched, stored)
     }
 }
 

@@ -87,11 +87,28 @@ pub enum ShardError {
 }
 
 impl ShardError {
-    /// Whether trying again soon may succeed: a connection or query
-    /// failure may be one broken connection. A refusal by the breaker, a
-    /// spent deadline or a schema problem would only fail again.
+    /// Whether the shard itself is failing (unreachable, hung, shutting
+    /// down, out of resources), as opposed to answering with an error about
+    /// the request or the data. Only these count against its breaker: one
+    /// undecodable row must not take a shard offline for every view.
+    fn is_outage(&self) -> bool {
+        match self {
+            ShardError::Connect { .. } | ShardError::Timeout { .. } => true,
+            // No SQLSTATE: the connection broke. With one: connection
+            // exception (08), insufficient resources (53), operator
+            // intervention such as a shutdown (57), system error (58).
+            ShardError::Query { source, .. } => {
+                source.code().is_none_or(|state| matches!(state.code().get(..2), Some("08" | "53" | "57" | "58")))
+            }
+            _ => false,
+        }
+    }
+
+    /// Whether trying again soon may succeed: a broken connection or a
+    /// shard that is restarting may. A refusal by the breaker, a spent
+    /// deadline or an error about the data would only fail again.
     fn retryable(&self) -> bool {
-        matches!(self, ShardError::Connect { .. } | ShardError::Query { .. })
+        matches!(self, ShardError::Connect { .. } | ShardError::Query { .. }) && self.is_outage()
     }
 }
 
@@ -457,6 +474,8 @@ impl Shard {
         match &result {
             Ok(_) => call.succeeded(),
             Err(ShardError::Timeout { .. }) if started.elapsed() < TIMEOUT_FLOOR => drop(call),
+            // The shard answered, if only to say the request was bad.
+            Err(error) if !error.is_outage() => call.succeeded(),
             Err(error) => {
                 tracing::debug!(shard = %self.name, %error, waited = ?started.elapsed(), "counted against the breaker");
                 call.failed()
