@@ -99,6 +99,9 @@ fn all_ok<T>(results: Vec<Result<T, fred::error::Error>>, want: usize) -> Result
     if got == want { Ok(values) } else { Err(L2Error::ShortPipeline { got, want }) }
 }
 
+/// The budget of a call with no caller's deadline.
+const NO_DEADLINE_BUDGET: Duration = Duration::from_secs(5);
+
 fn now_ms() -> i64 {
     SystemTime::now().duration_since(UNIX_EPOCH).map_or(0, |d| i64::try_from(d.as_millis()).unwrap_or(i64::MAX))
 }
@@ -188,19 +191,22 @@ impl L2Cache {
         &self.breaker
     }
 
-    /// The deadline of a call made with no caller's deadline: the command
-    /// timeout from now.
+    /// The deadline of a call made with no caller's deadline (background
+    /// work, tools): a few seconds from now. Each command is still bounded
+    /// by the command timeout.
     pub fn default_deadline(&self) -> Instant {
-        Instant::now() + self.command_timeout
+        Instant::now() + NO_DEADLINE_BUDGET.max(self.command_timeout)
     }
 
-    /// Runs `op` through the cluster's breaker, cut at `deadline` or the
-    /// command timeout, whichever comes first. A call cut by a deadline
-    /// shorter than [`TIMEOUT_FLOOR`] does not count against Redis.
+    /// Runs `op` through the cluster's breaker, cut at `deadline`. Each
+    /// command of it is also bounded by fred's command timeout, so a hung
+    /// node fails a batch within that time however large the batch. A call
+    /// cut by a deadline shorter than [`TIMEOUT_FLOOR`] does not count
+    /// against Redis.
     async fn guarded<T>(&self, deadline: Instant, op: impl Future<Output = Result<T, L2Error>>) -> Result<T, L2Error> {
         let Some(call) = self.breaker.call() else { return Err(L2Error::Open) };
         let started = Instant::now();
-        match tokio::time::timeout_at(deadline.min(started + self.command_timeout), op).await {
+        match tokio::time::timeout_at(deadline, op).await {
             Ok(Ok(value)) => {
                 call.succeeded();
                 Ok(value)
@@ -210,7 +216,7 @@ impl L2Cache {
                 Err(error)
             }
             Err(_) => {
-                if started.elapsed() >= TIMEOUT_FLOOR.min(self.command_timeout) {
+                if started.elapsed() >= TIMEOUT_FLOOR {
                     call.failed();
                 }
                 Err(L2Error::Timeout)

@@ -74,8 +74,8 @@ async fn serve_on(stack: &mut Stack, file: &mut FileConfig, options: &DevOptions
         server.grpc_addr()
     );
     println!();
-    println!("Ctrl-C stops the server and the stack.");
-    tokio::signal::ctrl_c().await.context("cannot wait for Ctrl-C")?;
+    println!("Ctrl-C (or SIGTERM) drains the server and stops the stack.");
+    crate::shutdown_signal().await;
     println!("stopping ...");
     server.shutdown().await;
     Ok(())

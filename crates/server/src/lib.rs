@@ -18,4 +18,4 @@ mod service;
 pub mod tiers;
 pub mod warm;
 
-pub use server::RunningServer;
+pub use server::{RunningServer, shutdown_signal};

@@ -109,7 +109,7 @@ async fn run(cli: Cli) -> Result<()> {
         Command::Serve { config } => {
             let config = FileConfig::load(&config)?.validate()?;
             let server = RunningServer::start(config).await?;
-            shutdown_signal().await;
+            strata_server::shutdown_signal().await;
             server.shutdown().await;
             Ok(())
         }
@@ -146,17 +146,5 @@ async fn run(cli: Cli) -> Result<()> {
         Command::Dev { config, data_dir, shards, demo_entities } => {
             dev::run(DevOptions { config, data_dir, shards, demo_entities }).await
         }
-    }
-}
-
-/// Resolves on SIGINT or SIGTERM.
-async fn shutdown_signal() {
-    let mut term = match tokio::signal::unix::signal(tokio::signal::unix::SignalKind::terminate()) {
-        Ok(term) => term,
-        Err(_) => return std::future::pending().await,
-    };
-    tokio::select! {
-        _ = tokio::signal::ctrl_c() => {}
-        _ = term.recv() => {}
     }
 }

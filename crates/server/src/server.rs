@@ -275,3 +275,16 @@ async fn monitor(tiers: Tiers, health: HealthReporter, admission: Arc<Admission>
         }
     }
 }
+
+/// Resolves on SIGINT (Ctrl-C) or SIGTERM (what Kubernetes and
+/// `docker stop` send): the signal to drain and stop.
+pub async fn shutdown_signal() {
+    let mut term = match tokio::signal::unix::signal(tokio::signal::unix::SignalKind::terminate()) {
+        Ok(term) => term,
+        Err(_) => return std::future::pending().await,
+    };
+    tokio::select! {
+        _ = tokio::signal::ctrl_c() => {}
+        _ = term.recv() => {}
+    }
+}
