@@ -5,6 +5,9 @@
 //! Benchmarks report ratios between configurations measured in the same
 //! run: the machine is shared and noisy, absolute numbers drift.
 
+pub mod floor;
+pub mod loadgen;
+
 use std::path::PathBuf;
 
 use anyhow::Result;

@@ -1,0 +1,358 @@
+//! `strata-bench`: Strata's read path under load, against baselines measured
+//! in the same run on the same machine.
+//!
+//! Starts a local stack (Redis Cluster 3+3, 2 PostgreSQL shards) and a
+//! server in this process, writes the data set, then runs each scenario
+//! and its baseline one after the other:
+//!
+//! | scenario | baseline |
+//! |---|---|
+//! | `l1-1`, `l1-10`, `l1-100`: L1 hits, 1/10/100 keys of 10 features | `floor-N`: a tonic server answering a canned response of the same bytes |
+//! | `l2-100`: L1 misses (1 ms L1 TTL), L2 hits | `redis-100`: the same GETs pipelined with fred |
+//! | `l3-100`: cold keys (1 ms TTLs), 100 keys over 2 shards | `postgres-100`: the same `= ANY` queries through the pool (`ShardRouter::fetch`) |
+//!
+//! `cargo run --release -p strata-benches --bin strata-bench -- --help`.
+//! Prints a table and writes `target/bench-load.json`.
+
+use std::collections::HashMap;
+use std::path::PathBuf;
+use std::sync::Arc;
+use std::time::Duration;
+
+use anyhow::{Context, Result};
+use clap::Parser;
+use fred::prelude::*;
+use rand::seq::IndexedRandom;
+use strata_benches::Bench;
+use strata_benches::loadgen::{self, Failure, Mode, Report, Sample};
+use strata_proto::v1::feature_store_client::FeatureStoreClient;
+use strata_proto::v1::{self, value::Kind};
+use tonic::transport::Channel;
+
+#[derive(Parser, Debug)]
+#[command(name = "strata-bench", about = "Strata's read path under load, against same-run baselines")]
+struct Args {
+    /// Scenarios to run (with their baselines): l1-1, l1-10, l1-100, l2-100,
+    /// l3-100, or all.
+    #[arg(long, value_delimiter = ',', default_value = "all")]
+    scenarios: Vec<String>,
+    /// Measured seconds per run.
+    #[arg(long, default_value_t = 5.0)]
+    secs: f64,
+    /// Unmeasured seconds before each run.
+    #[arg(long, default_value_t = 1.0)]
+    warmup: f64,
+    /// Closed loop: calls in flight (callers).
+    #[arg(long, default_value_t = 8)]
+    concurrency: usize,
+    /// Open loop instead: calls a second, sent on schedule.
+    #[arg(long)]
+    rate: Option<f64>,
+    /// Keys written per view.
+    #[arg(long, default_value_t = 10_000)]
+    keys: usize,
+    /// Where the JSON report goes.
+    #[arg(long, default_value = "target/bench-load.json")]
+    json: PathBuf,
+}
+
+/// Ten features per row: the scenarios' row shape.
+const FEATURES: &str = r#"features = [
+  { name = "f0", type = "int64" }, { name = "f1", type = "int64" }, { name = "f2", type = "int64" },
+  { name = "f3", type = "int64" }, { name = "f4", type = "int64" }, { name = "f5", type = "double" },
+  { name = "f6", type = "double" }, { name = "f7", type = "double" }, { name = "f8", type = "double" },
+  { name = "f9", type = "double" },
+]"#;
+
+fn views() -> String {
+    [("bench_hot", "10m", "10m"), ("bench_l2", "1ms", "10m"), ("bench_cold", "1ms", "1ms")]
+        .iter()
+        .map(|(name, l1, l2)| {
+            format!("\n[[views]]\nname = \"{name}\"\nl1_ttl = \"{l1}\"\nl2_ttl = \"{l2}\"\njitter = 0.0\n{FEATURES}\n")
+        })
+        .collect()
+}
+
+fn row(key: String, i: usize) -> v1::WriteRow {
+    let features = (0..10)
+        .map(|f| {
+            let kind = if f < 5 {
+                Kind::Int64Value((i * 10 + f) as i64)
+            } else {
+                Kind::DoubleValue(i as f64 + f as f64 / 10.0)
+            };
+            (format!("f{f}"), v1::Value { kind: Some(kind) })
+        })
+        .collect();
+    v1::WriteRow {
+        entity_key: key,
+        features,
+        event_time: Some(prost_types::Timestamp { seconds: 1_700_000_000, nanos: 0 }),
+    }
+}
+
+fn key(i: usize) -> String {
+    format!("user:{i:08}")
+}
+
+/// One GetFeatures of `n` random keys of `view`, with its rows' sources.
+async fn get(
+    client: &mut FeatureStoreClient<Channel>,
+    view: &str,
+    keys: &[String],
+    n: usize,
+) -> Result<Sample, Failure> {
+    let batch: Vec<String> = keys.choose_multiple(&mut rand::rng(), n).cloned().collect();
+    let request = v1::GetFeaturesRequest { feature_view: view.into(), entity_keys: batch, features: Vec::new() };
+    match client.get_features(request).await {
+        Ok(response) => {
+            let mut sample = Sample { keys: n as u64, sources: [0; 4] };
+            for row in &response.get_ref().rows {
+                let column = match (v1::Source::try_from(row.source), row.status) {
+                    (Ok(v1::Source::L1), s) if s == v1::RowStatus::Found as i32 => 0,
+                    (Ok(v1::Source::L2), s) if s == v1::RowStatus::Found as i32 => 1,
+                    (Ok(v1::Source::L3), s) if s == v1::RowStatus::Found as i32 => 2,
+                    _ => 3,
+                };
+                sample.sources[column] += 1;
+            }
+            Ok(sample)
+        }
+        Err(status) if status.code() == tonic::Code::ResourceExhausted => Err(Failure::Shed),
+        Err(_) => Err(Failure::Error),
+    }
+}
+
+struct Setup {
+    args: Args,
+    warmup: Duration,
+    duration: Duration,
+    mode: Mode,
+    keys: Arc<Vec<String>>,
+}
+
+impl Setup {
+    /// Runs GetFeatures of `n` keys of `view` against `endpoint`; one
+    /// channel (HTTP/2 connection) per caller.
+    async fn grpc(&self, name: &str, endpoint: String, view: &'static str, n: usize) -> Result<Report> {
+        let callers = match self.mode {
+            Mode::Closed { callers } => callers,
+            Mode::Open { .. } => self.args.concurrency,
+        };
+        let mut clients = Vec::with_capacity(callers);
+        for _ in 0..callers {
+            clients.push(FeatureStoreClient::connect(endpoint.clone()).await?);
+        }
+        let (clients, keys) = (Arc::new(clients), self.keys.clone());
+        Ok(loadgen::run(name, self.mode, self.warmup, self.duration, move |i| {
+            let mut client = clients[i as usize % clients.len()].clone();
+            let keys = keys.clone();
+            async move { get(&mut client, view, &keys, n).await }
+        })
+        .await)
+    }
+}
+
+#[tokio::main]
+async fn main() -> Result<()> {
+    let args = Args::parse();
+    let scenarios = args.scenarios.clone();
+    let wants = |s: &str| scenarios.iter().any(|w| w == "all" || w == s);
+    let mode = match args.rate {
+        Some(rate) => Mode::Open { rate, max_outstanding: 10_000 },
+        None => Mode::Closed { callers: args.concurrency },
+    };
+    eprintln!("starting the local stack ...");
+    let bench = Bench::start().await?;
+    let server = bench
+        .server(&views(), |file| {
+            // Not what is measured here.
+            file.hot_keys.sample_rate = 0.0;
+            file.server.max_in_flight = 100_000;
+        })
+        .await?;
+    let endpoint = format!("http://{}", server.grpc_addr());
+    let keys: Arc<Vec<String>> = Arc::new((0..args.keys).map(key).collect());
+
+    eprintln!("writing {} keys to each view ...", keys.len());
+    let mut client = FeatureStoreClient::connect(endpoint.clone()).await?;
+    for view in ["bench_hot", "bench_l2", "bench_cold"] {
+        for (c, chunk) in keys.chunks(1_000).enumerate() {
+            let rows = chunk.iter().enumerate().map(|(i, k)| row(k.clone(), c * 1_000 + i)).collect();
+            let response =
+                client.write_features(v1::WriteFeaturesRequest { feature_view: view.into(), rows }).await?.into_inner();
+            anyhow::ensure!(response.rows_failed == 0, "writing {view} failed: {response:?}");
+        }
+    }
+    // Every key in L1 (bench_hot) and in Redis (bench_l2).
+    for view in ["bench_hot", "bench_l2"] {
+        for chunk in keys.chunks(1_000) {
+            client
+                .get_features(v1::GetFeaturesRequest {
+                    feature_view: view.into(),
+                    entity_keys: chunk.to_vec(),
+                    features: Vec::new(),
+                })
+                .await?;
+        }
+    }
+    // The floor answers what the real server answered.
+    let mut canned = HashMap::new();
+    for n in [1, 10, 100] {
+        let request = v1::GetFeaturesRequest {
+            feature_view: "bench_hot".into(),
+            entity_keys: keys[..n].to_vec(),
+            features: Vec::new(),
+        };
+        canned.insert(n, client.get_features(request).await?.into_inner());
+    }
+    let floor = format!("http://{}", strata_benches::floor::start(canned).await?);
+
+    let setup = Setup {
+        warmup: Duration::from_secs_f64(args.warmup),
+        duration: Duration::from_secs_f64(args.secs),
+        mode,
+        keys: keys.clone(),
+        args,
+    };
+    let mut pairs: Vec<(Report, Report)> = Vec::new();
+    for n in [1, 10, 100] {
+        let scenario = format!("l1-{n}");
+        if wants(&scenario) {
+            let base = setup.grpc(&format!("floor-{n}"), floor.clone(), "bench_hot", n).await?;
+            let strata = setup.grpc(&scenario, endpoint.clone(), "bench_hot", n).await?;
+            pairs.push((strata, base));
+        }
+    }
+    if wants("l2-100") {
+        let redis = raw_redis(&setup, &bench, &server).await?;
+        let strata = setup.grpc("l2-100", endpoint.clone(), "bench_l2", 100).await?;
+        pairs.push((strata, redis));
+    }
+    if wants("l3-100") {
+        let view = bench.config(&views())?.validate()?.registry.get("bench_cold").context("view bench_cold")?.clone();
+        let postgres = raw_postgres(&setup, &server, view).await?;
+        let strata = setup.grpc("l3-100", endpoint.clone(), "bench_cold", 100).await?;
+        pairs.push((strata, postgres));
+    }
+
+    print_table(&pairs, &setup);
+    let json = serde_json::json!({
+        "machine": { "cores": std::thread::available_parallelism().map_or(0, |n| n.get()), "shared": "server, load generator, Redis and PostgreSQL on one machine" },
+        "mode": mode.label(),
+        "results": pairs.iter().map(|(s, b)| serde_json::json!({
+            "scenario": s.json(), "baseline": b.json(), "throughput_ratio": s.calls_per_sec() / b.calls_per_sec().max(1e-9),
+        })).collect::<Vec<_>>(),
+    });
+    if let Some(dir) = setup.args.json.parent() {
+        std::fs::create_dir_all(dir)?;
+    }
+    std::fs::write(&setup.args.json, serde_json::to_string_pretty(&json)? + "\n")?;
+    eprintln!("wrote {}", setup.args.json.display());
+    server.shutdown().await;
+    bench.stop().await;
+    Ok(())
+}
+
+/// The L2 baseline: the same 100-key batches as `l2-100`, as pipelined GETs
+/// of Strata's Redis keys with fred, no decoding, no gRPC.
+async fn raw_redis(setup: &Setup, bench: &Bench, server: &strata_server::RunningServer) -> Result<Report> {
+    let hosts = bench
+        .stack
+        .redis_nodes()
+        .iter()
+        .map(|n| {
+            let (h, p) = n.rsplit_once(':').context("node address")?;
+            Ok((h.to_owned(), p.parse::<u16>()?))
+        })
+        .collect::<Result<Vec<_>>>()?;
+    let client = Builder::from_config(fred::prelude::Config {
+        server: ServerConfig::new_clustered(hosts),
+        ..Default::default()
+    })
+    .with_connection_config(|c| c.tcp = fred::types::config::TcpConfig { nodelay: Some(true), ..Default::default() })
+    .build()?;
+    client.init().await?;
+    let l2 = server.tiers().l2().clone();
+    let redis_keys: Arc<Vec<String>> = Arc::new(setup.keys.iter().map(|k| l2.key_of("bench_l2", k)).collect());
+    let report = loadgen::run("redis-100", setup.mode, setup.warmup, setup.duration, move |_| {
+        let (client, keys) = (client.clone(), redis_keys.clone());
+        async move {
+            let batch: Vec<&String> = keys.choose_multiple(&mut rand::rng(), 100).collect();
+            let pipeline = client.pipeline();
+            for key in &batch {
+                let _: () = pipeline.get(key.as_str()).await.map_err(|_| Failure::Error)?;
+            }
+            let results = pipeline.try_all::<Option<fred::bytes::Bytes>>().await;
+            let hits = results.iter().filter(|r| matches!(r, Ok(Some(_)))).count() as u64;
+            if results.iter().any(Result::is_err) {
+                return Err(Failure::Error);
+            }
+            Ok(Sample { keys: 100, sources: [0, hits, 0, 100 - hits] })
+        }
+    })
+    .await;
+    Ok(report)
+}
+
+/// The L3 baseline: the same 100-key batches as `l3-100`, read straight from
+/// the shards with the server's own pools (`ShardRouter::fetch`: one `= ANY`
+/// query per shard, in parallel), no caches, no gRPC.
+async fn raw_postgres(
+    setup: &Setup,
+    server: &strata_server::RunningServer,
+    view: Arc<strata_core::FeatureView>,
+) -> Result<Report> {
+    let shards = server.tiers().shards().clone();
+    let keys = setup.keys.clone();
+    Ok(loadgen::run("postgres-100", setup.mode, setup.warmup, setup.duration, move |_| {
+        let (shards, view, keys) = (shards.clone(), view.clone(), keys.clone());
+        async move {
+            let batch: Vec<&str> = keys.choose_multiple(&mut rand::rng(), 100).map(String::as_str).collect();
+            let deadline = tokio::time::Instant::now() + Duration::from_secs(5);
+            let fetched = shards.fetch(&view, &batch, deadline).await;
+            let found = fetched.iter().filter(|f| matches!(f, strata_shard_router::Fetched::Found(_))).count() as u64;
+            if found < 100 {
+                return Err(Failure::Error);
+            }
+            Ok(Sample { keys: 100, sources: [0, 0, found, 0] })
+        }
+    })
+    .await)
+}
+
+fn print_table(pairs: &[(Report, Report)], setup: &Setup) {
+    println!();
+    println!(
+        "{} s per run after {} s of warm-up, {}; server, load generator, Redis and PostgreSQL share this machine ({} cores)",
+        setup.args.secs,
+        setup.args.warmup,
+        setup.mode.label(),
+        std::thread::available_parallelism().map_or(0, |n| n.get())
+    );
+    println!();
+    println!(
+        "| run | calls/s | keys/s | p50 ms | p99 ms | p999 ms | errors | shed | rows L1/L2/L3/other | vs baseline |"
+    );
+    println!("|---|---|---|---|---|---|---|---|---|---|");
+    for (strata, base) in pairs {
+        for (report, ratio) in [(base, None), (strata, Some(strata.calls_per_sec() / base.calls_per_sec().max(1e-9)))] {
+            println!(
+                "| {} | {:.0} | {:.0} | {:.3} | {:.3} | {:.3} | {} | {} | {}/{}/{}/{} | {} |",
+                report.name,
+                report.calls_per_sec(),
+                report.keys_per_sec(),
+                report.ms(0.5),
+                report.ms(0.99),
+                report.ms(0.999),
+                report.errors,
+                report.shed + report.dropped,
+                report.sources[0],
+                report.sources[1],
+                report.sources[2],
+                report.sources[3],
+                ratio.map_or("baseline".to_owned(), |r| format!("{:.2}x of {}", r, base.name)),
+            );
+        }
+    }
+}
