@@ -95,14 +95,26 @@ fn key(i: usize) -> String {
     format!("user:{i:08}")
 }
 
-/// One GetFeatures of `n` random keys of `view`, with its rows' sources.
-async fn get(
-    client: &mut FeatureStoreClient<Channel>,
-    view: &str,
-    keys: &[String],
-    n: usize,
-) -> Result<Sample, Failure> {
-    let batch: Vec<String> = keys.choose_multiple(&mut rand::rng(), n).cloned().collect();
+/// Which keys a call asks for.
+#[derive(Clone, Copy, Debug)]
+enum Pick {
+    /// `n` keys at random.
+    Random,
+    /// Call `i` asks for keys `[i*n, (i+1)*n)` (wrapping): concurrent calls
+    /// never share a key, and a key comes back only after every other.
+    Sequential,
+}
+
+fn batch(keys: &[String], pick: Pick, i: u64, n: usize) -> Vec<String> {
+    match pick {
+        Pick::Random => keys.choose_multiple(&mut rand::rng(), n).cloned().collect(),
+        Pick::Sequential => (0..n).map(|j| keys[(i as usize * n + j) % keys.len()].clone()).collect(),
+    }
+}
+
+/// One GetFeatures of `batch` of `view`, with its rows' sources.
+async fn get(client: &mut FeatureStoreClient<Channel>, view: &str, batch: Vec<String>) -> Result<Sample, Failure> {
+    let n = batch.len();
     let request = v1::GetFeaturesRequest { feature_view: view.into(), entity_keys: batch, features: Vec::new() };
     match client.get_features(request).await {
         Ok(response) => {
@@ -134,8 +146,20 @@ struct Setup {
 impl Setup {
     /// Runs GetFeatures of `n` keys of `view` against `endpoint`; one
     /// channel (HTTP/2 connection) per caller.
-    async fn grpc(&self, name: &str, endpoint: String, view: &'static str, n: usize) -> Result<Report> {
-        let callers = match self.mode {
+    async fn grpc(&self, name: &str, endpoint: String, view: &'static str, n: usize, pick: Pick) -> Result<Report> {
+        self.grpc_in(name, endpoint, view, n, pick, self.mode).await
+    }
+
+    async fn grpc_in(
+        &self,
+        name: &str,
+        endpoint: String,
+        view: &'static str,
+        n: usize,
+        pick: Pick,
+        mode: Mode,
+    ) -> Result<Report> {
+        let callers = match mode {
             Mode::Closed { callers } => callers,
             Mode::Open { .. } => self.args.concurrency,
         };
@@ -144,10 +168,10 @@ impl Setup {
             clients.push(FeatureStoreClient::connect(endpoint.clone()).await?);
         }
         let (clients, keys) = (Arc::new(clients), self.keys.clone());
-        Ok(loadgen::run(name, self.mode, self.warmup, self.duration, move |i| {
+        Ok(loadgen::run(name, mode, self.warmup, self.duration, move |i| {
             let mut client = clients[i as usize % clients.len()].clone();
-            let keys = keys.clone();
-            async move { get(&mut client, view, &keys, n).await }
+            let batch = batch(&keys, pick, i, n);
+            async move { get(&mut client, view, batch).await }
         })
         .await)
     }
@@ -219,20 +243,26 @@ async fn main() -> Result<()> {
     for n in [1, 10, 100] {
         let scenario = format!("l1-{n}");
         if wants(&scenario) {
-            let base = setup.grpc(&format!("floor-{n}"), floor.clone(), "bench_hot", n).await?;
-            let strata = setup.grpc(&scenario, endpoint.clone(), "bench_hot", n).await?;
+            let base = setup.grpc(&format!("floor-{n}"), floor.clone(), "bench_hot", n, Pick::Random).await?;
+            let strata = setup.grpc(&scenario, endpoint.clone(), "bench_hot", n, Pick::Random).await?;
             pairs.push((strata, base));
         }
     }
     if wants("l2-100") {
         let redis = raw_redis(&setup, &bench, &server).await?;
-        let strata = setup.grpc("l2-100", endpoint.clone(), "bench_l2", 100).await?;
+        let strata = setup.grpc("l2-100", endpoint.clone(), "bench_l2", 100, Pick::Random).await?;
         pairs.push((strata, redis));
     }
     if wants("l3-100") {
+        // Cold: 1 ms TTLs and disjoint batches, so every key misses both
+        // caches; one call at a time ("low load"), then the usual load.
         let view = bench.config(&views())?.validate()?.registry.get("bench_cold").context("view bench_cold")?.clone();
-        let postgres = raw_postgres(&setup, &server, view).await?;
-        let strata = setup.grpc("l3-100", endpoint.clone(), "bench_cold", 100).await?;
+        let low = Mode::Closed { callers: 1 };
+        let postgres = raw_postgres(&setup, &server, view.clone(), low).await?;
+        let strata = setup.grpc_in("l3-100", endpoint.clone(), "bench_cold", 100, Pick::Sequential, low).await?;
+        pairs.push((strata, postgres));
+        let postgres = raw_postgres(&setup, &server, view, setup.mode).await?;
+        let strata = setup.grpc("l3-100", endpoint.clone(), "bench_cold", 100, Pick::Sequential).await?;
         pairs.push((strata, postgres));
     }
 
@@ -302,13 +332,15 @@ async fn raw_postgres(
     setup: &Setup,
     server: &strata_server::RunningServer,
     view: Arc<strata_core::FeatureView>,
+    mode: Mode,
 ) -> Result<Report> {
     let shards = server.tiers().shards().clone();
     let keys = setup.keys.clone();
-    Ok(loadgen::run("postgres-100", setup.mode, setup.warmup, setup.duration, move |_| {
-        let (shards, view, keys) = (shards.clone(), view.clone(), keys.clone());
+    Ok(loadgen::run("postgres-100", mode, setup.warmup, setup.duration, move |i| {
+        let (shards, view) = (shards.clone(), view.clone());
+        let batch = batch(&keys, Pick::Sequential, i, 100);
         async move {
-            let batch: Vec<&str> = keys.choose_multiple(&mut rand::rng(), 100).map(String::as_str).collect();
+            let batch: Vec<&str> = batch.iter().map(String::as_str).collect();
             let deadline = tokio::time::Instant::now() + Duration::from_secs(5);
             let fetched = shards.fetch(&view, &batch, deadline).await;
             let found = fetched.iter().filter(|f| matches!(f, strata_shard_router::Fetched::Found(_))).count() as u64;
@@ -332,14 +364,15 @@ fn print_table(pairs: &[(Report, Report)], setup: &Setup) {
     );
     println!();
     println!(
-        "| run | calls/s | keys/s | p50 ms | p99 ms | p999 ms | errors | shed | rows L1/L2/L3/other | vs baseline |"
+        "| run | load | calls/s | keys/s | p50 ms | p99 ms | p999 ms | errors | shed | rows L1/L2/L3/other | vs baseline |"
     );
-    println!("|---|---|---|---|---|---|---|---|---|---|");
+    println!("|---|---|---|---|---|---|---|---|---|---|---|");
     for (strata, base) in pairs {
         for (report, ratio) in [(base, None), (strata, Some(strata.calls_per_sec() / base.calls_per_sec().max(1e-9)))] {
             println!(
-                "| {} | {:.0} | {:.0} | {:.3} | {:.3} | {:.3} | {} | {} | {}/{}/{}/{} | {} |",
+                "| {} | {} | {:.0} | {:.0} | {:.3} | {:.3} | {:.3} | {} | {} | {}/{}/{}/{} | {} |",
                 report.name,
+                report.mode,
                 report.calls_per_sec(),
                 report.keys_per_sec(),
                 report.ms(0.5),
