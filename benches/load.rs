@@ -8,11 +8,16 @@
 //! | scenario | baseline |
 //! |---|---|
 //! | `l1-1`, `l1-10`, `l1-100`: L1 hits, 1/10/100 keys of 10 features | `floor-N`: a tonic server answering a canned response of the same bytes |
-//! | `l2-100`: L1 misses (1 ms L1 TTL), L2 hits | `redis-100`: the same GETs pipelined with fred |
+//! | `l2-100`: L2 hits, on a server with L1 off (`l1.max_bytes = 0`) | `redis-100`: the same GETs pipelined with fred |
 //! | `l3-100`: cold keys (1 ms TTLs), 100 keys over 2 shards | `postgres-100`: the same `= ANY` queries through the pool (`ShardRouter::fetch`) |
 //!
 //! `cargo run --release -p strata-benches --bin strata-bench -- --help`.
 //! Prints a table and writes `target/bench-load.json`.
+
+/// The same allocator as the `strata` binary, since the server runs in
+/// this process.
+#[global_allocator]
+static GLOBAL: mimalloc::MiMalloc = mimalloc::MiMalloc;
 
 use std::collections::HashMap;
 use std::path::PathBuf;
@@ -249,9 +254,20 @@ async fn main() -> Result<()> {
         }
     }
     if wants("l2-100") {
+        // A second server with L1 off (`l1.max_bytes = 0`): every read is
+        // answered by Redis.
+        let no_l1 = bench
+            .server(&views(), |file| {
+                file.hot_keys.sample_rate = 0.0;
+                file.server.max_in_flight = 100_000;
+                file.l1.max_bytes = 0;
+            })
+            .await?;
         let redis = raw_redis(&setup, &bench, &server).await?;
-        let strata = setup.grpc("l2-100", endpoint.clone(), "bench_l2", 100, Pick::Random).await?;
+        let strata =
+            setup.grpc("l2-100", format!("http://{}", no_l1.grpc_addr()), "bench_l2", 100, Pick::Random).await?;
         pairs.push((strata, redis));
+        no_l1.shutdown().await;
     }
     if wants("l3-100") {
         // Cold: 1 ms TTLs and disjoint batches, so every key misses both

@@ -67,6 +67,9 @@ pub struct L1Cache {
     /// How long a row stays after its hard expiry, to be served as stale
     /// when the tiers below cannot answer (stale-if-error).
     keep_stale: Duration,
+    /// False when built with no room (`max_bytes == 0`): L1 is off, every
+    /// lookup misses at once and nothing is stored.
+    enabled: bool,
 }
 
 /// Taken before a load from the tiers below starts; a fill carrying the
@@ -128,7 +131,7 @@ fn keeps_stale(value: &Cached) -> bool {
 const ENTRY_OVERHEAD: usize = 128;
 
 impl L1Cache {
-    /// A cache holding at most about `max_bytes` of rows.
+    /// A cache holding at most about `max_bytes` of rows; 0 turns L1 off.
     pub fn new(max_bytes: u64) -> L1Cache {
         let cache = Cache::builder()
             .weigher(|key: &Key, entry: &Arc<Entry>| {
@@ -141,7 +144,7 @@ impl L1Cache {
             .max_capacity(max_bytes)
             .expire_after(PerEntryTtl)
             .build();
-        L1Cache { cache, epochs: Arc::new(Epochs::new()), keep_stale: Duration::ZERO }
+        L1Cache { cache, epochs: Arc::new(Epochs::new()), keep_stale: Duration::ZERO, enabled: max_bytes > 0 }
     }
 
     /// Keeps rows for `keep_stale` after their hard expiry: misses for
@@ -162,6 +165,9 @@ impl L1Cache {
     /// read. Aligned with `keys`. Only rows: an expired "does not exist"
     /// is not worth serving.
     pub async fn get_stale(&self, view: &FeatureView, keys: &[&str]) -> Vec<Option<Arc<Row>>> {
+        if !self.enabled {
+            return vec![None; keys.len()];
+        }
         let now = Instant::now();
         let mut out = Vec::with_capacity(keys.len());
         for key in keys {
@@ -193,6 +199,9 @@ impl L1Cache {
     /// Looks up a batch; the answer is aligned with `keys`. An entry past
     /// its hard expiry is a miss.
     pub async fn get_many(&self, view: &FeatureView, keys: &[&str]) -> Vec<Option<L1Hit>> {
+        if !self.enabled {
+            return vec![None; keys.len()];
+        }
         let now = Instant::now();
         let mut out = Vec::with_capacity(keys.len());
         for key in keys {
@@ -215,6 +224,9 @@ impl L1Cache {
         stamp: Stamp,
         entries: impl IntoIterator<Item = (String, Cached, Lifetime)>,
     ) -> usize {
+        if !self.enabled {
+            return 0;
+        }
         let now = Instant::now();
         let mut refused = 0;
         for (key, value, life) in entries {
@@ -376,6 +388,16 @@ pub(crate) mod tests {
         assert!(l1.get_many(a, &["k"]).await[0].is_some(), "until the hard expiry");
         tokio::time::advance(Duration::from_millis(1)).await;
         assert_eq!(l1.get_many(a, &["k"]).await, vec![None], "at the hard expiry it is a miss");
+    }
+
+    #[tokio::test]
+    async fn with_no_room_l1_is_off() {
+        let registry = registry();
+        let a = registry.get("a").unwrap();
+        let l1 = L1Cache::new(0);
+        assert_eq!(l1.insert_many(a, l1.stamp(), [("k".to_owned(), found("v"), LIFE)]).await, 0);
+        assert_eq!(l1.get_many(a, &["k"]).await, vec![None]);
+        assert_eq!(l1.size().await, (0, 0));
     }
 
     #[tokio::test(start_paused = true)]

@@ -199,7 +199,8 @@ pub struct LimitsSection {
 #[derive(Debug, Deserialize)]
 #[serde(default, deny_unknown_fields)]
 pub struct L1Section {
-    /// Upper bound of the in-process cache, in bytes of cached rows.
+    /// Upper bound of the in-process cache, in bytes of cached rows; 0
+    /// turns L1 off (every read goes to Redis).
     pub max_bytes: u64,
     /// How long past its TTL a row is kept, to be served marked STALE when
     /// its shard cannot be read (stale-if-error); 0 turns it off.
