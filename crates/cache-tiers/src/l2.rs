@@ -91,6 +91,26 @@ pub struct Put<'a> {
     pub life: Lifetime,
 }
 
+/// What a cached entry of `key` says, if anything; an entry of an older
+/// shape of the view, a guard, or a foreign value reads as a miss.
+fn decode_hit(view: &FeatureView, key: &str, bytes: Option<&[u8]>, now_ms: i64) -> Option<L2Hit> {
+    let entry = match decode_entry(view.fingerprint, bytes?) {
+        Ok(entry) => entry,
+        Err(error) => {
+            tracing::debug!(view = %view.name, key, %error, "ignoring cached entry");
+            metrics::counter!("strata_l2_undecodable_total", "view" => view.name.clone()).increment(1);
+            return None;
+        }
+    };
+    let value = match entry.content {
+        Content::Found(row) => Cached::Found(Arc::new(row)),
+        Content::Missing => Cached::Missing,
+        // A guard holds no value: a miss.
+        Content::Guard => return None,
+    };
+    Some(L2Hit { value, stale: entry.soft_expiry_ms <= now_ms })
+}
+
 /// The results of a pipeline of `want` commands, or its first error (a
 /// failed command fails the batch, and counts against the breaker).
 fn all_ok<T>(results: Vec<Result<T, fred::error::Error>>, want: usize) -> Result<Vec<T>, L2Error> {
@@ -251,32 +271,44 @@ impl L2Cache {
         }
         let results = self.guarded(deadline, async { all_ok(pipeline.try_all::<Option<Bytes>>().await, keys.len()) });
         let now = now_ms();
-        let mut out = Vec::with_capacity(keys.len());
-        for (key, result) in keys.iter().zip(results.await?) {
-            out.push(match result {
-                None => None,
-                Some(bytes) => match decode_entry(view.fingerprint, &bytes) {
-                    Ok(entry) => {
-                        let value = match entry.content {
-                            Content::Found(row) => Cached::Found(Arc::new(row)),
-                            Content::Missing => Cached::Missing,
-                            // A guard holds no value: a miss.
-                            Content::Guard => {
-                                out.push(None);
-                                continue;
-                            }
-                        };
-                        Some(L2Hit { value, stale: entry.soft_expiry_ms <= now })
-                    }
-                    Err(error) => {
-                        tracing::debug!(view = %view.name, key, %error, "ignoring cached entry");
-                        metrics::counter!("strata_l2_undecodable_total", "view" => view.name.clone()).increment(1);
-                        None
-                    }
-                },
-            });
+        Ok(keys.iter().zip(results.await?).map(|(key, bytes)| decode_hit(view, key, bytes.as_deref(), now)).collect())
+    }
+
+    /// [`L2Cache::try_leases`] and a look at each key, in one pipeline (`SET
+    /// lease NX PX ttl`, `GET key`): a key another instance filled between
+    /// our miss and our lease is found here instead of costing a read of
+    /// PostgreSQL. Aligned with `keys`: whether the lease was taken, and
+    /// the hit if any.
+    pub async fn lease_and_get(
+        &self,
+        view: &FeatureView,
+        keys: &[&str],
+        ttl: Duration,
+        deadline: Instant,
+    ) -> Result<Vec<(bool, Option<L2Hit>)>, L2Error> {
+        let pipeline = self.client.pipeline();
+        for key in keys {
+            let () = pipeline
+                .set(self.lease_key(view, key), 1, Some(Expiration::PX(millis(ttl))), Some(SetOptions::NX), false)
+                .await?;
+            let () = pipeline.get(self.key(view, key)).await?;
         }
-        Ok(out)
+        let results = self.guarded(deadline, async { all_ok(pipeline.try_all::<Value>().await, keys.len() * 2) });
+        let results = results.await?;
+        let now = now_ms();
+        Ok(keys
+            .iter()
+            .zip(results.chunks_exact(2))
+            .map(|(key, pair)| {
+                let won = !pair[0].is_null();
+                let bytes = match &pair[1] {
+                    Value::Bytes(bytes) => Some(&bytes[..]),
+                    Value::String(text) => Some(text.as_bytes()),
+                    _ => None,
+                };
+                (won, decode_hit(view, key, bytes, now))
+            })
+            .collect())
     }
 
     /// Stores entries of a view, each unless Redis holds a newer version of

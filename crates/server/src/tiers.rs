@@ -791,31 +791,35 @@ impl Lower {
     /// holder's result in Redis, and reads PostgreSQL itself only if none
     /// comes within the lease TTL.
     async fn load_under_leases(&self, view: &Arc<FeatureView>, keys: &[&str], deadline: Instant) -> Vec<Loaded> {
-        let won = match self.l2.try_leases(view, keys, self.protection.lease_ttl, deadline).await {
-            Ok(won) => won,
+        // With each lease, one more look at the key: another instance may
+        // have filled it between our miss and our lease (it reloaded and
+        // released in that window), and then PostgreSQL need not be read.
+        let answers = match self.l2.lease_and_get(view, keys, self.protection.lease_ttl, deadline).await {
+            Ok(answers) => answers,
             Err(error) => {
                 tracing::warn!(view = %view.name, %error, "redis lease failed; going to postgres");
                 return self.fetch_and_fill(view, keys, deadline).await;
             }
         };
-        let (mine, theirs): (Vec<usize>, Vec<usize>) = (0..keys.len()).partition(|&i| won[i]);
+        let (mine, theirs): (Vec<usize>, Vec<usize>) = (0..keys.len()).partition(|&i| answers[i].0);
         count_leases(view, mine.len(), theirs.len());
+        let mut out: Vec<Option<Loaded>> = vec![None; keys.len()];
+        // A key whose lease another instance holds, but that is already
+        // filled, needs no waiting.
+        let (theirs, filled): (Vec<usize>, Vec<usize>) = theirs.into_iter().partition(|&i| answers[i].1.is_none());
+        for i in filled {
+            out[i] = answers[i].1.clone().map(|hit| Loaded::Value { value: hit.value, source: Source::L2 });
+        }
         let mine_keys: Vec<&str> = mine.iter().map(|&i| keys[i]).collect();
         let theirs_keys: Vec<&str> = theirs.iter().map(|&i| keys[i]).collect();
         let load_mine = async {
             if mine_keys.is_empty() {
                 return Vec::new();
             }
-            // Another instance may have filled a key between our miss and
-            // our lease (it reloaded and released in that window): look once
-            // more before going to PostgreSQL.
-            let mut loaded: Vec<Option<Loaded>> = match self.l2.get_many(view, &mine_keys, deadline).await {
-                Ok(hits) => hits
-                    .into_iter()
-                    .map(|hit| hit.map(|hit| Loaded::Value { value: hit.value, source: Source::L2 }))
-                    .collect(),
-                Err(_) => vec![None; mine_keys.len()],
-            };
+            let mut loaded: Vec<Option<Loaded>> = mine
+                .iter()
+                .map(|&i| answers[i].1.clone().map(|hit| Loaded::Value { value: hit.value, source: Source::L2 }))
+                .collect();
             let cold: Vec<usize> = (0..mine_keys.len()).filter(|&i| loaded[i].is_none()).collect();
             let cold_keys: Vec<&str> = cold.iter().map(|&i| mine_keys[i]).collect();
             if !cold_keys.is_empty() {
@@ -836,7 +840,6 @@ impl Lower {
             loaded
         };
         let (mine_loaded, theirs_loaded) = tokio::join!(load_mine, self.wait_for_holders(view, &theirs_keys, deadline));
-        let mut out: Vec<Option<Loaded>> = vec![None; keys.len()];
         for (i, loaded) in mine.into_iter().zip(mine_loaded).chain(theirs.into_iter().zip(theirs_loaded)) {
             out[i] = Some(loaded);
         }
