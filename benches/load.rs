@@ -56,6 +56,12 @@ struct Args {
     /// Keys written per view.
     #[arg(long, default_value_t = 10_000)]
     keys: usize,
+    /// Keys of the Zipf scenario (bulk-loaded); L1 is sized for a tenth.
+    #[arg(long, default_value_t = 1_000_000)]
+    zipf_keys: usize,
+    /// Keys per call in the Zipf scenario.
+    #[arg(long, default_value_t = 10)]
+    zipf_batch: usize,
     /// Where the JSON report goes.
     #[arg(long, default_value = "target/bench-load.json")]
     json: PathBuf,
@@ -70,12 +76,17 @@ const FEATURES: &str = r#"features = [
 ]"#;
 
 fn views() -> String {
-    [("bench_hot", "10m", "10m"), ("bench_l2", "1ms", "10m"), ("bench_cold", "1ms", "1ms")]
-        .iter()
-        .map(|(name, l1, l2)| {
-            format!("\n[[views]]\nname = \"{name}\"\nl1_ttl = \"{l1}\"\nl2_ttl = \"{l2}\"\njitter = 0.0\n{FEATURES}\n")
-        })
-        .collect()
+    [
+        ("bench_hot", "10m", "10m"),
+        ("bench_l2", "1ms", "10m"),
+        ("bench_cold", "1ms", "1ms"),
+        ("bench_zipf", "10m", "10m"),
+    ]
+    .iter()
+    .map(|(name, l1, l2)| {
+        format!("\n[[views]]\nname = \"{name}\"\nl1_ttl = \"{l1}\"\nl2_ttl = \"{l2}\"\njitter = 0.0\n{FEATURES}\n")
+    })
+    .collect()
 }
 
 fn row(key: String, i: usize) -> v1::WriteRow {
@@ -282,7 +293,17 @@ async fn main() -> Result<()> {
         pairs.push((strata, postgres));
     }
 
+    let mut notes = Vec::new();
+    if wants("zipf") {
+        let (max, half, note) = zipf(&setup, &bench).await?;
+        pairs.push((half, max));
+        notes.push(note);
+    }
+
     print_table(&pairs, &setup);
+    for note in &notes {
+        println!("{note}");
+    }
     let json = serde_json::json!({
         "machine": { "cores": std::thread::available_parallelism().map_or(0, |n| n.get()), "shared": "server, load generator, Redis and PostgreSQL on one machine" },
         "mode": mode.label(),
@@ -298,6 +319,140 @@ async fn main() -> Result<()> {
     server.shutdown().await;
     bench.stop().await;
     Ok(())
+}
+
+/// Zipf(s) over `n` ranks: draws rank `i` (0-based) with probability
+/// proportional to `1 / (i + 1)^s`, by binary search in the CDF.
+struct Zipf {
+    cdf: Vec<f64>,
+}
+
+impl Zipf {
+    fn new(n: usize, s: f64) -> Zipf {
+        let mut cdf = Vec::with_capacity(n);
+        let mut total = 0.0;
+        for i in 0..n {
+            total += 1.0 / ((i + 1) as f64).powf(s);
+            cdf.push(total);
+        }
+        for c in &mut cdf {
+            *c /= total;
+        }
+        Zipf { cdf }
+    }
+
+    fn sample(&self, u: f64) -> usize {
+        self.cdf.partition_point(|c| *c < u).min(self.cdf.len() - 1)
+    }
+}
+
+/// The Zipf(0.99) mix: `zipf_keys` keys bulk-loaded into PostgreSQL,
+/// warmed into Redis, read through a server whose L1 holds a tenth of them.
+/// First the most it answers (closed loop), then half of that in open
+/// loop; reports the share of rows answered by L1 or L2 in the second.
+async fn zipf(setup: &Setup, bench: &Bench) -> Result<(Report, Report, String)> {
+    use rand::Rng;
+    let n = setup.args.zipf_keys;
+    let config = bench.config(&views())?.validate()?;
+    let view = config.registry.get("bench_zipf").context("view bench_zipf")?.clone();
+    let sample_row = |i: usize| strata_core::Row {
+        event_time: strata_core::EventTime(1_700_000_000_000_000),
+        values: (0..10)
+            .map(|f| {
+                if f < 5 {
+                    strata_core::Value::Int64((i * 10 + f) as i64)
+                } else {
+                    strata_core::Value::Double(i as f64 + f as f64 / 10.0)
+                }
+            })
+            .collect(),
+    };
+    // What one L1 entry weighs (see the L1 weigher): overhead, key, row.
+    let entry_bytes = 128 + key(0).len() + sample_row(0).approx_bytes();
+    let server = bench
+        .server(&views(), |file| {
+            file.hot_keys.sample_rate = 0.0;
+            file.server.max_in_flight = 100_000;
+            file.l1.max_bytes = (n / 10 * entry_bytes) as u64;
+        })
+        .await?;
+    eprintln!("zipf: bulk-loading {n} keys ...");
+    let shards = server.tiers().shards().clone();
+    let mut by_shard: Vec<Vec<(String, strata_core::Row)>> = vec![Vec::new(); shards.shard_count()];
+    for i in 0..n {
+        let k = key(i);
+        by_shard[shards.shard_of(&k)].push((k, sample_row(i)));
+    }
+    for (shard, rows) in by_shard.iter().enumerate() {
+        for chunk in rows.chunks(20_000) {
+            shards.copy_upsert(shard, &view, chunk).await?;
+        }
+    }
+    drop(by_shard);
+    eprintln!("zipf: warming Redis ...");
+    let endpoint = format!("http://{}", server.grpc_addr());
+    let mut client = FeatureStoreClient::connect(endpoint.clone()).await?;
+    let keys: Vec<String> = (0..n).map(key).collect();
+    for chunk in keys.chunks(1_000) {
+        let request = v1::GetFeaturesRequest {
+            feature_view: "bench_zipf".into(),
+            entity_keys: chunk.to_vec(),
+            features: Vec::new(),
+        };
+        client.get_features(request).await?;
+    }
+    let zipf = Arc::new(Zipf::new(n, 0.99));
+    let keys = Arc::new(keys);
+    let batch_size = setup.args.zipf_batch;
+    let mut clients = Vec::new();
+    for _ in 0..setup.args.concurrency {
+        clients.push(FeatureStoreClient::connect(endpoint.clone()).await?);
+    }
+    let clients = Arc::new(clients);
+    let call = {
+        let (clients, keys, zipf) = (clients.clone(), keys.clone(), zipf.clone());
+        move |i: u64| {
+            let mut client = clients[i as usize % clients.len()].clone();
+            let mut rng = rand::rng();
+            let mut batch: Vec<String> = Vec::with_capacity(batch_size);
+            while batch.len() < batch_size {
+                let k = &keys[zipf.sample(rng.random::<f64>())];
+                if !batch.contains(k) {
+                    batch.push(k.clone());
+                }
+            }
+            async move { get(&mut client, "bench_zipf", batch).await }
+        }
+    };
+    let name = format!("zipf-{batch_size}");
+    let max = loadgen::run(
+        &format!("{name} max"),
+        Mode::Closed { callers: setup.args.concurrency },
+        setup.warmup,
+        setup.duration,
+        call.clone(),
+    )
+    .await;
+    let rate = max.calls_per_sec() / 2.0;
+    let half = loadgen::run(
+        &format!("{name} half"),
+        Mode::Open { rate, max_outstanding: 10_000 },
+        setup.warmup,
+        setup.duration,
+        call,
+    )
+    .await;
+    let rows: u64 = half.sources.iter().sum();
+    let cached = half.sources[0] + half.sources[1];
+    let note = format!(
+        "zipf(0.99) over {n} keys, {batch_size} keys a call, L1 sized for {} entries: at half of max load ({rate:.0} calls/s) {:.2}% of rows from L1+L2 ({:.2}% L1), p99 {:.3} ms",
+        n / 10,
+        100.0 * cached as f64 / rows.max(1) as f64,
+        100.0 * half.sources[0] as f64 / rows.max(1) as f64,
+        half.ms(0.99),
+    );
+    server.shutdown().await;
+    Ok((max, half, note))
 }
 
 /// The L2 baseline: the same 100-key batches as `l2-100`, as pipelined GETs
