@@ -191,26 +191,31 @@ async fn a_stopped_shard_degrades_only_its_own_rows(env: &'static Env) -> Result
 
     let dead = 1;
     env.stop_shard(dead).await?;
-    let before = load.tally();
-    let noticed = eventually("the shard's breaker to open", Duration::from_secs(10), || async {
-        Ok(!server.tiers().shards().available(dead))
-    })
-    .await?;
-    load.wait_for_requests(300).await?;
-    // While it is down: live-shard rows are found, dead-shard rows are
-    // stale (cached before) or unavailable (never cached), never wrong.
-    let during = read_all(&server, "chaos_pg", &keys).await?;
-    for (known, (status, _)) in keys.iter().zip(&during) {
-        let ok = match (known.shard == dead, known.n % 2 == 0) {
-            (false, _) => *status == v1::RowStatus::Found,
-            (true, true) => *status == v1::RowStatus::Stale,
-            (true, false) => *status == v1::RowStatus::Unavailable,
-        };
-        ensure!(ok, "{} (shard {}, cached before: {}) is {status:?}", known.key, known.shard, known.n % 2 == 0);
+    let outage = async {
+        let before = load.tally();
+        let noticed = eventually("the shard's breaker to open", Duration::from_secs(10), || async {
+            Ok(!server.tiers().shards().available(dead))
+        })
+        .await?;
+        load.wait_for_requests(300).await?;
+        // While it is down: live-shard rows are found, dead-shard rows are
+        // stale (cached before) or unavailable (never cached), never wrong.
+        let during = read_all(&server, "chaos_pg", &keys).await?;
+        for (known, (status, _)) in keys.iter().zip(&during) {
+            let ok = match (known.shard == dead, known.n % 2 == 0) {
+                (false, _) => *status == v1::RowStatus::Found,
+                (true, true) => *status == v1::RowStatus::Stale,
+                (true, false) => *status == v1::RowStatus::Unavailable,
+            };
+            ensure!(ok, "{} (shard {}, cached before: {}) is {status:?}", known.key, known.shard, known.n % 2 == 0);
+        }
+        Ok((before, load.tally(), during, noticed))
     }
-    let outage = load.tally();
-
+    .await;
+    // The shard comes back whatever happened, or the tests after this one
+    // run without it.
     env.start_shard(dead).await?;
+    let (before, outage, during, noticed) = outage?;
     let recovered = eventually("every row to be found again", Duration::from_secs(20), || async {
         Ok(read_all(&server, "chaos_pg", &keys).await?.iter().all(|(s, _)| *s == v1::RowStatus::Found))
     })

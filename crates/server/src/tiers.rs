@@ -810,6 +810,14 @@ impl Lower {
         for i in filled {
             out[i] = answers[i].1.clone().map(|hit| Loaded::Value { value: hit.value, source: Source::L2 });
         }
+        // Nor does a key whose shard is down: its holder will not fill it,
+        // and waiting would hold up the rest of the batch (and every request
+        // waiting on this one) for half its deadline.
+        let (theirs, down): (Vec<usize>, Vec<usize>) =
+            theirs.into_iter().partition(|&i| self.shards.available(self.shards.shard_of(keys[i])));
+        for i in down {
+            out[i] = Some(Loaded::Unavailable);
+        }
         let mine_keys: Vec<&str> = mine.iter().map(|&i| keys[i]).collect();
         let theirs_keys: Vec<&str> = theirs.iter().map(|&i| keys[i]).collect();
         let load_mine = async {
