@@ -10,6 +10,7 @@
 //! | `l1-1`, `l1-10`, `l1-100`: L1 hits, 1/10/100 keys of 10 features | `floor-N`: a tonic server answering a canned response of the same bytes |
 //! | `l2-100`: L2 hits, on a server with L1 off (`l1.max_bytes = 0`) | `redis-100`: the same GETs pipelined with fred |
 //! | `l3-100`: cold keys (1 ms TTLs), 100 keys over 2 shards | `postgres-100`: the same `= ANY` queries through the pool (`ShardRouter::fetch`) |
+//! | `zipf`: Zipf(0.99) over 1M bulk-loaded keys, L1 for a tenth | itself: max load (closed loop), then half of it (open loop), with the L1+L2 hit share |
 //!
 //! `cargo run --release -p strata-benches --bin strata-bench -- --help`.
 //! Prints a table and writes `target/bench-load.json`.
