@@ -10,6 +10,7 @@
 //! | `l1-1`, `l1-10`, `l1-100`: L1 hits, 1/10/100 keys of 10 features | `floor-N`: a tonic server answering a canned response of the same bytes |
 //! | `l2-100`: L2 hits, on a server with L1 off (`l1.max_bytes = 0`) | `redis-100`: the same GETs pipelined with fred |
 //! | `l3-100`: cold keys (1 ms TTLs), 100 keys over 2 shards | `postgres-100`: the same `= ANY` queries through the pool (`ShardRouter::fetch`) |
+//! | `mixed-10`: one call in ten writes 10 rows, the rest read 10 keys | `reads-10`: the same reads without the writes |
 //! | `zipf`: Zipf(0.99) over 1M bulk-loaded keys, L1 for a tenth | itself: max load (closed loop), then half of it (open loop), with the L1+L2 hit share |
 //!
 //! `cargo run --release -p strata-benches --bin strata-bench -- --help`.
@@ -39,7 +40,7 @@ use tonic::transport::Channel;
 #[command(name = "strata-bench", about = "Strata's read path under load, against same-run baselines")]
 struct Args {
     /// Scenarios to run (with their baselines): l1-1, l1-10, l1-100, l2-100,
-    /// l3-100, or all.
+    /// l3-100, mixed-10, zipf, or all.
     #[arg(long, value_delimiter = ',', default_value = "all")]
     scenarios: Vec<String>,
     /// Measured seconds per run.
@@ -294,6 +295,11 @@ async fn main() -> Result<()> {
         pairs.push((strata, postgres));
     }
 
+    if wants("mixed-10") {
+        let reads = setup.grpc("reads-10", endpoint.clone(), "bench_hot", 10, Pick::Random).await?;
+        let mixed = mixed(&setup, &endpoint).await?;
+        pairs.push((mixed, reads));
+    }
     let mut notes = Vec::new();
     if wants("zipf") {
         let (max, half, note) = zipf(&setup, &bench).await?;
@@ -320,6 +326,46 @@ async fn main() -> Result<()> {
     server.shutdown().await;
     bench.stop().await;
     Ok(())
+}
+
+/// Reads mixed with writes: one call in ten writes 10 rows (new event
+/// times, so every write is applied and invalidates L1 everywhere), the
+/// rest read 10 keys; keys at random over the hot view.
+async fn mixed(setup: &Setup, endpoint: &str) -> Result<Report> {
+    use rand::Rng;
+    let mut clients = Vec::new();
+    for _ in 0..setup.args.concurrency {
+        clients.push(FeatureStoreClient::connect(endpoint.to_owned()).await?);
+    }
+    let (clients, keys) = (Arc::new(clients), setup.keys.clone());
+    let start = std::time::SystemTime::now().duration_since(std::time::UNIX_EPOCH)?.as_secs() as i64;
+    Ok(loadgen::run("mixed-10", setup.mode, setup.warmup, setup.duration, move |i| {
+        let mut client = clients[i as usize % clients.len()].clone();
+        let batch = batch(&keys, Pick::Random, i, 10);
+        let write = rand::rng().random::<f64>() < 0.1;
+        async move {
+            if !write {
+                return get(&mut client, "bench_hot", batch).await;
+            }
+            let rows = batch
+                .into_iter()
+                .enumerate()
+                .map(|(j, k)| {
+                    let mut row = row(k, j);
+                    // Later than anything written before: every write applies.
+                    row.event_time = Some(prost_types::Timestamp { seconds: start, nanos: (i % 1_000_000_000) as i32 });
+                    row
+                })
+                .collect();
+            match client.write_features(v1::WriteFeaturesRequest { feature_view: "bench_hot".into(), rows }).await {
+                Ok(response) if response.get_ref().rows_failed == 0 => Ok(Sample { keys: 10, sources: [0; 4] }),
+                Ok(_) => Err(Failure::Error),
+                Err(status) if status.code() == tonic::Code::ResourceExhausted => Err(Failure::Shed),
+                Err(_) => Err(Failure::Error),
+            }
+        }
+    })
+    .await)
 }
 
 /// Zipf(s) over `n` ranks: draws rank `i` (0-based) with probability
