@@ -6,7 +6,7 @@ use fred::interfaces::FunctionInterface as _;
 use fred::prelude::*;
 use fred::types::config::TcpConfig;
 use strata_core::{
-    Breaker, BreakerConfig, Content, EventTime, FeatureView, Lifetime, Row, TIMEOUT_FLOOR, decode_entry, encode_entry,
+    Breaker, BreakerConfig, Content, EventTime, FeatureView, Guarded, Lifetime, Row, decode_entry, encode_entry,
 };
 use tokio::time::Instant;
 
@@ -221,26 +221,14 @@ impl L2Cache {
     /// Runs `op` through the cluster's breaker, cut at `deadline`. Each
     /// command of it is also bounded by fred's command timeout, so a hung
     /// node fails a batch within that time however large the batch. A call
-    /// cut by a deadline shorter than [`TIMEOUT_FLOOR`] does not count
+    /// cut by a deadline shorter than [`strata_core::TIMEOUT_FLOOR`] does not count
     /// against Redis.
     async fn guarded<T>(&self, deadline: Instant, op: impl Future<Output = Result<T, L2Error>>) -> Result<T, L2Error> {
-        let Some(call) = self.breaker.call() else { return Err(L2Error::Open) };
-        let started = Instant::now();
-        match tokio::time::timeout_at(deadline, op).await {
-            Ok(Ok(value)) => {
-                call.succeeded();
-                Ok(value)
-            }
-            Ok(Err(error)) => {
-                call.failed();
-                Err(error)
-            }
-            Err(_) => {
-                if started.elapsed() >= TIMEOUT_FLOOR {
-                    call.failed();
-                }
-                Err(L2Error::Timeout)
-            }
+        // Every Redis error is Redis failing: no error here is about the data.
+        match self.breaker.run(Some(deadline), op, |_| true).await {
+            Guarded::Refused => Err(L2Error::Open),
+            Guarded::TimedOut => Err(L2Error::Timeout),
+            Guarded::Done(result) => result,
         }
     }
 

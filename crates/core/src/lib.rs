@@ -16,6 +16,6 @@ mod value;
 
 pub use codec::{Content, DecodeError, Entry, VERSION_OFFSET, decode_entry, encode_entry, version_bytes};
 pub use registry::{Feature, FeatureSpec, FeatureView, FeatureViewSpec, Registry, RegistryError};
-pub use resilience::{Breaker, BreakerConfig, BreakerState, Call, RetryPolicy, TIMEOUT_FLOOR};
+pub use resilience::{Breaker, BreakerConfig, BreakerState, Call, Guarded, RetryPolicy, TIMEOUT_FLOOR};
 pub use ttl::{Lifetime, jittered, soft_after};
 pub use value::{EventTime, FeatureType, Row, Value};

@@ -222,6 +222,56 @@ impl Drop for Call {
     }
 }
 
+/// How a call made through [`Breaker::run`] ended.
+#[derive(Debug)]
+pub enum Guarded<T, E> {
+    /// Not made: the breaker is open.
+    Refused,
+    /// Cut at its deadline.
+    TimedOut,
+    /// Made, with this result.
+    Done(Result<T, E>),
+}
+
+impl Breaker {
+    /// Runs `op` through the breaker, cut at `deadline` (`None`: never),
+    /// and records what its outcome says about the dependency: a success
+    /// or an error for which `is_outage` is false (the dependency answered)
+    /// closes the count; an outage error, or a timeout after at least
+    /// [`TIMEOUT_FLOOR`], counts as a failure; a timeout sooner than that
+    /// says more about the caller's budget and counts for nothing.
+    pub async fn run<T, E: std::fmt::Display>(
+        &self,
+        deadline: Option<Instant>,
+        op: impl std::future::Future<Output = Result<T, E>>,
+        is_outage: impl FnOnce(&E) -> bool,
+    ) -> Guarded<T, E> {
+        let Some(call) = self.call() else { return Guarded::Refused };
+        let started = Instant::now();
+        let result = match deadline {
+            Some(deadline) => match tokio::time::timeout_at(deadline, op).await {
+                Ok(result) => result,
+                Err(_) => {
+                    if started.elapsed() >= TIMEOUT_FLOOR {
+                        tracing::debug!(dependency = %self.inner.name, waited = ?started.elapsed(), "timed out; counted against the breaker");
+                        call.failed();
+                    }
+                    return Guarded::TimedOut;
+                }
+            },
+            None => op.await,
+        };
+        match &result {
+            Err(error) if is_outage(error) => {
+                tracing::debug!(dependency = %self.inner.name, %error, "counted against the breaker");
+                call.failed();
+            }
+            _ => call.succeeded(),
+        }
+        Guarded::Done(result)
+    }
+}
+
 /// How a read is retried: up to `attempts` tries in all, waiting a random
 /// time between 0 and `base * 2^n` (at most `cap`) before retry `n + 1`
 /// ("full jitter"), and never past the request's deadline.
@@ -331,6 +381,28 @@ mod tests {
         }
         slow.succeeded();
         assert_eq!(b.state(), BreakerState::Open);
+    }
+
+    #[tokio::test(start_paused = true)]
+    async fn run_counts_outages_and_long_timeouts_but_not_answers_or_short_deadlines() {
+        let b = breaker();
+        let answered: Result<(), String> = Err("bad request".into());
+        for _ in 0..5 {
+            assert!(matches!(b.run(None, async { answered.clone() }, |_| false).await, Guarded::Done(Err(_))));
+        }
+        assert!(b.is_closed(), "an error that is not an outage is an answer");
+        let hang = || std::future::pending::<Result<(), String>>();
+        for _ in 0..5 {
+            let short = Instant::now() + Duration::from_millis(10);
+            assert!(matches!(b.run(Some(short), hang(), |_| true).await, Guarded::TimedOut));
+        }
+        assert!(b.is_closed(), "deadlines under the floor say nothing about the dependency");
+        for _ in 0..3 {
+            let long = Instant::now() + Duration::from_millis(100);
+            assert!(matches!(b.run(Some(long), hang(), |_| true).await, Guarded::TimedOut));
+        }
+        assert_eq!(b.state(), BreakerState::Open);
+        assert!(matches!(b.run(None, async { Ok::<(), String>(()) }, |_| true).await, Guarded::Refused));
     }
 
     proptest! {

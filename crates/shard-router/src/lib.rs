@@ -27,7 +27,7 @@ use std::time::{Duration, Instant};
 use deadpool_postgres::{Manager, ManagerConfig, Pool, RecyclingMethod, Runtime};
 use futures::future::join_all;
 use rand::Rng;
-use strata_core::{Breaker, BreakerConfig, BreakerState, EventTime, FeatureView, RetryPolicy, Row, TIMEOUT_FLOOR};
+use strata_core::{Breaker, BreakerConfig, BreakerState, EventTime, FeatureView, Guarded, RetryPolicy, Row};
 use tokio_postgres::NoTls;
 
 pub use routing::{jump_hash, shard_for};
@@ -453,35 +453,18 @@ impl Shard {
     }
 
     /// Runs `op` through the shard's breaker, cut at `deadline`. A call
-    /// cut by a deadline shorter than [`TIMEOUT_FLOOR`] does not count
+    /// cut by a deadline shorter than [`strata_core::TIMEOUT_FLOOR`] does not count
     /// against the shard.
     async fn guarded<T>(
         &self,
         deadline: Option<tokio::time::Instant>,
         op: impl Future<Output = Result<T, ShardError>>,
     ) -> Result<T, ShardError> {
-        let Some(call) = self.breaker.call() else {
-            return Err(ShardError::Open { shard: self.name.clone() });
-        };
-        let started = tokio::time::Instant::now();
-        let result = match deadline {
-            Some(deadline) => match tokio::time::timeout_at(deadline, op).await {
-                Ok(result) => result,
-                Err(_) => Err(ShardError::Timeout { shard: self.name.clone() }),
-            },
-            None => op.await,
-        };
-        match &result {
-            Ok(_) => call.succeeded(),
-            Err(ShardError::Timeout { .. }) if started.elapsed() < TIMEOUT_FLOOR => drop(call),
-            // The shard answered, if only to say the request was bad.
-            Err(error) if !error.is_outage() => call.succeeded(),
-            Err(error) => {
-                tracing::debug!(shard = %self.name, %error, waited = ?started.elapsed(), "counted against the breaker");
-                call.failed()
-            }
+        match self.breaker.run(deadline, op, ShardError::is_outage).await {
+            Guarded::Refused => Err(ShardError::Open { shard: self.name.clone() }),
+            Guarded::TimedOut => Err(ShardError::Timeout { shard: self.name.clone() }),
+            Guarded::Done(result) => result,
         }
-        result
     }
 
     async fn fetch(
