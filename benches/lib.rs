@@ -59,3 +59,13 @@ impl Bench {
         self.stack.stop().await;
     }
 }
+
+/// The benchmarks' row shape: ten features, `f0`..`f4` int64 and `f5`..`f9`
+/// double, with values derived from `i`, written at a fixed event time.
+pub fn ten_feature_row(i: usize) -> strata_core::Row {
+    use strata_core::Value;
+    let values = (0..10)
+        .map(|f| if f < 5 { Value::Int64((i * 10 + f) as i64) } else { Value::Double(i as f64 + f as f64 / 10.0) })
+        .collect();
+    strata_core::Row { event_time: strata_core::EventTime(1_700_000_000_000_000), values }
+}

@@ -30,10 +30,10 @@ use anyhow::{Context, Result};
 use clap::Parser;
 use fred::prelude::*;
 use rand::seq::IndexedRandom;
-use strata_benches::Bench;
 use strata_benches::loadgen::{self, Failure, Mode, Report, Sample};
+use strata_benches::{Bench, ten_feature_row};
+use strata_proto::v1;
 use strata_proto::v1::feature_store_client::FeatureStoreClient;
-use strata_proto::v1::{self, value::Kind};
 use tonic::transport::Channel;
 
 #[derive(Parser, Debug)]
@@ -91,17 +91,11 @@ fn views() -> String {
     .collect()
 }
 
+/// [`ten_feature_row`] `i` as a row to write under `key`.
 fn row(key: String, i: usize) -> v1::WriteRow {
-    let features = (0..10)
-        .map(|f| {
-            let kind = if f < 5 {
-                Kind::Int64Value((i * 10 + f) as i64)
-            } else {
-                Kind::DoubleValue(i as f64 + f as f64 / 10.0)
-            };
-            (format!("f{f}"), v1::Value { kind: Some(kind) })
-        })
-        .collect();
+    let row = ten_feature_row(i);
+    let features =
+        row.values.iter().enumerate().map(|(f, value)| (format!("f{f}"), strata_proto::value_to_wire(value))).collect();
     v1::WriteRow {
         entity_key: key,
         features,
@@ -402,20 +396,8 @@ async fn zipf(setup: &Setup, bench: &Bench) -> Result<(Report, Report, String)> 
     let n = setup.args.zipf_keys;
     let config = bench.config(&views())?.validate()?;
     let view = config.registry.get("bench_zipf").context("view bench_zipf")?.clone();
-    let sample_row = |i: usize| strata_core::Row {
-        event_time: strata_core::EventTime(1_700_000_000_000_000),
-        values: (0..10)
-            .map(|f| {
-                if f < 5 {
-                    strata_core::Value::Int64((i * 10 + f) as i64)
-                } else {
-                    strata_core::Value::Double(i as f64 + f as f64 / 10.0)
-                }
-            })
-            .collect(),
-    };
     // What one L1 entry weighs (see the L1 weigher): overhead, key, row.
-    let entry_bytes = 128 + key(0).len() + sample_row(0).approx_bytes();
+    let entry_bytes = 128 + key(0).len() + ten_feature_row(0).approx_bytes();
     let server = bench
         .server(&views(), |file| {
             file.hot_keys.sample_rate = 0.0;
@@ -428,7 +410,7 @@ async fn zipf(setup: &Setup, bench: &Bench) -> Result<(Report, Report, String)> 
     let mut by_shard: Vec<Vec<(String, strata_core::Row)>> = vec![Vec::new(); shards.shard_count()];
     for i in 0..n {
         let k = key(i);
-        by_shard[shards.shard_of(&k)].push((k, sample_row(i)));
+        by_shard[shards.shard_of(&k)].push((k, ten_feature_row(i)));
     }
     for (shard, rows) in by_shard.iter().enumerate() {
         for chunk in rows.chunks(20_000) {

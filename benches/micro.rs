@@ -7,19 +7,9 @@ use std::sync::Arc;
 use std::time::Duration;
 
 use criterion::{Criterion, criterion_group, criterion_main};
+use strata_benches::ten_feature_row;
 use strata_cache_tiers::{Cached, L1Cache};
-use strata_core::{
-    Content, EventTime, FeatureSpec, FeatureType, FeatureViewSpec, Lifetime, Registry, Row, Value, decode_entry,
-    encode_entry,
-};
-
-/// A row of ten features, like the load scenarios'.
-fn row(i: usize) -> Row {
-    let values = (0..10)
-        .map(|f| if f < 5 { Value::Int64((i * 10 + f) as i64) } else { Value::Double(i as f64 + f as f64 / 10.0) })
-        .collect();
-    Row { event_time: EventTime(1_700_000_000_000_000), values }
-}
+use strata_core::{Content, FeatureSpec, FeatureType, FeatureViewSpec, Lifetime, Registry, decode_entry, encode_entry};
 
 fn registry() -> Registry {
     let features = (0..10)
@@ -42,7 +32,7 @@ fn benches(c: &mut Criterion) {
     runtime.block_on(l1.insert_many(
         &view,
         l1.stamp(),
-        keys.iter().enumerate().map(|(i, k)| (k.clone(), Cached::Found(Arc::new(row(i))), life)),
+        keys.iter().enumerate().map(|(i, k)| (k.clone(), Cached::Found(Arc::new(ten_feature_row(i))), life)),
     ));
     for n in [1usize, 100] {
         let batch: Vec<&str> = keys.iter().step_by(keys.len() / n).take(n).map(String::as_str).collect();
@@ -51,7 +41,7 @@ fn benches(c: &mut Criterion) {
         });
     }
 
-    let r = row(7);
+    let r = ten_feature_row(7);
     let bytes = encode_entry(view.fingerprint, 0, Content::Found(&r), r.event_time);
     c.bench_function("encode a 10-feature entry", |b| {
         b.iter(|| encode_entry(black_box(view.fingerprint), 0, Content::Found(black_box(&r)), r.event_time))

@@ -18,7 +18,7 @@ use strata_server::RunningServer;
 use strata_server::config::FileConfig;
 use strata_tests::load::{Known, Load, LoadOptions, Tally};
 use strata_tests::wire::{self, get, row, status, ts, v, write};
-use strata_tests::{Env, TEST_VIEWS, client, integration_tests, repo_root, sample, scrape};
+use strata_tests::{Env, TEST_VIEWS, client, integration_tests, repo_root, sample, scrape, scrape_at};
 use tokio::time::Instant;
 
 integration_tests!(
@@ -426,7 +426,7 @@ async fn three_times_the_load_is_shed_and_the_rest_answered(env: &'static Env) -
     }
     let tally = overload.stop().await;
     let offered = tally.sent as f64 / started.elapsed().as_secs_f64();
-    let page = scrape_addr(&served.metrics).await?;
+    let page = scrape_at(&served.metrics).await?;
     let shed_metric = sample(&page, "strata_requests_refused_total", &[("reason", "overloaded")]);
     let _ = served.child.start_kill();
     report(
@@ -444,15 +444,6 @@ async fn three_times_the_load_is_shed_and_the_rest_answered(env: &'static Env) -
     ensure!(tally.wrong == 0 && tally.unavailable() == 0, "every accepted row is right");
     ensure!(rss_peak < rss_before + (64 << 20), "memory stays bounded: {} → {} MiB", rss_before >> 20, rss_peak >> 20);
     Ok(())
-}
-
-async fn scrape_addr(addr: &str) -> Result<String> {
-    use tokio::io::{AsyncReadExt, AsyncWriteExt};
-    let mut stream = tokio::net::TcpStream::connect(addr).await?;
-    stream.write_all(b"GET /metrics HTTP/1.0\r\nHost: strata\r\n\r\n").await?;
-    let mut response = String::new();
-    stream.read_to_string(&mut response).await?;
-    Ok(response.split_once("\r\n\r\n").map(|(_, body)| body.to_owned()).unwrap_or_default())
 }
 
 async fn sigterm_drains_in_flight_requests_and_exits_zero(env: &'static Env) -> Result<()> {

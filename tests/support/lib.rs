@@ -458,7 +458,13 @@ pub async fn client(server: &RunningServer) -> Result<FeatureStoreClient<Channel
 
 /// The server's `/metrics` page, fetched over HTTP.
 pub async fn scrape(server: &RunningServer) -> Result<String> {
-    let mut stream = tokio::net::TcpStream::connect(server.metrics_addr()).await?;
+    scrape_at(&server.metrics_addr().to_string()).await
+}
+
+/// The `/metrics` page at `addr` (`host:port`), for a server in another
+/// process.
+pub async fn scrape_at(addr: &str) -> Result<String> {
+    let mut stream = tokio::net::TcpStream::connect(addr).await?;
     stream.write_all(b"GET /metrics HTTP/1.0\r\nHost: strata\r\n\r\n").await?;
     let mut response = String::new();
     stream.read_to_string(&mut response).await?;
