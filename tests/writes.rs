@@ -252,6 +252,8 @@ async fn out_of_order_writes_and_deletes_leave_the_newer_state_at_every_tier(env
     a.tiers().l2().evict("ordering", &[key]).await?;
     a.tiers().l1.clear().await;
     ensure!(status(&read(&a, "ordering", key).await?) == v1::RowStatus::NotFound);
+    // The read answered before filling Redis.
+    a.tiers().settle().await;
     ensure!(
         redis_entry(env, &a, "ordering", key).await? == Some((Content::Missing, micros(60))),
         "redis holds {:?}",
@@ -320,6 +322,8 @@ async fn a_delayed_cache_fill_carrying_an_old_value_loses_at_l2_and_l1(env: &'st
     release.notify_one();
     let slow = slow.await??.into_inner().rows.remove(0);
     ensure!(n_of(&slow) == Some(1), "the delayed read answers what it read before the write: {slow:?}");
+    // Its Redis fill runs after the answer.
+    b.tiers().settle().await;
 
     ensure!(
         redis_entry(env, &a, "race", key).await? == Some((Content::Found(2), micros(2))),

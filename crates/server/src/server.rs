@@ -177,8 +177,9 @@ impl RunningServer {
     /// Drains and stops, all within the drain timeout: health turns
     /// NOT_SERVING (so load balancers stop sending), new requests are
     /// refused with UNAVAILABLE, the listener closes, in-flight requests
-    /// finish, then the tiers are closed. Requests still running when the
-    /// time is up are cut (and logged).
+    /// finish, then cache fills still running end and the tiers are
+    /// closed. Requests still running when the time is up are cut (and
+    /// logged).
     pub async fn shutdown(self) {
         let deadline = tokio::time::Instant::now() + self.drain_timeout;
         // Stopped for good before readiness turns, so it cannot turn it back.
@@ -205,6 +206,8 @@ impl RunningServer {
         // Closing connections is quick, but never worth overrunning the
         // drain time by more than a moment.
         let close = async {
+            // Cache fills of answered reads, so Redis keeps what they loaded.
+            self.tiers.settle().await;
             let _ = self.metrics.await;
             self.invalidations.close().await;
             self.tiers.l2().close().await;

@@ -187,6 +187,39 @@ const REPAIRS_AT_ONCE: usize = 8;
 /// does not pile up tasks.
 const BACKGROUND_BUDGET: Duration = Duration::from_secs(5);
 
+/// Tasks the answers do not wait for (cache fills after a read), counted
+/// so that a caller can wait until none is running.
+#[derive(Default)]
+struct Background {
+    running: AtomicUsize,
+    idle: tokio::sync::Notify,
+}
+
+impl Background {
+    fn spawn(self: &Arc<Self>, task: impl Future<Output = ()> + Send + 'static) {
+        self.running.fetch_add(1, Ordering::SeqCst);
+        let this = self.clone();
+        tokio::spawn(async move {
+            task.await;
+            if this.running.fetch_sub(1, Ordering::SeqCst) == 1 {
+                this.idle.notify_waiters();
+            }
+        });
+    }
+
+    async fn idle(&self) {
+        loop {
+            let idle = self.idle.notified();
+            tokio::pin!(idle);
+            idle.as_mut().enable();
+            if self.running.load(Ordering::SeqCst) == 0 {
+                return;
+            }
+            idle.await;
+        }
+    }
+}
+
 /// L2 and L3: everything below L1.
 struct Lower {
     l2: L2Cache,
@@ -197,6 +230,7 @@ struct Lower {
     /// For scheduling L2 refreshes; set once the queue exists.
     refresh: OnceLock<RefreshQueue>,
     fill_hook: OnceLock<FillHook>,
+    background: Arc<Background>,
     /// Cache steps of writes still to fail on purpose (tests only).
     failing_writes: AtomicUsize,
 }
@@ -250,6 +284,7 @@ impl Tiers {
             hot_keys,
             refresh: OnceLock::new(),
             fill_hook: OnceLock::new(),
+            background: Arc::default(),
             failing_writes: AtomicUsize::new(0),
         });
         let refresh = RefreshQueue::start(l1.clone(), lower.clone(), capacity, concurrency);
@@ -284,6 +319,13 @@ impl Tiers {
     /// Sets the hook called between reading PostgreSQL and filling the
     /// caches (once; later calls are ignored). For tests only.
     #[doc(hidden)]
+    /// Returns once no cache fill started by a read is running: Redis then
+    /// holds what every answered read loaded (unless it refused an older
+    /// version or failed).
+    pub async fn settle(&self) {
+        self.lower.background.idle().await;
+    }
+
     pub fn set_fill_hook(&self, hook: FillHook) {
         let _ = self.lower.fill_hook.set(hook);
     }
@@ -393,15 +435,13 @@ impl Tiers {
     ) -> Vec<Loaded> {
         let mut out: Vec<Option<Loaded>> = vec![None; misses.len()];
         let claim = self.flights.claim(misses.iter().map(|&i| (view.id, keys[i].to_owned())).collect());
-        let mut leader = claim.leader;
+        let leader = claim.leader;
 
         let lead_keys: Vec<&str> = claim.lead.iter().map(|&j| keys[misses[j]]).collect();
         let lead = async {
             let loaded = self.lower.load(view, &lead_keys, deadline).await;
             self.fill_l1(view, stamp, &lead_keys, &loaded).await;
-            for (key, loaded) in lead_keys.iter().zip(&loaded) {
-                leader.complete(&(view.id, (*key).to_owned()), (loaded.clone(), stamp));
-            }
+            leader.complete(|| loaded.iter().map(|loaded| (loaded.clone(), stamp)).collect());
             loaded
         };
         // A waiter gives up at its own deadline: the leader's may be later.
@@ -778,7 +818,7 @@ impl Lower {
         let loaded = if self.protection.enabled && l2_up {
             self.load_under_leases(view, &miss_keys, deadline).await
         } else {
-            self.fetch_and_fill(view, &miss_keys, deadline).await
+            self.fetch_then_fill(view, &miss_keys, Vec::new(), deadline).await
         };
         for (i, loaded) in misses.into_iter().zip(loaded) {
             out[i] = Some(loaded);
@@ -798,7 +838,7 @@ impl Lower {
             Ok(answers) => answers,
             Err(error) => {
                 tracing::warn!(view = %view.name, %error, "redis lease failed; going to postgres");
-                return self.fetch_and_fill(view, keys, deadline).await;
+                return self.fetch_then_fill(view, keys, Vec::new(), deadline).await;
             }
         };
         let (mine, theirs): (Vec<usize>, Vec<usize>) = (0..keys.len()).partition(|&i| answers[i].0);
@@ -830,22 +870,12 @@ impl Lower {
                 .collect();
             let cold: Vec<usize> = (0..mine_keys.len()).filter(|&i| loaded[i].is_none()).collect();
             let cold_keys: Vec<&str> = cold.iter().map(|&i| mine_keys[i]).collect();
-            if !cold_keys.is_empty() {
-                for (i, fetched) in cold.into_iter().zip(self.fetch_and_fill(view, &cold_keys, deadline).await) {
-                    loaded[i] = Some(fetched);
-                }
+            // Every lease taken is released, after the fill of the cold keys.
+            let leases = mine_keys.iter().map(|k| (*k).to_owned()).collect();
+            for (i, fetched) in cold.into_iter().zip(self.fetch_then_fill(view, &cold_keys, leases, deadline).await) {
+                loaded[i] = Some(fetched);
             }
-            let loaded: Vec<Loaded> = loaded.into_iter().map(|l| l.unwrap_or(Loaded::Unavailable)).collect();
-            // Off the request path: the answer does not wait on Redis.
-            let (l2, view, keys) = (self.l2.clone(), view.clone(), mine_keys.iter().map(|k| (*k).to_owned()));
-            let keys: Vec<String> = keys.collect();
-            tokio::spawn(async move {
-                let keys: Vec<&str> = keys.iter().map(String::as_str).collect();
-                if let Err(error) = l2.release_leases(&view, &keys).await {
-                    tracing::debug!(view = %view.name, %error, "releasing leases failed; they expire by themselves");
-                }
-            });
-            loaded
+            loaded.into_iter().map(|l| l.unwrap_or(Loaded::Unavailable)).collect()
         };
         let (mine_loaded, theirs_loaded) = tokio::join!(load_mine, self.wait_for_holders(view, &theirs_keys, deadline));
         for (i, loaded) in mine.into_iter().zip(mine_loaded).chain(theirs.into_iter().zip(theirs_loaded)) {
@@ -881,7 +911,7 @@ impl Lower {
         }
         if !pending.is_empty() {
             let late: Vec<&str> = pending.iter().map(|&i| keys[i]).collect();
-            for (i, loaded) in pending.iter().zip(self.fetch_and_fill(view, &late, deadline).await) {
+            for (i, loaded) in pending.iter().zip(self.fetch_then_fill(view, &late, Vec::new(), deadline).await) {
                 out[*i] = Some(loaded);
             }
         }
@@ -889,16 +919,40 @@ impl Lower {
     }
 
     /// Reads PostgreSQL and fills Redis with what it found (and, with
-    /// protection, with what does not exist).
+    /// protection, with what does not exist), then answers.
     async fn fetch_and_fill(&self, view: &Arc<FeatureView>, keys: &[&str], deadline: Instant) -> Vec<Loaded> {
         let (loaded, stored) = self.fetch_and_put(view, keys, deadline).await;
-        let loaded = loaded.into_iter().map(|(loaded, _)| loaded).collect();
-        if let Err(error) = stored {
-            if !matches!(error, L2Error::Open) {
-                tracing::warn!(view = %view.name, keys = keys.len(), %error, "redis fill failed");
+        count_fill_error(view, keys.len(), stored);
+        loaded.into_iter().map(|(loaded, _)| loaded).collect()
+    }
+
+    /// Reads PostgreSQL and answers; Redis is filled in the background
+    /// (the answer does not wait on Redis), and `leases` are released once
+    /// it is, so instances waiting on them find the fill.
+    async fn fetch_then_fill(
+        &self,
+        view: &Arc<FeatureView>,
+        keys: &[&str],
+        leases: Vec<String>,
+        deadline: Instant,
+    ) -> Vec<Loaded> {
+        let fetched = if keys.is_empty() { Vec::new() } else { self.fetch(view, keys, deadline).await };
+        let loaded = fetched.iter().map(|(loaded, _)| loaded.clone()).collect();
+        let (l2, protection, view) = (self.l2.clone(), self.protection.clone(), view.clone());
+        let keys: Vec<String> = keys.iter().map(|k| (*k).to_owned()).collect();
+        self.background.spawn(async move {
+            if !keys.is_empty() {
+                let key_refs: Vec<&str> = keys.iter().map(String::as_str).collect();
+                let stored = fill_l2(&l2, &protection, &view, &key_refs, &fetched, deadline).await;
+                count_fill_error(&view, keys.len(), stored);
             }
-            metrics::counter!("strata_cache_errors_total", "tier" => "l2", "op" => "set").increment(1);
-        }
+            if !leases.is_empty() {
+                let leases: Vec<&str> = leases.iter().map(String::as_str).collect();
+                if let Err(error) = l2.release_leases(&view, &leases).await {
+                    tracing::debug!(view = %view.name, %error, "releasing leases failed; they expire by themselves");
+                }
+            }
+        });
         loaded
     }
 
@@ -911,8 +965,14 @@ impl Lower {
         keys: &[&str],
         deadline: Instant,
     ) -> (Vec<(Loaded, EventTime)>, Result<(), L2Error>) {
-        // Each value with the version it is filed under in Redis: a row's
-        // event time, a deletion's, or "never written".
+        let fetched = self.fetch(view, keys, deadline).await;
+        let stored = fill_l2(&self.l2, &self.protection, view, keys, &fetched, deadline).await;
+        (fetched, stored)
+    }
+
+    /// Reads PostgreSQL: each value with the version it is filed under in
+    /// Redis (a row's event time, a deletion's, or "never written").
+    async fn fetch(&self, view: &Arc<FeatureView>, keys: &[&str], deadline: Instant) -> Vec<(Loaded, EventTime)> {
         let fetched: Vec<(Loaded, EventTime)> = self
             .shards
             .fetch(view, keys, deadline)
@@ -931,24 +991,44 @@ impl Lower {
         if let Some(hook) = self.fill_hook.get() {
             hook(&view.name, keys).await;
         }
-        let fills: Vec<Put<'_>> = keys
-            .iter()
-            .zip(&fetched)
-            .filter_map(|(key, (loaded, version))| match loaded {
-                Loaded::Value { value, .. } if self.protection.cacheable(value) => {
-                    let life = self.protection.lifetime(view, value, view.l2_ttl);
-                    let content = match value {
-                        Cached::Found(row) => Content::Found(row.as_ref()),
-                        Cached::Missing => Content::Missing,
-                    };
-                    Some(Put { key, content, version: *version, life })
-                }
-                _ => None,
-            })
-            .collect();
-        let stored = self.l2.put_many(view, &fills, deadline).await.map(drop);
-        drop(fills);
-        (fetched, stored)
+        fetched
+    }
+}
+
+/// Stores what PostgreSQL gave in Redis, each value unless Redis holds a
+/// newer version of its key; whether Redis took them.
+async fn fill_l2(
+    l2: &L2Cache,
+    protection: &Protection,
+    view: &FeatureView,
+    keys: &[&str],
+    fetched: &[(Loaded, EventTime)],
+    deadline: Instant,
+) -> Result<(), L2Error> {
+    let fills: Vec<Put<'_>> = keys
+        .iter()
+        .zip(fetched)
+        .filter_map(|(key, (loaded, version))| match loaded {
+            Loaded::Value { value, .. } if protection.cacheable(value) => {
+                let life = protection.lifetime(view, value, view.l2_ttl);
+                let content = match value {
+                    Cached::Found(row) => Content::Found(row.as_ref()),
+                    Cached::Missing => Content::Missing,
+                };
+                Some(Put { key, content, version: *version, life })
+            }
+            _ => None,
+        })
+        .collect();
+    l2.put_many(view, &fills, deadline).await.map(drop)
+}
+
+fn count_fill_error(view: &FeatureView, keys: usize, stored: Result<(), L2Error>) {
+    if let Err(error) = stored {
+        if !matches!(error, L2Error::Open) {
+            tracing::warn!(view = %view.name, keys, %error, "redis fill failed");
+        }
+        metrics::counter!("strata_cache_errors_total", "tier" => "l2", "op" => "set").increment(1);
     }
 }
 
