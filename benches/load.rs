@@ -11,6 +11,7 @@
 //! | `l2-100`: L2 hits, on a server with L1 off (`l1.max_bytes = 0`) | `redis-100`: the same GETs pipelined with fred |
 //! | `l3-100`: cold keys (1 ms TTLs), 100 keys over 2 shards | `postgres-100`: the same `= ANY` queries through the pool (`ShardRouter::fetch`) |
 //! | `mixed-10`: one call in ten writes 10 rows, the rest read 10 keys | `reads-10`: the same reads without the writes |
+//! | `stampede`: 64 callers on 10 hot keys with 1 s/2 s TTLs over two instances, protections on | `stampede-off`: the same with them off; PostgreSQL lookups per key per TTL period for both |
 //! | `zipf`: Zipf(0.99) over 1M bulk-loaded keys, L1 for a tenth | itself: max load (closed loop), then half of it (open loop), with the L1+L2 hit share |
 //!
 //! `cargo run --release -p strata-benches --bin strata-bench -- --help`.
@@ -40,7 +41,7 @@ use tonic::transport::Channel;
 #[command(name = "strata-bench", about = "Strata's read path under load, against same-run baselines")]
 struct Args {
     /// Scenarios to run (with their baselines): l1-1, l1-10, l1-100, l2-100,
-    /// l3-100, mixed-10, zipf, or all.
+    /// l3-100, mixed-10, stampede, zipf, or all.
     #[arg(long, value_delimiter = ',', default_value = "all")]
     scenarios: Vec<String>,
     /// Measured seconds per run.
@@ -252,6 +253,7 @@ async fn main() -> Result<()> {
         args,
     };
     let mut pairs: Vec<(Report, Report)> = Vec::new();
+    let mut notes = Vec::new();
     for n in [1, 10, 100] {
         let scenario = format!("l1-{n}");
         if wants(&scenario) {
@@ -273,6 +275,18 @@ async fn main() -> Result<()> {
         let redis = raw_redis(&setup, &bench, &server).await?;
         let strata =
             setup.grpc("l2-100", format!("http://{}", no_l1.grpc_addr()), "bench_l2", 100, Pick::Random).await?;
+        // What the gRPC call alone costs on this machine bounds the ratio:
+        // the client and server share the cores with Redis and fred.
+        let grpc = setup.grpc("floor-100", floor.clone(), "bench_hot", 100, Pick::Random).await?;
+        let ceiling = 1.0 / (1.0 / redis.calls_per_sec() + 1.0 / grpc.calls_per_sec());
+        notes.push(format!(
+            "l2-100: raw fred plus the gRPC call alone (floor-100, {:.0} calls/s in this run) would reach about {ceiling:.0} calls/s on these shared cores, {:.2} of raw fred; Strata reached {:.0}, {:.2} of raw fred and {:.2} of that ceiling",
+            grpc.calls_per_sec(),
+            ceiling / redis.calls_per_sec(),
+            strata.calls_per_sec(),
+            strata.calls_per_sec() / redis.calls_per_sec(),
+            strata.calls_per_sec() / ceiling,
+        ));
         pairs.push((strata, redis));
         no_l1.shutdown().await;
     }
@@ -294,7 +308,11 @@ async fn main() -> Result<()> {
         let mixed = mixed(&setup, &endpoint).await?;
         pairs.push((mixed, reads));
     }
-    let mut notes = Vec::new();
+    if wants("stampede") {
+        let (on, off, note) = stampede(&setup, &bench).await?;
+        pairs.push((on, off));
+        notes.push(note);
+    }
     if wants("zipf") {
         let (max, half, note) = zipf(&setup, &bench).await?;
         pairs.push((half, max));
@@ -474,14 +492,86 @@ async fn zipf(setup: &Setup, bench: &Bench) -> Result<(Report, Report, String)> 
     let rows: u64 = half.sources.iter().sum();
     let cached = half.sources[0] + half.sources[1];
     let note = format!(
-        "zipf(0.99) over {n} keys, {batch_size} keys a call, L1 sized for {} entries: at half of max load ({rate:.0} calls/s) {:.2}% of rows from L1+L2 ({:.2}% L1), p99 {:.3} ms",
+        "zipf(0.99) over {n} keys, {batch_size} keys a call, L1 sized for {} entries: at half of max load ({rate:.0} calls/s) {:.2}% of rows from L1+L2 ({:.2}% L1), p99 {:.3} ms (the generator itself sent calls late by p50 {:.3} ms, p99 {:.3} ms)",
         n / 10,
         100.0 * cached as f64 / rows.max(1) as f64,
         100.0 * half.sources[0] as f64 / rows.max(1) as f64,
         half.ms(0.99),
+        half.lag_ms(0.5),
+        half.lag_ms(0.99),
     );
     server.shutdown().await;
     Ok((max, half, note))
+}
+
+/// Hot keys with short TTLs read by many callers over two instances, with
+/// the stampede protections (single flight, Redis leases, refresh-ahead)
+/// on, against the same with them off; with PostgreSQL lookups per key per
+/// L2 TTL period, counted by pg_stat_statements.
+async fn stampede(setup: &Setup, bench: &Bench) -> Result<(Report, Report, String)> {
+    const KEYS: usize = 10;
+    const L2_TTL: Duration = Duration::from_secs(2);
+    let callers = setup.args.concurrency.max(64);
+    let mut reports = Vec::new();
+    let mut lookups = Vec::new();
+    for protection in [false, true] {
+        let view = if protection { "bench_stampede_on" } else { "bench_stampede_off" };
+        let extra = format!(
+            "{}\n[[views]]\nname = \"{view}\"\nl1_ttl = \"1s\"\nl2_ttl = \"{}ms\"\njitter = 0.1\nrefresh_ahead = 0.8\n{FEATURES}\n",
+            views(),
+            L2_TTL.as_millis()
+        );
+        let mut servers = Vec::new();
+        for _ in 0..2 {
+            servers.push(
+                bench
+                    .server(&extra, |file| {
+                        file.stampede.enabled = protection;
+                        file.hot_keys.sample_rate = 0.0;
+                        file.server.max_in_flight = 100_000;
+                    })
+                    .await?,
+            );
+        }
+        let endpoint = |i: usize| format!("http://{}", servers[i % servers.len()].grpc_addr());
+        let keys: Vec<String> = (0..KEYS).map(|i| format!("stampede:{i}")).collect();
+        let rows = keys.iter().enumerate().map(|(i, k)| row(k.clone(), i)).collect();
+        let mut writer = FeatureStoreClient::connect(endpoint(0)).await?;
+        writer.write_features(v1::WriteFeaturesRequest { feature_view: view.into(), rows }).await?;
+        let mut clients = Vec::with_capacity(callers);
+        for i in 0..callers {
+            clients.push(FeatureStoreClient::connect(endpoint(i)).await?);
+        }
+        let before = bench.postgres_reads(view).await?;
+        let (clients, keys) = (Arc::new(clients), Arc::new(keys));
+        let report = loadgen::run(
+            &format!("stampede-{}", if protection { "on" } else { "off" }),
+            Mode::Closed { callers },
+            setup.warmup,
+            setup.duration,
+            move |i| {
+                let mut client = clients[i as usize % clients.len()].clone();
+                let key = keys[i as usize % keys.len()].clone();
+                async move { get(&mut client, view, vec![key]).await }
+            },
+        )
+        .await;
+        lookups.push(bench.postgres_reads(view).await? - before);
+        reports.push(report);
+        for server in servers {
+            server.shutdown().await;
+        }
+    }
+    let periods = (setup.warmup + setup.duration).as_secs_f64() / L2_TTL.as_secs_f64();
+    let per_key = |n: u64| n as f64 / KEYS as f64 / periods;
+    let note = format!(
+        "stampede: {callers} callers on {KEYS} hot keys (L1 TTL 1s, L2 TTL 2s) over 2 instances: PostgreSQL lookups per key per L2 TTL period {:.1} with the protections on, {:.1} with them off",
+        per_key(lookups[1]),
+        per_key(lookups[0]),
+    );
+    let on = reports.pop().context("on")?;
+    let off = reports.pop().context("off")?;
+    Ok((on, off, note))
 }
 
 /// The L2 baseline: the same 100-key batches as `l2-100`, as pipelined GETs

@@ -68,6 +68,10 @@ pub struct Report {
     pub dropped: u64,
     pub sources: [u64; 4],
     pub latency_us: Histogram<u64>,
+    /// Open loop only: how late the generator sent each call, after its
+    /// intended time (its own lateness on a busy machine; the latency
+    /// above includes it, as it should).
+    pub send_lag_us: Histogram<u64>,
 }
 
 impl Report {
@@ -84,6 +88,12 @@ impl Report {
         self.latency_us.value_at_quantile(quantile) as f64 / 1000.0
     }
 
+    /// A percentile of the generator's send lag in milliseconds (open
+    /// loop; 0 in closed loop).
+    pub fn lag_ms(&self, quantile: f64) -> f64 {
+        self.send_lag_us.value_at_quantile(quantile) as f64 / 1000.0
+    }
+
     pub fn json(&self) -> serde_json::Value {
         json!({
             "name": self.name, "mode": self.mode, "seconds": self.seconds,
@@ -91,8 +101,14 @@ impl Report {
             "errors": self.errors, "shed": self.shed, "dropped": self.dropped,
             "rows_by_source": { "l1": self.sources[0], "l2": self.sources[1], "l3": self.sources[2], "none": self.sources[3] },
             "p50_ms": self.ms(0.5), "p99_ms": self.ms(0.99), "p999_ms": self.ms(0.999), "max_ms": self.latency_us.max() as f64 / 1000.0,
+            "send_lag_p50_ms": self.lag_ms(0.5), "send_lag_p99_ms": self.lag_ms(0.99), "send_lag_p999_ms": self.lag_ms(0.999),
         })
     }
+}
+
+/// 1 µs to 60 s, 3 significant figures.
+fn micros() -> Histogram<u64> {
+    Histogram::new_with_bounds(1, 60_000_000, 3).expect("valid bounds")
 }
 
 /// Shared tallies of a run.
@@ -104,6 +120,7 @@ struct Tally {
     shed: AtomicU64,
     sources: [AtomicU64; 4],
     latency_us: std::sync::Mutex<Histogram<u64>>,
+    send_lag_us: std::sync::Mutex<Histogram<u64>>,
 }
 
 impl Tally {
@@ -116,7 +133,15 @@ impl Tally {
             shed: AtomicU64::new(0),
             sources: Default::default(),
             // 1 µs to 60 s, 3 significant figures.
-            latency_us: std::sync::Mutex::new(Histogram::new_with_bounds(1, 60_000_000, 3).expect("valid bounds")),
+            latency_us: std::sync::Mutex::new(micros()),
+            send_lag_us: std::sync::Mutex::new(micros()),
+        }
+    }
+
+    fn record_lag(&self, lag: Duration) {
+        if self.recording.load(Ordering::Relaxed) {
+            let us = u64::try_from(lag.as_micros()).unwrap_or(u64::MAX).clamp(1, 60_000_000);
+            let _ = self.send_lag_us.lock().expect("histogram").record(us);
         }
     }
 
@@ -204,40 +229,56 @@ where
             }
         }
         Mode::Open { rate, max_outstanding } => {
+            // Paced by an OS thread, not tokio's timer: its 1 ms ticks would
+            // send calls up to a millisecond late, in bursts, and count that
+            // lateness as latency. A thread's sleep wakes within tens of µs.
             let outstanding = Arc::new(AtomicU64::new(0));
             let period = Duration::from_secs_f64(1.0 / rate);
-            let mut tasks = tokio::task::JoinSet::new();
-            let mut n = 0u64;
-            loop {
-                let intended = begin + period.mul_f64(n as f64);
-                if intended >= end {
-                    break;
-                }
-                tokio::time::sleep_until(intended).await;
-                n += 1;
-                if outstanding.load(Ordering::Relaxed) >= max_outstanding as u64 {
-                    if intended >= measure_from {
-                        dropped += 1;
+            let runtime = tokio::runtime::Handle::current();
+            let (call, tally) = (call.clone(), tally.clone());
+            let pacer = std::thread::spawn(move || {
+                let (mut sent, mut dropped, mut n) = (Vec::new(), 0u64, 0u64);
+                loop {
+                    let intended = begin + period.mul_f64(n as f64);
+                    if intended >= end {
+                        break;
                     }
-                    continue;
+                    let now = Instant::now();
+                    if intended > now {
+                        std::thread::sleep(intended - now);
+                    }
+                    n += 1;
+                    if outstanding.load(Ordering::Relaxed) >= max_outstanding as u64 {
+                        if intended >= measure_from {
+                            dropped += 1;
+                        }
+                        continue;
+                    }
+                    outstanding.fetch_add(1, Ordering::Relaxed);
+                    tally.record_lag(intended.elapsed());
+                    let (call, tally, outstanding) = (call.clone(), tally.clone(), outstanding.clone());
+                    sent.push(runtime.spawn(async move {
+                        let result = call(n).await;
+                        // From when it should have been sent, not when it was.
+                        tally.record(intended.elapsed(), result);
+                        outstanding.fetch_sub(1, Ordering::Relaxed);
+                    }));
                 }
-                outstanding.fetch_add(1, Ordering::Relaxed);
-                let (call, tally, outstanding) = (call.clone(), tally.clone(), outstanding.clone());
-                tasks.spawn(async move {
-                    let result = call(n).await;
-                    // From when it should have been sent, not when it was.
-                    tally.record(intended.elapsed(), result);
-                    outstanding.fetch_sub(1, Ordering::Relaxed);
-                });
-                while tasks.try_join_next().is_some() {}
+                (sent, dropped)
+            });
+            let (sent, not_sent) =
+                tokio::task::spawn_blocking(move || pacer.join().expect("pacer thread")).await.expect("pacer thread");
+            dropped = not_sent;
+            for call in sent {
+                let _ = call.await;
             }
-            while tasks.join_next().await.is_some() {}
         }
     }
     let _ = recorder.await;
     ticker.abort();
     progress.finish_and_clear();
     let latency_us = tally.latency_us.lock().expect("histogram").clone();
+    let send_lag_us = tally.send_lag_us.lock().expect("histogram").clone();
     Report {
         name: name.to_owned(),
         mode: mode.label(),
@@ -249,5 +290,6 @@ where
         dropped,
         sources: std::array::from_fn(|i| tally.sources[i].load(Ordering::Relaxed)),
         latency_us,
+        send_lag_us,
     }
 }
