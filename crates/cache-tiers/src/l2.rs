@@ -223,9 +223,20 @@ impl L2Cache {
     /// node fails a batch within that time however large the batch. A call
     /// cut by a deadline shorter than [`strata_core::TIMEOUT_FLOOR`] does not count
     /// against Redis.
-    async fn guarded<T>(&self, deadline: Instant, op: impl Future<Output = Result<T, L2Error>>) -> Result<T, L2Error> {
+    async fn guarded<T>(
+        &self,
+        name: &'static str,
+        deadline: Instant,
+        op: impl Future<Output = Result<T, L2Error>>,
+    ) -> Result<T, L2Error> {
+        let started = std::time::Instant::now();
+        let timed = async {
+            let result = op.await;
+            metrics::histogram!("strata_redis_duration_seconds", "op" => name).record(started.elapsed());
+            result
+        };
         // Every Redis error is Redis failing: no error here is about the data.
-        match self.breaker.run(Some(deadline), op, |_| true).await {
+        match self.breaker.run(Some(deadline), timed, |_| true).await {
             Guarded::Refused => Err(L2Error::Open),
             Guarded::TimedOut => Err(L2Error::Timeout),
             Guarded::Done(result) => result,
@@ -257,7 +268,7 @@ impl L2Cache {
         for key in keys {
             let () = pipeline.get(self.key(view, key)).await?;
         }
-        let results = self.guarded(deadline, async { all_ok(pipeline.try_all::<Option<Bytes>>().await, keys.len()) });
+        let results = self.guarded("get", deadline, async { all_ok(pipeline.try_all::<Option<Bytes>>().await, keys.len()) });
         let now = now_ms();
         Ok(keys.iter().zip(results.await?).map(|(key, bytes)| decode_hit(view, key, bytes.as_deref(), now)).collect())
     }
@@ -281,7 +292,7 @@ impl L2Cache {
                 .await?;
             let () = pipeline.get(self.key(view, key)).await?;
         }
-        let results = self.guarded(deadline, async { all_ok(pipeline.try_all::<Value>().await, keys.len() * 2) });
+        let results = self.guarded("lease_get", deadline, async { all_ok(pipeline.try_all::<Value>().await, keys.len() * 2) });
         let results = results.await?;
         let now = now_ms();
         Ok(keys
@@ -313,7 +324,7 @@ impl L2Cache {
         if entries.is_empty() {
             return Ok(Vec::new());
         }
-        self.guarded(deadline, self.put_now(view, entries)).await
+        self.guarded("put", deadline, self.put_now(view, entries)).await
     }
 
     async fn put_now(&self, view: &FeatureView, entries: &[Put<'_>]) -> Result<Vec<bool>, L2Error> {
@@ -377,7 +388,7 @@ impl L2Cache {
                 .set(self.lease_key(view, key), 1, Some(Expiration::PX(millis(ttl))), Some(SetOptions::NX), false)
                 .await?;
         }
-        let results = self.guarded(deadline, async { all_ok(pipeline.try_all::<Option<String>>().await, keys.len()) });
+        let results = self.guarded("lease", deadline, async { all_ok(pipeline.try_all::<Option<String>>().await, keys.len()) });
         Ok(results.await?.into_iter().map(|r| r.is_some()).collect())
     }
 
@@ -391,7 +402,7 @@ impl L2Cache {
             let () = pipeline.del(self.lease_key(view, key)).await?;
         }
         let results =
-            self.guarded(self.default_deadline(), async { all_ok(pipeline.try_all::<Value>().await, keys.len()) });
+            self.guarded("release", self.default_deadline(), async { all_ok(pipeline.try_all::<Value>().await, keys.len()) });
         results.await.map(drop)
     }
 
@@ -444,7 +455,7 @@ impl L2Cache {
     /// subscribers there, not over the cluster bus to every node (which
     /// showed 40 ms stalls here).
     pub async fn publish(&self, channel: &str, message: Vec<u8>, deadline: Instant) -> Result<(), L2Error> {
-        self.guarded(deadline, async {
+        self.guarded("publish", deadline, async {
             let _receivers: i64 = self.client.spublish(channel, Bytes::from(message)).await?;
             Ok(())
         })

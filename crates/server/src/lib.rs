@@ -8,6 +8,7 @@
 #![forbid(unsafe_code)]
 
 pub mod admission;
+pub mod cli;
 pub mod config;
 pub mod demo;
 pub mod dev;

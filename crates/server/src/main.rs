@@ -10,11 +10,15 @@ use std::path::PathBuf;
 use anyhow::Result;
 use clap::{Parser, Subcommand};
 use strata_server::RunningServer;
+use strata_server::cli;
 use strata_server::config::FileConfig;
 use strata_server::dev::{self, DevOptions};
 use strata_server::load::{self, Format, LoadOptions};
 use strata_server::warm::{self, WarmOptions};
 use strata_shard_router::ShardRouter;
+
+/// Where the lookup commands find a server unless told.
+const DEFAULT_ADDR: &str = "http://127.0.0.1:50051";
 
 #[derive(Parser)]
 #[command(name = "strata", version, about = "Strata: an online feature store server")]
@@ -76,6 +80,48 @@ enum Command {
         #[arg(long)]
         top: Option<usize>,
     },
+    /// Look up entities of a feature view on a running server, as a table
+    /// (or JSON).
+    Get {
+        /// The server's gRPC address.
+        #[arg(long, default_value = DEFAULT_ADDR, env = "STRATA_ADDR")]
+        addr: String,
+        view: String,
+        #[arg(required = true)]
+        keys: Vec<String>,
+        /// Only these features, in this order (comma-separated).
+        #[arg(long, value_delimiter = ',')]
+        features: Vec<String>,
+        #[arg(long)]
+        json: bool,
+    },
+    /// List the feature views a running server serves.
+    Views {
+        #[arg(long, default_value = DEFAULT_ADDR, env = "STRATA_ADDR")]
+        addr: String,
+        #[arg(long)]
+        json: bool,
+    },
+    /// Count the rows of each feature view on every shard (a query per
+    /// shard, all at once) and show how even the spread is.
+    Shards {
+        #[arg(long, short, default_value = "config/strata.toml")]
+        config: Vec<PathBuf>,
+        /// Only this view.
+        #[arg(long)]
+        view: Option<String>,
+        #[arg(long)]
+        json: bool,
+    },
+    /// Ask a running server's gRPC health service; exits non-zero unless it
+    /// is SERVING.
+    Health {
+        #[arg(long, default_value = DEFAULT_ADDR, env = "STRATA_ADDR")]
+        addr: String,
+        /// "" for the whole server, `strata.v1.FeatureStore`, or `liveness`.
+        #[arg(long, default_value = "")]
+        service: String,
+    },
     /// Start a whole local stack (Redis Cluster, PostgreSQL shards, demo
     /// data) as local processes and serve it until Ctrl-C.
     Dev {
@@ -94,13 +140,18 @@ enum Command {
 
 #[tokio::main]
 async fn main() -> std::process::ExitCode {
-    tracing_subscriber::fmt()
-        .with_env_filter(
-            tracing_subscriber::EnvFilter::try_from_default_env()
-                .unwrap_or_else(|_| tracing_subscriber::EnvFilter::new("info,fred=warn,tokio_postgres=warn")),
-        )
-        .init();
-    match run(Cli::parse()).await {
+    let cli = Cli::parse();
+    let filter = tracing_subscriber::EnvFilter::try_from_default_env()
+        .unwrap_or_else(|_| tracing_subscriber::EnvFilter::new("info,fred=warn,tokio_postgres=warn"));
+    // The lookup commands print their answer on stdout, for pipes: their
+    // logs, if any, go to stderr.
+    let lookup = matches!(cli.command, Command::Get { .. } | Command::Views { .. } | Command::Shards { .. } | Command::Health { .. });
+    if lookup {
+        tracing_subscriber::fmt().with_env_filter(filter).with_writer(std::io::stderr).init();
+    } else {
+        tracing_subscriber::fmt().with_env_filter(filter).init();
+    }
+    match run(cli).await {
         Ok(()) => std::process::ExitCode::SUCCESS,
         Err(error) => {
             eprintln!("error: {error:#}");
@@ -146,6 +197,23 @@ async fn run(cli: Cli) -> Result<()> {
             }
             anyhow::ensure!(!keys.is_empty() || top.is_some(), "no keys to warm: give keys, --keys-file or --top");
             warm::print_report(&warm::run(&config, &WarmOptions { view, keys, top }).await?);
+            Ok(())
+        }
+        Command::Get { addr, view, keys, features, json } => {
+            print!("{}", cli::get(&addr, &view, keys, features, json).await?);
+            Ok(())
+        }
+        Command::Views { addr, json } => {
+            print!("{}", cli::views(&addr, json).await?);
+            Ok(())
+        }
+        Command::Shards { config, view, json } => {
+            let config = FileConfig::load(&config)?.validate()?;
+            print!("{}", cli::shards(&config, view.as_deref(), json).await?);
+            Ok(())
+        }
+        Command::Health { addr, service } => {
+            print!("{}", cli::health(&addr, &service).await?);
             Ok(())
         }
         Command::Dev { config, data_dir, shards, demo_entities } => {

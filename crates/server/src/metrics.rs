@@ -89,10 +89,54 @@ fn describe() {
         "strata_stale_served_total",
         "Rows answered STALE (from a cache while their shard could not be read), by view"
     );
+    metrics::describe_gauge!("strata_l1_entries", "Entries in L1 (this process)");
+    metrics::describe_gauge!("strata_l1_bytes", metrics::Unit::Bytes, "Approximate bytes held by L1 (this process)");
+    metrics::describe_gauge!("strata_in_flight_requests", "FeatureStore requests being served now");
+    metrics::describe_gauge!("strata_ready", "1 while readiness is SERVING (some shard, Redis or L1 can answer)");
+    metrics::describe_gauge!("strata_pool_connections", "PostgreSQL connections open, by shard and state (idle, in_use)");
+    metrics::describe_gauge!("strata_pool_max_connections", "PostgreSQL pool size limit, by shard");
+    metrics::describe_gauge!("strata_pool_waiting", "Callers waiting for a PostgreSQL connection, by shard");
+    metrics::describe_gauge!("strata_build_info", "Always 1; the version is a label");
+    metrics::describe_histogram!(
+        "strata_redis_duration_seconds",
+        metrics::Unit::Seconds,
+        "Redis call duration, by operation (get, lease_get, lease, put, release, publish)"
+    );
     metrics::describe_counter!(
         "strata_requests_refused_total",
         "FeatureStore requests refused before any work, by reason (draining, rate_limited, overloaded, bad_client_id)"
     );
+}
+
+/// What the server's monitor samples each second.
+pub struct State<'a> {
+    pub l1_entries: u64,
+    pub l1_bytes: u64,
+    pub in_flight: usize,
+    pub ready: bool,
+    /// Each shard's name and pool.
+    pub shards: Vec<(&'a str, strata_shard_router::PoolUsage)>,
+}
+
+/// Sets the gauges of [`State`].
+pub fn record_state(state: &State<'_>) {
+    metrics::gauge!("strata_l1_entries").set(state.l1_entries as f64);
+    metrics::gauge!("strata_l1_bytes").set(state.l1_bytes as f64);
+    metrics::gauge!("strata_in_flight_requests").set(state.in_flight as f64);
+    metrics::gauge!("strata_ready").set(if state.ready { 1.0 } else { 0.0 });
+    for (shard, pool) in &state.shards {
+        let shard = (*shard).to_owned();
+        metrics::gauge!("strata_pool_connections", "shard" => shard.clone(), "state" => "idle").set(pool.idle as f64);
+        metrics::gauge!("strata_pool_connections", "shard" => shard.clone(), "state" => "in_use")
+            .set(pool.open.saturating_sub(pool.idle) as f64);
+        metrics::gauge!("strata_pool_max_connections", "shard" => shard.clone()).set(pool.max as f64);
+        metrics::gauge!("strata_pool_waiting", "shard" => shard).set(pool.waiting as f64);
+    }
+}
+
+/// Sets `strata_build_info{version}` to 1.
+pub fn record_build_info() {
+    metrics::gauge!("strata_build_info", "version" => env!("CARGO_PKG_VERSION")).set(1.0);
 }
 
 /// Serves `GET /metrics` on `listener` until `shutdown` resolves.

@@ -60,6 +60,7 @@ impl RunningServer {
     /// [`RunningServer::metrics_addr`].
     pub async fn start(config: Config) -> Result<RunningServer> {
         metrics::handle();
+        metrics::record_build_info();
         let shards = ShardRouter::new(&config.shards, &config.pool)?;
         migrate(&shards, &config).await?;
         let l2 = L2Cache::connect(&config.redis).await.context("cannot connect to the redis cluster")?;
@@ -263,8 +264,16 @@ async fn monitor(tiers: Tiers, health: HealthReporter, admission: Arc<Admission>
         every.tick().await;
         let shards_up = tiers.shards().probe(PROBE_TIMEOUT).await;
         admission.forget_idle_clients();
-        let cached = tiers.l2().breaker().is_closed() || tiers.l1.size().await.0 > 0;
+        let (l1_entries, l1_bytes) = tiers.l1.size().await;
+        let cached = tiers.l2().breaker().is_closed() || l1_entries > 0;
         let now_ready = shards_up.iter().any(|up| *up) || cached;
+        crate::metrics::record_state(&crate::metrics::State {
+            l1_entries,
+            l1_bytes,
+            in_flight: admission.in_flight(),
+            ready: now_ready,
+            shards: tiers.shards().names().into_iter().zip(tiers.shards().pool_usage()).collect(),
+        });
         if now_ready != ready {
             ready = now_ready;
             let status = if ready { ServingStatus::Serving } else { ServingStatus::NotServing };

@@ -154,6 +154,19 @@ struct Shard {
     breaker: Breaker,
 }
 
+/// The state of one shard's connection pool.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub struct PoolUsage {
+    /// Connections open.
+    pub open: usize,
+    /// Open connections not in use.
+    pub idle: usize,
+    /// The most the pool opens.
+    pub max: usize,
+    /// Callers waiting for a connection.
+    pub waiting: usize,
+}
+
 /// Routes keys to shards and runs the batch queries.
 #[derive(Clone)]
 pub struct ShardRouter {
@@ -248,6 +261,18 @@ impl ShardRouter {
             schema::migrate(&client, &shard.name, views).await
         });
         join_all(runs).await
+    }
+
+    /// Each shard's connection pool, in config order: (connections open,
+    /// of which idle, the pool's maximum, callers waiting for one).
+    pub fn pool_usage(&self) -> Vec<PoolUsage> {
+        self.shards
+            .iter()
+            .map(|shard| {
+                let status = shard.pool.status();
+                PoolUsage { open: status.size, idle: status.available, max: status.max_size, waiting: status.waiting }
+            })
+            .collect()
     }
 
     /// Shard names in config order.

@@ -1,0 +1,324 @@
+//! The operator commands of the `strata` binary that look at a running
+//! stack: `get` and `views` ask a server over gRPC, `health` asks its gRPC
+//! health service, `shards` counts rows on every shard (a fan-out count
+//! through the configuration's pools). Each prints a readable table, or
+//! JSON with `--json`.
+
+use std::fmt::Write as _;
+use std::time::Duration;
+
+use anyhow::{Context, Result, bail};
+use serde_json::{Value as Json, json};
+use strata_proto::v1;
+use strata_proto::v1::feature_store_client::FeatureStoreClient;
+use strata_shard_router::ShardRouter;
+use tonic::transport::{Channel, Endpoint};
+use tonic_health::pb::health_check_response::ServingStatus;
+use tonic_health::pb::{HealthCheckRequest, health_client::HealthClient};
+
+use crate::config::Config;
+
+/// How long a command waits for the server to answer.
+const TIMEOUT: Duration = Duration::from_secs(5);
+
+/// A gRPC channel to `addr` (`host:port` or a URL), connected.
+async fn channel(addr: &str) -> Result<Channel> {
+    let url = if addr.contains("://") { addr.to_owned() } else { format!("http://{addr}") };
+    Endpoint::from_shared(url.clone())
+        .with_context(|| format!("bad server address {addr:?}"))?
+        .connect_timeout(TIMEOUT)
+        .timeout(TIMEOUT)
+        .connect()
+        .await
+        .with_context(|| format!("cannot connect to {url}"))
+}
+
+/// A gRPC error as one line: its code and message.
+fn status_line(status: tonic::Status) -> anyhow::Error {
+    anyhow::anyhow!("{:?}: {}", status.code(), status.message())
+}
+
+/// `strata get VIEW KEY...`: the rows of `keys`, one per line.
+pub async fn get(addr: &str, view: &str, keys: Vec<String>, features: Vec<String>, as_json: bool) -> Result<String> {
+    if keys.is_empty() {
+        bail!("no keys given");
+    }
+    let mut client = FeatureStoreClient::new(channel(addr).await?);
+    let request = v1::GetFeaturesRequest { feature_view: view.to_owned(), entity_keys: keys, features };
+    let response = client.get_features(request).await.map_err(status_line)?.into_inner();
+    Ok(if as_json { rows_json(&response).to_string() + "\n" } else { rows_table(&response) })
+}
+
+fn status_name(row: &v1::FeatureRow) -> &'static str {
+    match row.status() {
+        v1::RowStatus::Found => "FOUND",
+        v1::RowStatus::NotFound => "NOT_FOUND",
+        v1::RowStatus::Stale => "STALE",
+        v1::RowStatus::Unavailable => "UNAVAILABLE",
+        v1::RowStatus::OutsideMaxAge => "OUTSIDE_MAX_AGE",
+        v1::RowStatus::Unspecified => "UNSPECIFIED",
+    }
+}
+
+fn source_name(row: &v1::FeatureRow) -> &'static str {
+    match row.source() {
+        v1::Source::L1 => "L1",
+        v1::Source::L2 => "L2",
+        v1::Source::L3 => "L3",
+        v1::Source::Unspecified => "-",
+    }
+}
+
+fn event_time(row: &v1::FeatureRow) -> Option<String> {
+    let t = row.event_time.as_ref()?;
+    let time = chrono::DateTime::from_timestamp(t.seconds, u32::try_from(t.nanos).unwrap_or(0))?;
+    Some(time.to_rfc3339_opts(chrono::SecondsFormat::AutoSi, true))
+}
+
+fn value_json(value: &v1::Value) -> Json {
+    use base64::Engine as _;
+    use v1::value::Kind;
+    match &value.kind {
+        None | Some(Kind::NullValue(_)) => Json::Null,
+        Some(Kind::Int64Value(n)) => json!(n),
+        Some(Kind::DoubleValue(x)) => json!(x),
+        Some(Kind::StringValue(s)) => json!(s),
+        Some(Kind::BoolValue(b)) => json!(b),
+        Some(Kind::BytesValue(b)) => json!(base64::engine::general_purpose::STANDARD.encode(b)),
+        Some(Kind::FloatListValue(l)) => json!(l.values),
+        Some(Kind::Int64ListValue(l)) => json!(l.values),
+    }
+}
+
+fn value_text(value: &v1::Value) -> String {
+    match value_json(value) {
+        Json::Null => "null".to_owned(),
+        Json::String(s) => s,
+        other => other.to_string(),
+    }
+}
+
+fn rows_json(response: &v1::GetFeaturesResponse) -> Json {
+    let rows: Vec<Json> = response
+        .rows
+        .iter()
+        .map(|row| {
+            let values: serde_json::Map<String, Json> =
+                response.features.iter().cloned().zip(row.values.iter().map(value_json)).collect();
+            json!({
+                "entity_key": row.entity_key,
+                "status": status_name(row),
+                "source": source_name(row),
+                "event_time": event_time(row),
+                "features": values,
+            })
+        })
+        .collect();
+    json!({ "features": response.features, "rows": rows })
+}
+
+fn rows_table(response: &v1::GetFeaturesResponse) -> String {
+    let mut header = vec!["entity_key".to_owned(), "status".to_owned(), "source".to_owned(), "event_time".to_owned()];
+    header.extend(response.features.iter().cloned());
+    let rows = response.rows.iter().map(|row| {
+        let mut cells = vec![
+            row.entity_key.clone(),
+            status_name(row).to_owned(),
+            source_name(row).to_owned(),
+            event_time(row).unwrap_or_else(|| "-".to_owned()),
+        ];
+        cells.extend(row.values.iter().map(value_text));
+        cells
+    });
+    table(&header, rows)
+}
+
+/// Left-aligned columns, two spaces apart; long cells are cut.
+fn table(header: &[String], rows: impl IntoIterator<Item = Vec<String>>) -> String {
+    const WIDEST: usize = 60;
+    let cut = |cell: String| {
+        if cell.chars().count() > WIDEST { cell.chars().take(WIDEST - 1).collect::<String>() + "…" } else { cell }
+    };
+    let rows: Vec<Vec<String>> =
+        std::iter::once(header.to_vec()).chain(rows).map(|r| r.into_iter().map(cut).collect()).collect();
+    let mut widths = vec![0; header.len()];
+    for row in &rows {
+        for (w, cell) in widths.iter_mut().zip(row) {
+            *w = (*w).max(cell.chars().count());
+        }
+    }
+    let mut out = String::new();
+    for row in rows {
+        let line: Vec<String> = row.iter().zip(&widths).map(|(cell, w)| format!("{cell:<w$}")).collect();
+        let _ = writeln!(out, "{}", line.join("  ").trim_end());
+    }
+    out
+}
+
+fn duration_text(d: Option<&strata_proto::prost_types::Duration>) -> String {
+    d.map_or_else(
+        || "-".to_owned(),
+        |d| {
+            let d = Duration::new(d.seconds.unsigned_abs(), u32::try_from(d.nanos).unwrap_or(0));
+            humantime_serde::re::humantime::format_duration(d).to_string()
+        },
+    )
+}
+
+/// `strata views`: the feature views a server serves.
+pub async fn views(addr: &str, as_json: bool) -> Result<String> {
+    let mut client = FeatureStoreClient::new(channel(addr).await?);
+    let views = client.list_feature_views(v1::ListFeatureViewsRequest {}).await.map_err(status_line)?.into_inner();
+    let feature_type = |f: &v1::Feature| f.r#type().as_str_name().to_lowercase();
+    if as_json {
+        let views: Vec<Json> = views
+            .views
+            .iter()
+            .map(|v| {
+                json!({
+                    "name": v.name, "description": v.description,
+                    "features": v.features.iter().map(|f| json!({ "name": f.name, "type": feature_type(f) })).collect::<Vec<_>>(),
+                    "l1_ttl": duration_text(v.l1_ttl.as_ref()), "l2_ttl": duration_text(v.l2_ttl.as_ref()),
+                    "negative_ttl": duration_text(v.negative_ttl.as_ref()), "max_age": duration_text(v.max_age.as_ref()),
+                    "jitter": v.jitter, "refresh_ahead": v.refresh_ahead,
+                })
+            })
+            .collect();
+        return Ok(Json::Array(views).to_string() + "\n");
+    }
+    let header: Vec<String> =
+        ["view", "l1_ttl", "l2_ttl", "max_age", "features"].iter().map(|s| (*s).to_owned()).collect();
+    let rows = views.views.iter().map(|v| {
+        let features: Vec<String> = v.features.iter().map(|f| format!("{}:{}", f.name, feature_type(f))).collect();
+        vec![
+            v.name.clone(),
+            duration_text(v.l1_ttl.as_ref()),
+            duration_text(v.l2_ttl.as_ref()),
+            duration_text(v.max_age.as_ref()),
+            features.join(" "),
+        ]
+    });
+    Ok(table(&header, rows))
+}
+
+/// `strata health`: the server's readiness (`service` "" is the whole
+/// server). Fails unless it is SERVING.
+pub async fn health(addr: &str, service: &str) -> Result<String> {
+    let mut client = HealthClient::new(channel(addr).await?);
+    let status = client
+        .check(HealthCheckRequest { service: service.to_owned() })
+        .await
+        .map_err(status_line)?
+        .into_inner()
+        .status();
+    let name = status.as_str_name();
+    if status != ServingStatus::Serving {
+        bail!("{name}");
+    }
+    Ok(format!("{name}\n"))
+}
+
+/// Rows of one view on each shard.
+pub struct Spread {
+    pub view: String,
+    pub counts: Vec<u64>,
+}
+
+impl Spread {
+    /// The fullest shard over the mean: 1.0 is perfectly even.
+    pub fn max_over_mean(&self) -> f64 {
+        let total: u64 = self.counts.iter().sum();
+        if total == 0 {
+            return 1.0;
+        }
+        let mean = total as f64 / self.counts.len() as f64;
+        *self.counts.iter().max().unwrap_or(&0) as f64 / mean
+    }
+}
+
+/// `strata shards`: counts the rows of each view (or of `only`) on every
+/// shard, all shards at once.
+pub async fn shards(config: &Config, only: Option<&str>, as_json: bool) -> Result<String> {
+    let router = ShardRouter::new(&config.shards, &config.pool)?;
+    let views: Vec<_> = match only {
+        Some(name) => vec![config.registry.get(name).with_context(|| format!("no feature view {name:?}"))?.clone()],
+        None => config.registry.views().to_vec(),
+    };
+    let mut spreads = Vec::new();
+    for view in &views {
+        let counts = router.count_rows(view).await.with_context(|| format!("counting rows of {}", view.name))?;
+        spreads.push(Spread { view: view.name.clone(), counts });
+    }
+    let names = router.names();
+    if as_json {
+        let out: Vec<Json> = spreads
+            .iter()
+            .map(|s| {
+                let shards: serde_json::Map<String, Json> =
+                    names.iter().map(|n| (*n).to_owned()).zip(s.counts.iter().map(|c| json!(c))).collect();
+                json!({ "view": s.view, "rows": s.counts.iter().sum::<u64>(), "shards": shards, "max_over_mean": s.max_over_mean() })
+            })
+            .collect();
+        return Ok(Json::Array(out).to_string() + "\n");
+    }
+    let mut header = vec!["view".to_owned(), "rows".to_owned()];
+    header.extend(names.iter().map(|n| (*n).to_owned()));
+    header.push("max/mean".to_owned());
+    let rows = spreads.iter().map(|s| {
+        let total: u64 = s.counts.iter().sum();
+        let mut cells = vec![s.view.clone(), total.to_string()];
+        cells.extend(s.counts.iter().map(|c| {
+            let share = if total == 0 { 0.0 } else { 100.0 * *c as f64 / total as f64 };
+            format!("{c} ({share:.1}%)")
+        }));
+        cells.push(format!("{:.3}", s.max_over_mean()));
+        cells
+    });
+    Ok(table(&header, rows))
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn a_table_aligns_columns_and_cuts_long_cells() {
+        let header = vec!["key".to_owned(), "value".to_owned()];
+        let out = table(&header, vec![vec!["a".to_owned(), "x".repeat(100)], vec!["long_key".to_owned(), "1".into()]]);
+        let lines: Vec<&str> = out.lines().collect();
+        assert_eq!(lines[0], "key       value");
+        assert!(lines[1].starts_with("a         xxx") && lines[1].ends_with('…'), "{}", lines[1]);
+        assert_eq!(lines[1].chars().count(), 10 + 60);
+        assert_eq!(lines[2], "long_key  1");
+    }
+
+    #[test]
+    fn the_spread_of_rows_is_the_fullest_shard_over_the_mean() {
+        assert_eq!(Spread { view: "v".into(), counts: vec![50, 50] }.max_over_mean(), 1.0);
+        assert_eq!(Spread { view: "v".into(), counts: vec![75, 25] }.max_over_mean(), 1.5);
+        assert_eq!(Spread { view: "v".into(), counts: vec![0, 0] }.max_over_mean(), 1.0);
+    }
+
+    #[test]
+    fn rows_print_as_json_with_named_features() {
+        let response = v1::GetFeaturesResponse {
+            features: vec!["n".into(), "emb".into()],
+            rows: vec![v1::FeatureRow {
+                entity_key: "u:1".into(),
+                values: vec![
+                    v1::Value { kind: Some(v1::value::Kind::Int64Value(7)) },
+                    v1::Value { kind: Some(v1::value::Kind::FloatListValue(v1::FloatList { values: vec![0.5] })) },
+                ],
+                status: v1::RowStatus::Found as i32,
+                event_time: Some(strata_proto::prost_types::Timestamp { seconds: 0, nanos: 0 }),
+                source: v1::Source::L1 as i32,
+            }],
+        };
+        let out = rows_json(&response);
+        assert_eq!(out["rows"][0]["features"], json!({ "n": 7, "emb": [0.5] }));
+        assert_eq!(out["rows"][0]["status"], "FOUND");
+        assert_eq!(out["rows"][0]["event_time"], "1970-01-01T00:00:00Z");
+        let text = rows_table(&response);
+        assert!(text.contains("u:1         FOUND   L1      1970-01-01T00:00:00Z  7  [0.5]"), "{text}");
+    }
+}
