@@ -268,7 +268,8 @@ impl L2Cache {
         for key in keys {
             let () = pipeline.get(self.key(view, key)).await?;
         }
-        let results = self.guarded("get", deadline, async { all_ok(pipeline.try_all::<Option<Bytes>>().await, keys.len()) });
+        let results =
+            self.guarded("get", deadline, async { all_ok(pipeline.try_all::<Option<Bytes>>().await, keys.len()) });
         let now = now_ms();
         Ok(keys.iter().zip(results.await?).map(|(key, bytes)| decode_hit(view, key, bytes.as_deref(), now)).collect())
     }
@@ -292,7 +293,8 @@ impl L2Cache {
                 .await?;
             let () = pipeline.get(self.key(view, key)).await?;
         }
-        let results = self.guarded("lease_get", deadline, async { all_ok(pipeline.try_all::<Value>().await, keys.len() * 2) });
+        let results =
+            self.guarded("lease_get", deadline, async { all_ok(pipeline.try_all::<Value>().await, keys.len() * 2) });
         let results = results.await?;
         let now = now_ms();
         Ok(keys
@@ -388,7 +390,8 @@ impl L2Cache {
                 .set(self.lease_key(view, key), 1, Some(Expiration::PX(millis(ttl))), Some(SetOptions::NX), false)
                 .await?;
         }
-        let results = self.guarded("lease", deadline, async { all_ok(pipeline.try_all::<Option<String>>().await, keys.len()) });
+        let results =
+            self.guarded("lease", deadline, async { all_ok(pipeline.try_all::<Option<String>>().await, keys.len()) });
         Ok(results.await?.into_iter().map(|r| r.is_some()).collect())
     }
 
@@ -401,8 +404,9 @@ impl L2Cache {
         for key in keys {
             let () = pipeline.del(self.lease_key(view, key)).await?;
         }
-        let results =
-            self.guarded("release", self.default_deadline(), async { all_ok(pipeline.try_all::<Value>().await, keys.len()) });
+        let results = self.guarded("release", self.default_deadline(), async {
+            all_ok(pipeline.try_all::<Value>().await, keys.len())
+        });
         results.await.map(drop)
     }
 

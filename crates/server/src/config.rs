@@ -14,7 +14,7 @@ use std::time::Duration;
 use anyhow::{Context, Result, bail};
 use figment::Figment;
 use figment::providers::{Env, Format, Toml};
-use serde::Deserialize;
+use serde::{Deserialize, Serialize};
 use strata_cache_tiers::L2Config;
 use strata_core::{BreakerConfig, FeatureViewSpec, Registry, RetryPolicy};
 use strata_proto::Limits;
@@ -27,7 +27,7 @@ use crate::tiers::{HotKeys, Protection, WritePolicy};
 /// `STRATA_SERVER__GRPC_ADDR` overrides `server.grpc_addr`.
 pub const ENV_PREFIX: &str = "STRATA_";
 
-#[derive(Debug, Default, Deserialize)]
+#[derive(Debug, Default, Deserialize, Serialize)]
 #[serde(default, deny_unknown_fields)]
 pub struct FileConfig {
     pub server: ServerSection,
@@ -41,13 +41,15 @@ pub struct FileConfig {
     pub breaker: BreakerSection,
     pub retry: RetrySection,
     pub rate_limits: RateLimitsSection,
+    /// Documented on their own (README, CONFIGURATION.md).
+    #[serde(skip_serializing)]
     pub views: Vec<FeatureViewSpec>,
 }
 
 /// Circuit breakers, one for the Redis Cluster and one per PostgreSQL
 /// shard: after `failures` consecutive failed (or timed-out) calls the
 /// dependency is skipped for `open_for`, then one probe call decides.
-#[derive(Debug, Deserialize)]
+#[derive(Debug, Deserialize, Serialize)]
 #[serde(default, deny_unknown_fields)]
 pub struct BreakerSection {
     pub failures: u32,
@@ -65,7 +67,7 @@ impl Default for BreakerSection {
 /// Retries of failed PostgreSQL reads, within the request's deadline:
 /// `attempts` tries in all, waiting a random time up to `base_delay * 2^n`
 /// (at most `max_delay`) before each retry.
-#[derive(Debug, Deserialize)]
+#[derive(Debug, Deserialize, Serialize)]
 #[serde(default, deny_unknown_fields)]
 pub struct RetrySection {
     pub attempts: u32,
@@ -86,7 +88,7 @@ impl Default for RetrySection {
 /// in the `x-client-id` request header; clients without an entry in
 /// `clients` (and requests without the header, as one client) get
 /// `per_second` and `burst`. 0 means no limit.
-#[derive(Debug, Default, Deserialize)]
+#[derive(Debug, Default, Deserialize, Serialize)]
 #[serde(default, deny_unknown_fields)]
 pub struct RateLimitsSection {
     pub per_second: u32,
@@ -94,7 +96,7 @@ pub struct RateLimitsSection {
     pub clients: Vec<ClientLimitSection>,
 }
 
-#[derive(Debug, Deserialize)]
+#[derive(Debug, Deserialize, Serialize)]
 #[serde(deny_unknown_fields)]
 pub struct ClientLimitSection {
     pub id: String,
@@ -105,7 +107,7 @@ pub struct ClientLimitSection {
 
 /// Sampling of reads, so `strata warm --top N` can preload the most-read
 /// keys. Counts live in Redis, one sorted set per view.
-#[derive(Debug, Deserialize)]
+#[derive(Debug, Deserialize, Serialize)]
 #[serde(default, deny_unknown_fields)]
 pub struct HotKeysSection {
     /// Fraction of requests whose keys are counted; 0 turns sampling off.
@@ -123,7 +125,7 @@ impl Default for HotKeysSection {
 
 /// How writes reach the caches. Written keys are announced on the Redis
 /// channel `<redis.key_prefix>invalidations`.
-#[derive(Debug, Deserialize)]
+#[derive(Debug, Deserialize, Serialize)]
 #[serde(default, deny_unknown_fields)]
 pub struct WritesSection {
     /// How long Redis remembers the event time of a write whose value it
@@ -142,7 +144,7 @@ impl Default for WritesSection {
 /// The stampede protections: single flight, Redis leases, refresh-ahead,
 /// negative caching and TTL jitter. `enabled = false` turns them all off,
 /// to measure what they save.
-#[derive(Debug, Deserialize)]
+#[derive(Debug, Deserialize, Serialize)]
 #[serde(default, deny_unknown_fields)]
 pub struct StampedeSection {
     pub enabled: bool,
@@ -168,7 +170,7 @@ impl Default for StampedeSection {
     }
 }
 
-#[derive(Debug, Deserialize)]
+#[derive(Debug, Deserialize, Serialize)]
 #[serde(default, deny_unknown_fields)]
 pub struct ServerSection {
     pub grpc_addr: String,
@@ -188,7 +190,7 @@ pub struct ServerSection {
     pub drain_timeout: Duration,
 }
 
-#[derive(Debug, Deserialize)]
+#[derive(Debug, Deserialize, Serialize)]
 #[serde(default, deny_unknown_fields)]
 pub struct LimitsSection {
     pub max_keys_per_request: usize,
@@ -196,7 +198,7 @@ pub struct LimitsSection {
     pub max_rows_per_write: usize,
 }
 
-#[derive(Debug, Deserialize)]
+#[derive(Debug, Deserialize, Serialize)]
 #[serde(default, deny_unknown_fields)]
 pub struct L1Section {
     /// Upper bound of the in-process cache, in bytes of cached rows; 0
@@ -208,7 +210,7 @@ pub struct L1Section {
     pub max_stale: Duration,
 }
 
-#[derive(Debug, Deserialize)]
+#[derive(Debug, Deserialize, Serialize)]
 #[serde(default, deny_unknown_fields)]
 pub struct RedisSection {
     pub nodes: Vec<String>,
@@ -219,7 +221,7 @@ pub struct RedisSection {
     pub key_prefix: String,
 }
 
-#[derive(Debug, Deserialize)]
+#[derive(Debug, Deserialize, Serialize)]
 #[serde(default, deny_unknown_fields)]
 pub struct PostgresSection {
     pub max_connections_per_shard: usize,
@@ -228,7 +230,7 @@ pub struct PostgresSection {
     pub shards: Vec<ShardSection>,
 }
 
-#[derive(Debug, Deserialize)]
+#[derive(Debug, Deserialize, Serialize)]
 #[serde(deny_unknown_fields)]
 pub struct ShardSection {
     pub name: String,
@@ -547,6 +549,54 @@ mod tests {
         );
         assert_eq!(config.grpc_addr.to_string(), "0.0.0.0:50051");
         assert!(config.registry.get("user_features").is_some(), "views come from the base file");
+    }
+
+    /// Every setting (a dotted path) with its default as TOML writes it.
+    fn settings() -> Vec<(String, String)> {
+        fn walk(prefix: &str, value: &serde_json::Value, out: &mut Vec<(String, String)>) {
+            match value {
+                serde_json::Value::Object(fields) => {
+                    for (name, value) in fields {
+                        let path = if prefix.is_empty() { name.clone() } else { format!("{prefix}.{name}") };
+                        walk(&path, value, out);
+                    }
+                }
+                other => out.push((prefix.to_owned(), other.to_string())),
+            }
+        }
+        let mut out = Vec::new();
+        walk("", &serde_json::to_value(FileConfig::default()).unwrap(), &mut out);
+        out
+    }
+
+    /// Settings documented apart from the defaults: list entries.
+    const LIST_ENTRIES: &[&str] = &[
+        "rate_limits.clients[].id",
+        "rate_limits.clients[].per_second",
+        "rate_limits.clients[].burst",
+        "postgres.shards[].name",
+        "postgres.shards[].url",
+    ];
+
+    #[test]
+    fn the_configuration_reference_lists_every_setting_with_its_default_and_variable() {
+        const REFERENCE: &str = include_str!("../../../CONFIGURATION.md");
+        let settings = settings();
+        for (path, default) in &settings {
+            let variable = format!("{ENV_PREFIX}{}", path.to_uppercase().replace('.', "__"));
+            let row = format!("| `{path}` | `{default}` | `{variable}` |");
+            assert!(REFERENCE.contains(&row), "CONFIGURATION.md has no row beginning {row}");
+        }
+        for line in REFERENCE.lines().filter(|l| l.starts_with("| `")) {
+            let path = line.split('`').nth(1).unwrap();
+            assert!(
+                settings.iter().any(|(p, _)| p == path) || LIST_ENTRIES.contains(&path) || path.starts_with("views"),
+                "CONFIGURATION.md documents {path}, which is not a setting"
+            );
+        }
+        for entry in LIST_ENTRIES {
+            assert!(REFERENCE.contains(&format!("| `{entry}` |")), "CONFIGURATION.md lacks {entry}");
+        }
     }
 
     #[test]

@@ -145,7 +145,10 @@ async fn main() -> std::process::ExitCode {
         .unwrap_or_else(|_| tracing_subscriber::EnvFilter::new("info,fred=warn,tokio_postgres=warn"));
     // The lookup commands print their answer on stdout, for pipes: their
     // logs, if any, go to stderr.
-    let lookup = matches!(cli.command, Command::Get { .. } | Command::Views { .. } | Command::Shards { .. } | Command::Health { .. });
+    let lookup = matches!(
+        cli.command,
+        Command::Get { .. } | Command::Views { .. } | Command::Shards { .. } | Command::Health { .. }
+    );
     if lookup {
         tracing_subscriber::fmt().with_env_filter(filter).with_writer(std::io::stderr).init();
     } else {

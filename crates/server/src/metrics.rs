@@ -93,7 +93,10 @@ fn describe() {
     metrics::describe_gauge!("strata_l1_bytes", metrics::Unit::Bytes, "Approximate bytes held by L1 (this process)");
     metrics::describe_gauge!("strata_in_flight_requests", "FeatureStore requests being served now");
     metrics::describe_gauge!("strata_ready", "1 while readiness is SERVING (some shard, Redis or L1 can answer)");
-    metrics::describe_gauge!("strata_pool_connections", "PostgreSQL connections open, by shard and state (idle, in_use)");
+    metrics::describe_gauge!(
+        "strata_pool_connections",
+        "PostgreSQL connections open, by shard and state (idle, in_use)"
+    );
     metrics::describe_gauge!("strata_pool_max_connections", "PostgreSQL pool size limit, by shard");
     metrics::describe_gauge!("strata_pool_waiting", "Callers waiting for a PostgreSQL connection, by shard");
     metrics::describe_gauge!("strata_build_info", "Always 1; the version is a label");
