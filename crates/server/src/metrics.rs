@@ -37,78 +37,192 @@ pub fn handle() -> &'static PrometheusHandle {
     })
 }
 
+/// What a metric is.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub enum Kind {
+    Counter,
+    Gauge,
+    /// Durations in seconds (`_seconds`) with [`LATENCY_BUCKETS`].
+    Histogram,
+}
+
+/// One metric Strata exports.
+#[derive(Clone, Copy, Debug)]
+pub struct Metric {
+    pub name: &'static str,
+    pub kind: Kind,
+    pub help: &'static str,
+}
+
+/// Every metric Strata exports, described once (the alert rules and the
+/// dashboard in deploy/ are checked against this list).
+pub const METRICS: &[Metric] = &[
+    Metric {
+        name: "strata_grpc_requests_total",
+        kind: Kind::Counter,
+        help: "gRPC requests handled, by method and status code",
+    },
+    Metric {
+        name: "strata_grpc_request_duration_seconds",
+        kind: Kind::Histogram,
+        help: "gRPC request duration, by method",
+    },
+    Metric {
+        name: "strata_cache_hits_total",
+        kind: Kind::Counter,
+        help: "Keys found in a cache tier, by tier and view",
+    },
+    Metric {
+        name: "strata_cache_misses_total",
+        kind: Kind::Counter,
+        help: "Keys not found in a cache tier, by tier and view",
+    },
+    Metric {
+        name: "strata_cache_errors_total",
+        kind: Kind::Counter,
+        help: "Failed cache tier operations, by tier and operation",
+    },
+    Metric {
+        name: "strata_rows_served_total",
+        kind: Kind::Counter,
+        help: "Rows answered by GetFeatures, by view, source tier and status",
+    },
+    Metric {
+        name: "strata_rows_written_total",
+        kind: Kind::Counter,
+        help: "Rows applied by WriteFeatures or DeleteFeatures, by view and op",
+    },
+    Metric {
+        name: "strata_rows_failed_total",
+        kind: Kind::Counter,
+        help: "Rows WriteFeatures or DeleteFeatures could not apply, by view and op",
+    },
+    Metric {
+        name: "strata_cache_fills_refused_total",
+        kind: Kind::Counter,
+        help: "Cache fills refused because the tier held a newer version (L2) or the key was invalidated during the load (L1), by tier and view",
+    },
+    Metric {
+        name: "strata_cache_repairs_total",
+        kind: Kind::Counter,
+        help: "Keys of writes whose cache step failed, repaired in the background, by view and outcome",
+    },
+    Metric {
+        name: "strata_invalidations_received_total",
+        kind: Kind::Counter,
+        help: "Invalidation announcements received from other instances",
+    },
+    Metric {
+        name: "strata_invalidated_keys_total",
+        kind: Kind::Counter,
+        help: "Keys dropped from L1 on other instances' announcements",
+    },
+    Metric {
+        name: "strata_l1_clears_total",
+        kind: Kind::Counter,
+        help: "Whole-L1 clears after invalidations may have been missed, by reason (reconnected, cluster_changed, lagged, silent)",
+    },
+    Metric {
+        name: "strata_l2_undecodable_total",
+        kind: Kind::Counter,
+        help: "Redis entries that could not be decoded (another shape of the view), read as misses, by view",
+    },
+    Metric {
+        name: "strata_rows_skipped_older_total",
+        kind: Kind::Counter,
+        help: "Rows skipped as older by WriteFeatures or DeleteFeatures, by view and op",
+    },
+    Metric {
+        name: "strata_shard_query_duration_seconds",
+        kind: Kind::Histogram,
+        help: "PostgreSQL query duration, by shard and operation",
+    },
+    Metric {
+        name: "strata_refreshes_total",
+        kind: Kind::Counter,
+        help: "Refresh-ahead reloads, by tier, view and outcome (started, completed, failed, dropped)",
+    },
+    Metric {
+        name: "strata_coalesced_waits_total",
+        kind: Kind::Counter,
+        help: "Keys that waited on another request's load, by view",
+    },
+    Metric {
+        name: "strata_leases_total",
+        kind: Kind::Counter,
+        help: "Redis reload leases, by view and outcome (acquired, lost)",
+    },
+    Metric {
+        name: "strata_negative_hits_total",
+        kind: Kind::Counter,
+        help: "Hits on cached \"does not exist\" entries, by view and tier",
+    },
+    Metric {
+        name: "strata_shard_errors_total",
+        kind: Kind::Counter,
+        help: "Failed PostgreSQL operations, by shard, operation and reason (timeout, connect, query)",
+    },
+    Metric {
+        name: "strata_shard_refused_total",
+        kind: Kind::Counter,
+        help: "PostgreSQL operations refused without trying because the shard's breaker was open, by shard and operation",
+    },
+    Metric { name: "strata_shard_retries_total", kind: Kind::Counter, help: "Retried PostgreSQL reads, by shard" },
+    Metric {
+        name: "strata_breaker_state",
+        kind: Kind::Gauge,
+        help: "Circuit breaker state by dependency (redis, postgres:<shard>): 0 closed, 1 half-open, 2 open",
+    },
+    Metric {
+        name: "strata_breaker_transitions_total",
+        kind: Kind::Counter,
+        help: "Circuit breaker state changes, by dependency and new state",
+    },
+    Metric {
+        name: "strata_stale_served_total",
+        kind: Kind::Counter,
+        help: "Rows answered STALE (from a cache while their shard could not be read), by view",
+    },
+    Metric { name: "strata_l1_entries", kind: Kind::Gauge, help: "Entries in L1 (this process)" },
+    Metric { name: "strata_l1_bytes", kind: Kind::Gauge, help: "Approximate bytes held by L1 (this process)" },
+    Metric { name: "strata_in_flight_requests", kind: Kind::Gauge, help: "FeatureStore requests being served now" },
+    Metric {
+        name: "strata_ready",
+        kind: Kind::Gauge,
+        help: "1 while readiness is SERVING (some shard, Redis or L1 can answer)",
+    },
+    Metric {
+        name: "strata_pool_connections",
+        kind: Kind::Gauge,
+        help: "PostgreSQL connections open, by shard and state (idle, in_use)",
+    },
+    Metric { name: "strata_pool_max_connections", kind: Kind::Gauge, help: "PostgreSQL pool size limit, by shard" },
+    Metric {
+        name: "strata_pool_waiting",
+        kind: Kind::Gauge,
+        help: "Callers waiting for a PostgreSQL connection, by shard",
+    },
+    Metric { name: "strata_build_info", kind: Kind::Gauge, help: "Always 1; the version is a label" },
+    Metric {
+        name: "strata_redis_duration_seconds",
+        kind: Kind::Histogram,
+        help: "Redis call duration, by operation (get, lease_get, lease, put, release, publish)",
+    },
+    Metric {
+        name: "strata_requests_refused_total",
+        kind: Kind::Counter,
+        help: "FeatureStore requests refused before any work, by reason (draining, rate_limited, overloaded, bad_client_id)",
+    },
+];
+
 fn describe() {
-    metrics::describe_counter!("strata_grpc_requests_total", "gRPC requests handled, by method and status code");
-    metrics::describe_histogram!(
-        "strata_grpc_request_duration_seconds",
-        metrics::Unit::Seconds,
-        "gRPC request duration, by method"
-    );
-    metrics::describe_counter!("strata_cache_hits_total", "Keys found in a cache tier, by tier and view");
-    metrics::describe_counter!("strata_cache_misses_total", "Keys not found in a cache tier, by tier and view");
-    metrics::describe_counter!("strata_cache_errors_total", "Failed cache tier operations, by tier and operation");
-    metrics::describe_counter!(
-        "strata_rows_served_total",
-        "Rows answered by GetFeatures, by view, source tier and status"
-    );
-    metrics::describe_counter!("strata_rows_written_total", "Rows applied by WriteFeatures, by view");
-    metrics::describe_counter!("strata_rows_skipped_older_total", "Rows skipped as older by WriteFeatures, by view");
-    metrics::describe_histogram!(
-        "strata_shard_query_duration_seconds",
-        metrics::Unit::Seconds,
-        "PostgreSQL query duration, by shard and operation"
-    );
-    metrics::describe_counter!(
-        "strata_refreshes_total",
-        "Refresh-ahead reloads, by tier, view and outcome (started, completed, failed, dropped)"
-    );
-    metrics::describe_counter!("strata_coalesced_waits_total", "Keys that waited on another request's load, by view");
-    metrics::describe_counter!("strata_leases_total", "Redis reload leases, by view and outcome (acquired, lost)");
-    metrics::describe_counter!(
-        "strata_negative_hits_total",
-        "Hits on cached \"does not exist\" entries, by view and tier"
-    );
-    metrics::describe_counter!(
-        "strata_shard_errors_total",
-        "Failed PostgreSQL operations, by shard, operation and reason (timeout, connect, query)"
-    );
-    metrics::describe_counter!(
-        "strata_shard_refused_total",
-        "PostgreSQL operations refused without trying because the shard's breaker was open, by shard and operation"
-    );
-    metrics::describe_counter!("strata_shard_retries_total", "Retried PostgreSQL reads, by shard");
-    metrics::describe_gauge!(
-        "strata_breaker_state",
-        "Circuit breaker state by dependency (redis, postgres:<shard>): 0 closed, 1 half-open, 2 open"
-    );
-    metrics::describe_counter!(
-        "strata_breaker_transitions_total",
-        "Circuit breaker state changes, by dependency and new state"
-    );
-    metrics::describe_counter!(
-        "strata_stale_served_total",
-        "Rows answered STALE (from a cache while their shard could not be read), by view"
-    );
-    metrics::describe_gauge!("strata_l1_entries", "Entries in L1 (this process)");
-    metrics::describe_gauge!("strata_l1_bytes", metrics::Unit::Bytes, "Approximate bytes held by L1 (this process)");
-    metrics::describe_gauge!("strata_in_flight_requests", "FeatureStore requests being served now");
-    metrics::describe_gauge!("strata_ready", "1 while readiness is SERVING (some shard, Redis or L1 can answer)");
-    metrics::describe_gauge!(
-        "strata_pool_connections",
-        "PostgreSQL connections open, by shard and state (idle, in_use)"
-    );
-    metrics::describe_gauge!("strata_pool_max_connections", "PostgreSQL pool size limit, by shard");
-    metrics::describe_gauge!("strata_pool_waiting", "Callers waiting for a PostgreSQL connection, by shard");
-    metrics::describe_gauge!("strata_build_info", "Always 1; the version is a label");
-    metrics::describe_histogram!(
-        "strata_redis_duration_seconds",
-        metrics::Unit::Seconds,
-        "Redis call duration, by operation (get, lease_get, lease, put, release, publish)"
-    );
-    metrics::describe_counter!(
-        "strata_requests_refused_total",
-        "FeatureStore requests refused before any work, by reason (draining, rate_limited, overloaded, bad_client_id)"
-    );
+    for metric in METRICS {
+        match metric.kind {
+            Kind::Counter => metrics::describe_counter!(metric.name, metric.help),
+            Kind::Gauge => metrics::describe_gauge!(metric.name, metric.help),
+            Kind::Histogram => metrics::describe_histogram!(metric.name, metrics::Unit::Seconds, metric.help),
+        }
+    }
 }
 
 /// What the server's monitor samples each second.
@@ -268,5 +382,63 @@ fn code_name(code: i32) -> &'static str {
         15 => "DATA_LOSS",
         16 => "UNAUTHENTICATED",
         _ => "OTHER",
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    /// Metric names recorded (`counter!`, `gauge!`, `histogram!`) anywhere
+    /// in the workspace's crates.
+    fn recorded() -> std::collections::BTreeSet<String> {
+        fn sources(dir: &std::path::Path, out: &mut Vec<std::path::PathBuf>) {
+            for entry in std::fs::read_dir(dir).unwrap() {
+                let path = entry.unwrap().path();
+                if path.is_dir() {
+                    sources(&path, out);
+                } else if path.extension().is_some_and(|e| e == "rs") {
+                    out.push(path);
+                }
+            }
+        }
+        let mut files = Vec::new();
+        sources(&std::path::Path::new(env!("CARGO_MANIFEST_DIR")).join(".."), &mut files);
+        let mut names = std::collections::BTreeSet::new();
+        {
+            for file in files {
+                let text = std::fs::read_to_string(file).unwrap();
+                for call in ["counter!(", "gauge!(", "histogram!("] {
+                    for (at, _) in text.match_indices(call) {
+                        let rest = text[at + call.len()..].trim_start();
+                        if let Some(name) = rest.strip_prefix('"').and_then(|r| r.split('"').next())
+                            && name.starts_with("strata_")
+                        {
+                            names.insert(name.to_owned());
+                        }
+                    }
+                }
+            }
+        }
+        names
+    }
+
+    #[test]
+    fn every_recorded_metric_is_described_and_every_described_one_recorded() {
+        let recorded = recorded();
+        let described: std::collections::BTreeSet<String> = METRICS.iter().map(|m| m.name.to_owned()).collect();
+        assert!(recorded.len() > 20, "the source scan found only {recorded:?}");
+        let undescribed: Vec<_> = recorded.difference(&described).collect();
+        assert!(undescribed.is_empty(), "recorded but not in METRICS: {undescribed:?}");
+        let unrecorded: Vec<_> = described.difference(&recorded).collect();
+        assert!(unrecorded.is_empty(), "in METRICS but never recorded: {unrecorded:?}");
+        for metric in METRICS {
+            let suffix_ok = match metric.kind {
+                Kind::Counter => metric.name.ends_with("_total"),
+                Kind::Histogram => metric.name.ends_with("_seconds"),
+                Kind::Gauge => !metric.name.ends_with("_total"),
+            };
+            assert!(suffix_ok, "{} is named against its kind {:?}", metric.name, metric.kind);
+        }
     }
 }

@@ -287,14 +287,15 @@ fn write_response<'a>(
         }
         response.results.push(v1::RowResult { entity_key: key.to_owned(), outcome: outcome as i32, error });
     }
-    for (name, n) in [
-        ("strata_rows_written_total", response.rows_written),
-        ("strata_rows_skipped_older_total", response.rows_skipped_older),
-        ("strata_rows_failed_total", response.rows_failed),
-    ] {
-        if n > 0 {
-            metrics::counter!(name, "view" => view.to_owned(), "op" => op).increment(n);
-        }
+    let labels = [("view", view.to_owned()), ("op", op.to_owned())];
+    if response.rows_written > 0 {
+        metrics::counter!("strata_rows_written_total", &labels).increment(response.rows_written);
+    }
+    if response.rows_skipped_older > 0 {
+        metrics::counter!("strata_rows_skipped_older_total", &labels).increment(response.rows_skipped_older);
+    }
+    if response.rows_failed > 0 {
+        metrics::counter!("strata_rows_failed_total", &labels).increment(response.rows_failed);
     }
     if response.rows_failed > 0 && response.rows_written == 0 && response.rows_skipped_older == 0 {
         return Err(ServiceError::WriteFailed {

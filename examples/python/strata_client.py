@@ -1,0 +1,126 @@
+"""A Strata client for model servers, in Python with grpcio.
+
+Copy this file next to your model server. It generates the gRPC stubs from
+Strata's proto/ on first use (grpcio-tools), keeps one channel per process,
+sends a deadline with every call, and turns rows into plain dicts.
+
+    pip install grpcio grpcio-tools
+    python examples/python/strata_client.py 127.0.0.1:50051 user_features user_000001 user_000002
+
+The test suite runs this file against a real stack (tests/operations.rs).
+"""
+
+from __future__ import annotations
+
+import importlib
+import json
+import os
+import sys
+import tempfile
+from typing import Any
+
+import grpc
+
+_HERE = os.path.dirname(os.path.abspath(__file__))
+PROTO_DIR = os.environ.get("STRATA_PROTO_DIR", os.path.join(_HERE, "..", "..", "proto"))
+
+
+def _stubs():
+    """Imports (generating them first if needed) the strata.v1 modules."""
+    out = os.path.join(tempfile.gettempdir(), "strata-python-stubs")
+    if out not in sys.path:
+        sys.path.insert(0, out)
+    try:
+        return (importlib.import_module("strata.v1.feature_store_pb2"),
+                importlib.import_module("strata.v1.feature_store_pb2_grpc"))
+    except ImportError:
+        pass
+    from grpc_tools import protoc
+    import grpc_tools
+
+    os.makedirs(out, exist_ok=True)
+    well_known = os.path.join(os.path.dirname(grpc_tools.__file__), "_proto")
+    args = ["protoc", f"-I{PROTO_DIR}", f"-I{well_known}", f"--python_out={out}", f"--grpc_python_out={out}",
+            os.path.join(PROTO_DIR, "strata", "v1", "feature_store.proto")]
+    if protoc.main(args) != 0:
+        raise RuntimeError(f"generating stubs from {PROTO_DIR} failed")
+    for package in ("strata", os.path.join("strata", "v1")):
+        open(os.path.join(out, package, "__init__.py"), "a").close()
+    importlib.invalidate_caches()
+    return (importlib.import_module("strata.v1.feature_store_pb2"),
+            importlib.import_module("strata.v1.feature_store_pb2_grpc"))
+
+
+pb, pb_grpc = _stubs()
+
+
+def _value(v) -> Any:
+    kind = v.WhichOneof("kind")
+    if kind is None or kind == "null_value":
+        return None
+    if kind == "float_list_value":
+        return list(v.float_list_value.values)
+    if kind == "int64_list_value":
+        return list(v.int64_list_value.values)
+    return getattr(v, kind)
+
+
+class StrataClient:
+    """One channel per process; thread-safe, like the grpcio channel under it."""
+
+    def __init__(self, target: str, timeout: float = 0.05, client_id: str | None = None):
+        # Keepalive notices a dead connection between calls; round_robin
+        # spreads calls over every address a DNS name resolves to (a
+        # headless Kubernetes Service, for one).
+        self._channel = grpc.insecure_channel(target, options=[
+            ("grpc.keepalive_time_ms", 30_000),
+            ("grpc.lb_policy_name", "round_robin"),
+        ])
+        self._stub = pb_grpc.FeatureStoreStub(self._channel)
+        self._timeout = timeout
+        self._metadata = (("x-client-id", client_id),) if client_id else ()
+
+    def get(self, view: str, keys: list[str], features: list[str] | None = None) -> list[dict]:
+        """Rows in request order: entity_key, status (FOUND, NOT_FOUND, STALE,
+        UNAVAILABLE, OUTSIDE_MAX_AGE), source (L1, L2, L3), event_time and
+        features as a dict. A STALE or UNAVAILABLE row is an answer, not an
+        error: decide per row whether the model can use it."""
+        request = pb.GetFeaturesRequest(feature_view=view, entity_keys=keys, features=features or [])
+        response = self._stub.GetFeatures(request, timeout=self._timeout, metadata=self._metadata)
+        rows = []
+        for row in response.rows:
+            rows.append({
+                "entity_key": row.entity_key,
+                "status": pb.RowStatus.Name(row.status),
+                "source": pb.Source.Name(row.source),
+                "event_time": row.event_time.ToJsonString() if row.HasField("event_time") else None,
+                "features": {name: _value(v) for name, v in zip(response.features, row.values)},
+            })
+        return rows
+
+    def views(self) -> list[str]:
+        response = self._stub.ListFeatureViews(pb.ListFeatureViewsRequest(), timeout=self._timeout)
+        return [v.name for v in response.views]
+
+    def close(self) -> None:
+        self._channel.close()
+
+
+def main(argv: list[str]) -> int:
+    if len(argv) < 4:
+        print("usage: strata_client.py HOST:PORT VIEW KEY...", file=sys.stderr)
+        return 2
+    client = StrataClient(argv[1], timeout=2.0, client_id="python-example")
+    try:
+        for row in client.get(argv[2], argv[3:]):
+            print(json.dumps(row))
+    except grpc.RpcError as error:
+        print(f"error: {error.code().name}: {error.details()}", file=sys.stderr)
+        return 1
+    finally:
+        client.close()
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main(sys.argv))
