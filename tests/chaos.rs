@@ -7,7 +7,6 @@
 //! Each prints its figures (requests sent, failed, shed; rows stale,
 //! unavailable, wrong) as `figures <test>: …`.
 
-use std::path::PathBuf;
 use std::process::Stdio;
 use std::sync::Arc;
 use std::time::Duration;
@@ -18,7 +17,7 @@ use strata_server::RunningServer;
 use strata_server::config::FileConfig;
 use strata_tests::load::{Known, Load, LoadOptions, Tally};
 use strata_tests::wire::{self, get, row, status, ts, v, write};
-use strata_tests::{Env, TEST_VIEWS, client, integration_tests, repo_root, sample, scrape, scrape_at};
+use strata_tests::{Env, TEST_VIEWS, client, integration_tests, repo_root, sample, scrape, scrape_at, strata_binary};
 use tokio::time::Instant;
 
 integration_tests!(
@@ -306,17 +305,6 @@ struct Served {
     /// Set if the server said requests were cut at the end of its drain.
     cut: Arc<std::sync::atomic::AtomicBool>,
     _dir: tempfile::TempDir,
-}
-
-fn strata_binary() -> Result<PathBuf> {
-    if let Some(path) = std::env::var_os("STRATA_BIN") {
-        return Ok(path.into());
-    }
-    // target/debug/deps/chaos-… → target/debug/strata
-    let exe = std::env::current_exe()?;
-    let path = exe.parent().and_then(|deps| deps.parent()).context("test binary path")?.join("strata");
-    ensure!(path.is_file(), "{} not found: build it first (cargo build -p strata-server)", path.display());
-    Ok(path)
 }
 
 async fn serve(env: &Env, overlay: &str) -> Result<Served> {

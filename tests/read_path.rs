@@ -289,7 +289,9 @@ async fn list_feature_views_returns_the_registry(env: &'static Env) -> Result<()
                 "rejects",
                 "chaos",
                 "chaos_l2",
-                "chaos_pg"
+                "chaos_pg",
+                "ops",
+                "cli",
             ],
         "{names:?}"
     );

@@ -12,6 +12,7 @@ The test suite runs this file against a real stack (tests/operations.rs).
 
 from __future__ import annotations
 
+import hashlib
 import importlib
 import json
 import os
@@ -27,7 +28,11 @@ PROTO_DIR = os.environ.get("STRATA_PROTO_DIR", os.path.join(_HERE, "..", "..", "
 
 def _stubs():
     """Imports (generating them first if needed) the strata.v1 modules."""
-    out = os.path.join(tempfile.gettempdir(), "strata-python-stubs")
+    proto = os.path.join(PROTO_DIR, "strata", "v1", "feature_store.proto")
+    with open(proto, "rb") as f:
+        version = hashlib.sha256(f.read()).hexdigest()[:12]
+    # Keyed by the proto's content, so a changed API regenerates them.
+    out = os.path.join(tempfile.gettempdir(), f"strata-python-stubs-{version}")
     if out not in sys.path:
         sys.path.insert(0, out)
     try:
@@ -41,7 +46,7 @@ def _stubs():
     os.makedirs(out, exist_ok=True)
     well_known = os.path.join(os.path.dirname(grpc_tools.__file__), "_proto")
     args = ["protoc", f"-I{PROTO_DIR}", f"-I{well_known}", f"--python_out={out}", f"--grpc_python_out={out}",
-            os.path.join(PROTO_DIR, "strata", "v1", "feature_store.proto")]
+            proto]
     if protoc.main(args) != 0:
         raise RuntimeError(f"generating stubs from {PROTO_DIR} failed")
     for package in ("strata", os.path.join("strata", "v1")):

@@ -14,7 +14,7 @@ use std::sync::OnceLock;
 
 pub mod load;
 
-use anyhow::{Context, Result};
+use anyhow::{Context, Result, ensure};
 use strata_devstack::{PortPlan, Stack, StackOptions};
 use strata_proto::v1::feature_store_client::FeatureStoreClient;
 use strata_server::RunningServer;
@@ -174,6 +174,18 @@ name = "chaos_pg"
 l1_ttl = "50ms"
 l2_ttl = "100ms"
 jitter = 0.0
+features = [{ name = "n", type = "int64" }]
+
+[[views]]
+name = "ops"
+l1_ttl = "5m"
+l2_ttl = "10m"
+features = [{ name = "n", type = "int64" }]
+
+[[views]]
+name = "cli"
+l1_ttl = "5m"
+l2_ttl = "10m"
 features = [{ name = "n", type = "int64" }]
 "#;
 
@@ -485,6 +497,19 @@ pub fn sample(page: &str, name: &str, labels: &[(&str, &str)]) -> f64 {
         })
         .filter_map(|(_, value)| value.parse::<f64>().ok())
         .sum()
+}
+
+/// The `strata` binary next to the test binaries (`scripts/test` builds
+/// it first), or `STRATA_BIN`.
+pub fn strata_binary() -> Result<PathBuf> {
+    if let Some(path) = std::env::var_os("STRATA_BIN") {
+        return Ok(path.into());
+    }
+    // target/debug/deps/chaos-… → target/debug/strata
+    let exe = std::env::current_exe()?;
+    let path = exe.parent().and_then(|deps| deps.parent()).context("test binary path")?.join("strata");
+    ensure!(path.is_file(), "{} not found: build it first (cargo build -p strata-server)", path.display());
+    Ok(path)
 }
 
 pub fn repo_root() -> PathBuf {
