@@ -477,7 +477,10 @@ async fn the_cli_looks_up_rows_views_shards_and_health_and_fails_in_one_line(env
         ensure!(err.lines().count() == 1 && err.starts_with("error: "), "{args:?}: not one line: {err}");
     }
     let (_, _, err) = strata(&["get", "--addr", &addr, "no_such_view", "k"], &[]).await?;
-    ensure!(err.contains("no_such_view"), "the error names the view: {err}");
+    ensure!(
+        err.starts_with("error: INVALID_ARGUMENT: ") && err.contains("no_such_view"),
+        "the error names the view: {err}"
+    );
     // A bad value in the environment is refused, naming the setting.
     let bad = [("STRATA_SERVER__MAX_IN_FLIGHT", "0".to_owned())];
     let (ok, _, err) = strata(&["shards", "-c", file], &[envs[0].clone(), envs[1].clone(), bad[0].clone()]).await?;

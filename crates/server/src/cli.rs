@@ -33,9 +33,17 @@ async fn channel(addr: &str) -> Result<Channel> {
         .with_context(|| format!("cannot connect to {url}"))
 }
 
-/// A gRPC error as one line: its code and message.
+/// A gRPC error as one line: its code as the gRPC spec spells it
+/// (INVALID_ARGUMENT) and its message.
 fn status_line(status: tonic::Status) -> anyhow::Error {
-    anyhow::anyhow!("{:?}: {}", status.code(), status.message())
+    let mut code = String::new();
+    for (i, c) in format!("{:?}", status.code()).chars().enumerate() {
+        if c.is_uppercase() && i > 0 {
+            code.push('_');
+        }
+        code.push(c.to_ascii_uppercase());
+    }
+    anyhow::anyhow!("{code}: {}", status.message())
 }
 
 /// `strata get VIEW KEY...`: the rows of `keys`, one per line.
@@ -130,14 +138,17 @@ fn rows_table(response: &v1::GetFeaturesResponse) -> String {
         cells.extend(row.values.iter().map(value_text));
         cells
     });
-    table(&header, rows)
+    table(&header, rows, WIDEST)
 }
 
-/// Left-aligned columns, two spaces apart; long cells are cut.
-fn table(header: &[String], rows: impl IntoIterator<Item = Vec<String>>) -> String {
-    const WIDEST: usize = 60;
+/// The widest cell of a row table; embeddings are cut there.
+const WIDEST: usize = 60;
+
+/// Left-aligned columns, two spaces apart; cells longer than `widest` are
+/// cut.
+fn table(header: &[String], rows: impl IntoIterator<Item = Vec<String>>, widest: usize) -> String {
     let cut = |cell: String| {
-        if cell.chars().count() > WIDEST { cell.chars().take(WIDEST - 1).collect::<String>() + "…" } else { cell }
+        if cell.chars().count() > widest { cell.chars().take(widest - 1).collect::<String>() + "…" } else { cell }
     };
     let rows: Vec<Vec<String>> =
         std::iter::once(header.to_vec()).chain(rows).map(|r| r.into_iter().map(cut).collect()).collect();
@@ -198,7 +209,7 @@ pub async fn views(addr: &str, as_json: bool) -> Result<String> {
             features.join(" "),
         ]
     });
-    Ok(table(&header, rows))
+    Ok(table(&header, rows, usize::MAX))
 }
 
 /// `strata health`: the server's readiness (`service` "" is the whole
@@ -274,7 +285,7 @@ pub async fn shards(config: &Config, only: Option<&str>, as_json: bool) -> Resul
         cells.push(format!("{:.3}", s.max_over_mean()));
         cells
     });
-    Ok(table(&header, rows))
+    Ok(table(&header, rows, usize::MAX))
 }
 
 #[cfg(test)]
@@ -284,7 +295,8 @@ mod tests {
     #[test]
     fn a_table_aligns_columns_and_cuts_long_cells() {
         let header = vec!["key".to_owned(), "value".to_owned()];
-        let out = table(&header, vec![vec!["a".to_owned(), "x".repeat(100)], vec!["long_key".to_owned(), "1".into()]]);
+        let rows = vec![vec!["a".to_owned(), "x".repeat(100)], vec!["long_key".to_owned(), "1".into()]];
+        let out = table(&header, rows, WIDEST);
         let lines: Vec<&str> = out.lines().collect();
         assert_eq!(lines[0], "key       value");
         assert!(lines[1].starts_with("a         xxx") && lines[1].ends_with('…'), "{}", lines[1]);
