@@ -9,6 +9,8 @@ RUN apt-get update && apt-get install -y --no-install-recommends ca-certificates
 COPY --from=build /src/target/release/strata /usr/local/bin/strata
 COPY config /etc/strata
 WORKDIR /etc/strata
+# Strata writes no files: run as nobody (the Kubernetes manifests do too).
+USER 65534:65534
 EXPOSE 50051 9090
 ENTRYPOINT ["strata"]
 CMD ["serve", "-c", "/etc/strata/strata.toml", "-c", "/etc/strata/docker.toml"]
