@@ -26,6 +26,7 @@ integration_tests!(
     a_frozen_shard_cannot_hold_requests_past_their_deadline,
     three_times_the_load_is_shed_and_the_rest_answered,
     sigterm_drains_in_flight_requests_and_exits_zero,
+    a_server_started_while_redis_is_unreachable_serves_from_postgres_then_takes_redis_up,
 );
 
 /// Breakers that trip and probe quickly, so a test sees them do both.
@@ -475,5 +476,94 @@ async fn sigterm_drains_in_flight_requests_and_exits_zero(env: &'static Env) -> 
     ensure!(failed.is_empty(), "no in-flight request may fail: {failed:?}");
     ensure!(!served.cut.load(std::sync::atomic::Ordering::SeqCst), "the server cut in-flight requests");
     ensure!(tally.ok > 0 && tally.wrong == 0);
+    Ok(())
+}
+
+/// One read of `key` in the `chaos` view: its value and source.
+async fn chaos_row(server: &RunningServer, key: &str) -> Result<(Option<i64>, v1::Source)> {
+    let answer = client(server).await?.get_features(get("chaos", &[key], &["n"])).await?.into_inner();
+    let row = answer.rows.first().context("no row")?;
+    ensure!(status(row) == v1::RowStatus::Found, "{key}: {row:?}");
+    let n = match row.values[0].kind {
+        Some(Kind::Int64Value(n)) => Some(n),
+        _ => None,
+    };
+    Ok((n, wire::source(row)))
+}
+
+async fn a_server_started_while_redis_is_unreachable_serves_from_postgres_then_takes_redis_up(
+    env: &'static Env,
+) -> Result<()> {
+    // Breaker gauges are per process: no other test's servers meanwhile.
+    let _turn = env.exclusive().await;
+    // The seed node B is given is an address nothing listens on yet; later a
+    // proxy there forwards to a real node, whose cluster map names the rest.
+    let seed = std::net::TcpListener::bind("127.0.0.1:0")?.local_addr()?;
+    let started = Instant::now();
+    let b = env
+        .server_with(|c| {
+            fast_failures(c);
+            c.redis.nodes = vec![seed.to_string()];
+            c.redis.connect_timeout = Duration::from_millis(500);
+        })
+        .await
+        .context("a server must start while redis is unreachable")?;
+    let start_time = started.elapsed();
+    let a = env.server().await?;
+    let mut ca = client(&a).await?;
+    let write_n = |key: &str, n: i64, seconds: i64| {
+        write("chaos", vec![row(key, ts(seconds, 0), vec![("n", v(Kind::Int64Value(n)))])])
+    };
+
+    // Without Redis: reads come from PostgreSQL, then L1; writes land.
+    ca.write_features(write_n("late-1", 1, 1)).await?;
+    ensure!(chaos_row(&b, "late-1").await? == (Some(1), v1::Source::L3));
+    ensure!(chaos_row(&b, "late-1").await? == (Some(1), v1::Source::L1));
+    let written = client(&b).await?.write_features(write_n("late-2", 2, 1)).await?.into_inner();
+    ensure!(written.rows_written == 1, "a write through B lands in postgres: {written:?}");
+    ensure!(chaos_row(&a, "late-2").await?.0 == Some(2));
+    let page = scrape(&b).await?;
+    ensure!(page.contains("strata_breaker_state{dependency=\"redis\"} 2"), "B's redis breaker should be open");
+
+    // Redis becomes reachable: B takes it up on its own.
+    let listener = tokio::net::TcpListener::bind(seed).await?;
+    let target = env.redis_nodes()[0].clone();
+    let proxy = tokio::spawn(async move {
+        while let Ok((mut inbound, _)) = listener.accept().await {
+            let target = target.clone();
+            tokio::spawn(async move {
+                if let Ok(mut outbound) = tokio::net::TcpStream::connect(&target).await {
+                    let _ = tokio::io::copy_bidirectional(&mut inbound, &mut outbound).await;
+                }
+            });
+        }
+    });
+    ca.write_features(write_n("late-3", 3, 1)).await?;
+    let took_up = eventually("B to read from redis", Duration::from_secs(30), || async {
+        // Each try from below L1: a read answered by PostgreSQL fills it.
+        b.tiers().l1.clear().await;
+        Ok(chaos_row(&b, "late-3").await? == (Some(3), v1::Source::L2))
+    })
+    .await?;
+    // Its invalidation subscription stands once it has cleared L1 (filled
+    // while no announcement could be heard): a write through A reaches it.
+    let mut clears = b.invalidations().clears();
+    tokio::time::timeout(Duration::from_secs(30), clears.wait_for(|n| *n >= 1))
+        .await
+        .context("B never subscribed to invalidations")??;
+    ensure!(chaos_row(&b, "late-1").await? == (Some(1), v1::Source::L2), "L1 was cleared on subscribing");
+    ensure!(chaos_row(&b, "late-1").await? == (Some(1), v1::Source::L1));
+    ca.write_features(write_n("late-1", 10, 2)).await?;
+    let heard = eventually("B to hear of A's write", Duration::from_secs(10), || async {
+        Ok(chaos_row(&b, "late-1").await?.0 == Some(10))
+    })
+    .await?;
+    println!(
+        "figures late redis: B started in {start_time:?} without redis, read from redis {took_up:?} after it answered, \
+         heard a write {heard:?} after it"
+    );
+    a.shutdown().await;
+    b.shutdown().await;
+    proxy.abort();
     Ok(())
 }

@@ -23,7 +23,7 @@ use tokio::sync::{broadcast, watch};
 use tokio::task::JoinHandle;
 use tokio::time::{Duration, Instant};
 
-use crate::l2::builder;
+use crate::l2::{builder, connect_within};
 use crate::{L1Cache, L2Cache, L2Config, L2Error};
 
 const FORMAT: u8 = 1;
@@ -128,15 +128,7 @@ impl InvalidationListener {
         views: HashMap<String, u32>,
     ) -> Result<InvalidationListener, L2Error> {
         let client = builder(config)?.build_subscriber_client()?;
-        client.init().await?;
-        // Sharded pub/sub: the subscription lives on the shard owning the
-        // channel's slot; a failover or a slot move there is handled like a
-        // re-connection (see `Worker::run`).
-        client.ssubscribe(channel.as_str()).await?;
-        // Created after the first connection, so only re-connections show.
-        let reconnects = client.reconnect_rx();
-        let changes = client.cluster_change_rx();
-        let messages = client.message_rx();
+        let connected = connect_within(&client, config.connect_timeout).await;
         let (cleared_tx, cleared) = watch::channel(0);
         let (applied_tx, applied) = watch::channel(0);
         let worker = Worker {
@@ -150,7 +142,27 @@ impl InvalidationListener {
             cleared: cleared_tx,
             applied: applied_tx,
         };
-        let task = tokio::spawn(worker.run(messages, reconnects, changes));
+        if connected {
+            // Subscribed before returning, so no write announced after the
+            // server's first answer can be missed.
+            let started = worker.subscribe().await?;
+            let task = tokio::spawn(worker.run(started));
+            return Ok(InvalidationListener { client, task, cleared, applied });
+        }
+        // Redis does not answer yet: subscribe once it does, then clear L1,
+        // which was filled while no announcement could be heard.
+        let task = tokio::spawn(async move {
+            let started = loop {
+                if worker.client.wait_for_connect().await.is_ok()
+                    && let Ok(started) = worker.subscribe().await
+                {
+                    break started;
+                }
+                tokio::time::sleep(Duration::from_secs(1)).await;
+            };
+            worker.clear("subscribed_late").await;
+            worker.run(started).await;
+        });
         Ok(InvalidationListener { client, task, cleared, applied })
     }
 
@@ -204,13 +216,31 @@ struct Worker {
     applied: watch::Sender<u64>,
 }
 
+/// The event streams a subscribed worker listens to.
+struct Streams {
+    messages: broadcast::Receiver<Message>,
+    reconnects: broadcast::Receiver<Server>,
+    changes: broadcast::Receiver<Vec<ClusterStateChange>>,
+}
+
 impl Worker {
-    async fn run(
-        mut self,
-        mut messages: broadcast::Receiver<Message>,
-        mut reconnects: broadcast::Receiver<Server>,
-        mut changes: broadcast::Receiver<Vec<ClusterStateChange>>,
-    ) {
+    /// Subscribes (the client is connected) and opens the event streams.
+    async fn subscribe(&self) -> Result<Streams, L2Error> {
+        // Sharded pub/sub: the subscription lives on the shard owning the
+        // channel's slot; a failover or a slot move there is handled like a
+        // re-connection (see `Worker::run`).
+        self.client.ssubscribe(self.channel.as_str()).await?;
+        // Created after the first connection, so only re-connections show.
+        Ok(Streams {
+            reconnects: self.client.reconnect_rx(),
+            changes: self.client.cluster_change_rx(),
+            messages: self.client.message_rx(),
+        })
+    }
+
+    async fn run(mut self, streams: Streams) {
+        let Streams { mut messages, mut reconnects, mut changes } = streams;
+        self.heard = Instant::now();
         let mut heartbeat = tokio::time::interval(HEARTBEAT);
         heartbeat.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Delay);
         loop {

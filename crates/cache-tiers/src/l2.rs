@@ -43,6 +43,8 @@ pub enum L2Error {
     Open,
     #[error("redis did not answer in time")]
     Timeout,
+    #[error("no redis node of {0:?} answers")]
+    Unreachable(Vec<String>),
 }
 
 /// A hit in Redis.
@@ -130,6 +132,18 @@ fn millis(d: Duration) -> i64 {
     i64::try_from(d.as_millis()).unwrap_or(i64::MAX).max(1)
 }
 
+/// Commands (a pipeline counts as one) waiting for a connection at most;
+/// more fail at once.
+const COMMAND_QUEUE: usize = 10_000;
+
+/// Starts `client`'s connection task and waits up to `timeout` for it to
+/// connect; whether it did. If not, it goes on trying in the background
+/// (the reconnect policy), and commands fail or time out until it does.
+pub(crate) async fn connect_within(client: &impl ClientLike, timeout: Duration) -> bool {
+    client.connect();
+    matches!(tokio::time::timeout(timeout, client.wait_for_connect()).await, Ok(Ok(())))
+}
+
 /// A client builder for the cluster, with Strata's timeouts and reconnect
 /// policy (reconnect forever, backing off up to 5 s).
 pub(crate) fn builder(config: &L2Config) -> Result<Builder, L2Error> {
@@ -142,7 +156,10 @@ pub(crate) fn builder(config: &L2Config) -> Result<Builder, L2Error> {
         let port: u16 = port.parse().map_err(|_| L2Error::BadAddress(node.clone()))?;
         hosts.push((host.to_owned(), port));
     }
-    let fred_config = Config { server: ServerConfig::new_clustered(hosts), fail_fast: true, ..Default::default() };
+    // Not fail_fast: a cluster that cannot be reached at start-up is retried
+    // with the reconnect policy below, like one that went away later, so a
+    // server can start (and serve from L1 and PostgreSQL) while Redis is down.
+    let fred_config = Config { server: ServerConfig::new_clustered(hosts), fail_fast: false, ..Default::default() };
     let command_timeout = config.command_timeout;
     let connect_timeout = config.connect_timeout;
     let mut builder = Builder::from_config(fred_config);
@@ -166,6 +183,10 @@ pub(crate) fn builder(config: &L2Config) -> Result<Builder, L2Error> {
             // Connections are named after the client's id, so an operator
             // (or a test) can find them in CLIENT LIST.
             c.auto_client_setname = true;
+            // While the cluster cannot be reached, commands wait in this
+            // queue; the breaker keeps it short (a probe a second), and this
+            // bounds it whatever happens. A pipeline counts once.
+            c.max_command_buffer_len = COMMAND_QUEUE;
         })
         .set_policy(ReconnectPolicy::new_exponential(0, 50, 5_000, 2));
     Ok(builder)
@@ -181,17 +202,42 @@ pub struct L2Cache {
 }
 
 impl L2Cache {
-    /// Connects to the cluster and waits until it is usable.
+    /// Connects to the cluster, failing if it does not answer within the
+    /// connect timeout: for tools whose work needs Redis (`strata load`,
+    /// `strata warm`).
+    pub async fn connect_now(config: &L2Config) -> Result<L2Cache, L2Error> {
+        let l2 = L2Cache::connect(config).await?;
+        if !l2.client.is_connected() {
+            // Stops the reconnecting; not worth waiting on.
+            let _ = tokio::time::timeout(Duration::from_millis(100), l2.close()).await;
+            return Err(L2Error::Unreachable(config.nodes.clone()));
+        }
+        Ok(l2)
+    }
+
+    /// Connects to the cluster, waiting up to the connect timeout. A cluster
+    /// that does not answer by then is not an error: it is connected to in
+    /// the background, and until then every call fails (and the breaker
+    /// opens), so reads go to L1 and PostgreSQL. Only a bad configuration
+    /// fails.
     pub async fn connect(config: &L2Config) -> Result<L2Cache, L2Error> {
         let client = builder(config)?.build()?;
-        client.init().await?;
+        let connected = connect_within(&client, config.connect_timeout).await;
         let l2 = L2Cache {
             client,
             prefix: config.key_prefix.clone(),
             breaker: Breaker::new("redis", config.breaker),
             command_timeout: config.command_timeout,
         };
-        l2.load_functions().await?;
+        if !connected {
+            tracing::warn!(
+                nodes = ?config.nodes,
+                "the redis cluster does not answer; serving from L1 and postgres until it does"
+            );
+        } else if let Err(error) = l2.load_functions().await {
+            // Loaded on first use instead (see `put_now`).
+            tracing::warn!(%error, "loading strata's redis functions failed");
+        }
         Ok(l2)
     }
 

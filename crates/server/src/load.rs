@@ -138,7 +138,7 @@ pub async fn run(config: &Config, options: &LoadOptions) -> Result<LoadReport> {
         .clone();
     let shards = ShardRouter::new(&config.shards, &config.pool)?;
     shards.migrate(config.registry.views()).await.context("cannot create the feature view tables")?;
-    let l2 = L2Cache::connect(&config.redis).await.context("cannot connect to the redis cluster")?;
+    let l2 = L2Cache::connect_now(&config.redis).await.context("cannot connect to the redis cluster")?;
     let report = load(&shards, &l2, config, view, options).await;
     l2.close().await;
     report

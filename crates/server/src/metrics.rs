@@ -120,7 +120,7 @@ pub const METRICS: &[Metric] = &[
     Metric {
         name: "strata_l1_clears_total",
         kind: Kind::Counter,
-        help: "Whole-L1 clears after invalidations may have been missed, by reason (reconnected, cluster_changed, lagged, silent)",
+        help: "Whole-L1 clears after invalidations may have been missed, by reason (reconnected, cluster_changed, lagged, silent, subscribed_late)",
     },
     Metric {
         name: "strata_l2_undecodable_total",

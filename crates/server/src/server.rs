@@ -63,7 +63,9 @@ impl RunningServer {
         metrics::record_build_info();
         let shards = ShardRouter::new(&config.shards, &config.pool)?;
         migrate(&shards, &config).await?;
-        let l2 = L2Cache::connect(&config.redis).await.context("cannot connect to the redis cluster")?;
+        // A cluster that does not answer yet is connected to in the
+        // background; meanwhile reads are answered from L1 and PostgreSQL.
+        let l2 = L2Cache::connect(&config.redis).await.context("bad redis configuration")?;
         let l1 = L1Cache::new(config.l1_max_bytes).keep_stale(config.l1_max_stale);
         let tiers = Tiers::new(
             l1.clone(),

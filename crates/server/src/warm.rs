@@ -59,7 +59,7 @@ pub fn read_keys(path: &Path) -> Result<Vec<String>> {
 /// Warms keys as configured.
 pub async fn run(config: &Config, options: &WarmOptions) -> Result<WarmReport> {
     let shards = ShardRouter::new(&config.shards, &config.pool)?;
-    let l2 = L2Cache::connect(&config.redis).await.context("cannot connect to the redis cluster")?;
+    let l2 = L2Cache::connect_now(&config.redis).await.context("cannot connect to the redis cluster")?;
     let tiers = Tiers::new(
         L1Cache::new(1 << 20),
         l2.clone(),
