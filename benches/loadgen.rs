@@ -235,9 +235,11 @@ where
             let outstanding = Arc::new(AtomicU64::new(0));
             let period = Duration::from_secs_f64(1.0 / rate);
             let runtime = tokio::runtime::Handle::current();
-            let (call, tally) = (call.clone(), tally.clone());
+            // Tracks the calls without holding on to finished ones.
+            let calls = tokio_util::task::TaskTracker::new();
+            let (call, tally, sent) = (call.clone(), tally.clone(), calls.clone());
             let pacer = std::thread::spawn(move || {
-                let (mut sent, mut dropped, mut n) = (Vec::new(), 0u64, 0u64);
+                let (mut dropped, mut n) = (0u64, 0u64);
                 loop {
                     let intended = begin + period.mul_f64(n as f64);
                     if intended >= end {
@@ -257,21 +259,22 @@ where
                     outstanding.fetch_add(1, Ordering::Relaxed);
                     tally.record_lag(intended.elapsed());
                     let (call, tally, outstanding) = (call.clone(), tally.clone(), outstanding.clone());
-                    sent.push(runtime.spawn(async move {
-                        let result = call(n).await;
-                        // From when it should have been sent, not when it was.
-                        tally.record(intended.elapsed(), result);
-                        outstanding.fetch_sub(1, Ordering::Relaxed);
-                    }));
+                    sent.spawn_on(
+                        async move {
+                            let result = call(n).await;
+                            // From when it should have been sent, not when it was.
+                            tally.record(intended.elapsed(), result);
+                            outstanding.fetch_sub(1, Ordering::Relaxed);
+                        },
+                        &runtime,
+                    );
                 }
-                (sent, dropped)
+                dropped
             });
-            let (sent, not_sent) =
+            dropped =
                 tokio::task::spawn_blocking(move || pacer.join().expect("pacer thread")).await.expect("pacer thread");
-            dropped = not_sent;
-            for call in sent {
-                let _ = call.await;
-            }
+            calls.close();
+            calls.wait().await;
         }
     }
     let _ = recorder.await;

@@ -57,23 +57,16 @@ pub async fn get(addr: &str, view: &str, keys: Vec<String>, features: Vec<String
     Ok(if as_json { rows_json(&response).to_string() + "\n" } else { rows_table(&response) })
 }
 
+/// The row's status as the proto names it (FOUND, NOT_FOUND, …).
 fn status_name(row: &v1::FeatureRow) -> &'static str {
-    match row.status() {
-        v1::RowStatus::Found => "FOUND",
-        v1::RowStatus::NotFound => "NOT_FOUND",
-        v1::RowStatus::Stale => "STALE",
-        v1::RowStatus::Unavailable => "UNAVAILABLE",
-        v1::RowStatus::OutsideMaxAge => "OUTSIDE_MAX_AGE",
-        v1::RowStatus::Unspecified => "UNSPECIFIED",
-    }
+    row.status().as_str_name()
 }
 
+/// The tier that answered (L1, L2, L3), or "-" for none.
 fn source_name(row: &v1::FeatureRow) -> &'static str {
     match row.source() {
-        v1::Source::L1 => "L1",
-        v1::Source::L2 => "L2",
-        v1::Source::L3 => "L3",
         v1::Source::Unspecified => "-",
+        source => source.as_str_name(),
     }
 }
 

@@ -195,15 +195,25 @@ struct Background {
     idle: tokio::sync::Notify,
 }
 
+/// One running background task; counted off when dropped, so a task that
+/// panics is counted off too.
+struct Running(Arc<Background>);
+
+impl Drop for Running {
+    fn drop(&mut self) {
+        if self.0.running.fetch_sub(1, Ordering::SeqCst) == 1 {
+            self.0.idle.notify_waiters();
+        }
+    }
+}
+
 impl Background {
     fn spawn(self: &Arc<Self>, task: impl Future<Output = ()> + Send + 'static) {
         self.running.fetch_add(1, Ordering::SeqCst);
-        let this = self.clone();
+        let running = Running(self.clone());
         tokio::spawn(async move {
+            let _running = running;
             task.await;
-            if this.running.fetch_sub(1, Ordering::SeqCst) == 1 {
-                this.idle.notify_waiters();
-            }
         });
     }
 
@@ -316,9 +326,6 @@ impl Tiers {
         &self.lower.shards
     }
 
-    /// Sets the hook called between reading PostgreSQL and filling the
-    /// caches (once; later calls are ignored). For tests only.
-    #[doc(hidden)]
     /// Returns once no cache fill started by a read is running: Redis then
     /// holds what every answered read loaded (unless it refused an older
     /// version or failed).
@@ -326,6 +333,10 @@ impl Tiers {
         self.lower.background.idle().await;
     }
 
+    /// Sets the hook called between reading PostgreSQL and answering (the
+    /// caches are filled after it; once, later calls are ignored). For
+    /// tests only.
+    #[doc(hidden)]
     pub fn set_fill_hook(&self, hook: FillHook) {
         let _ = self.lower.fill_hook.set(hook);
     }
