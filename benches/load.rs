@@ -432,7 +432,7 @@ async fn zipf(setup: &Setup, bench: &Bench) -> Result<(Report, Report, String)> 
     }
     for (shard, rows) in by_shard.iter().enumerate() {
         for chunk in rows.chunks(20_000) {
-            shards.copy_upsert(shard, &view, chunk).await?;
+            shards.copy_upsert(shard, &view, chunk, tokio::time::Instant::now() + Duration::from_secs(120)).await?;
         }
     }
     drop(by_shard);

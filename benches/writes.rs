@@ -250,12 +250,9 @@ fn main() -> Result<()> {
         let floor_1 = raw_copy(&bench, rows).await?;
         let config = Arc::new(bench.config(VIEWS)?.validate()?);
         let options = LoadOptions {
-            view: "bench_bulk".into(),
-            file: path.clone(),
-            format: Format::Csv,
             batch_rows: BATCH_ROWS,
             concurrency: CONCURRENCY,
-            progress: false,
+            ..LoadOptions::new("bench_bulk", path.clone(), Format::Csv)
         };
         let load = strata_server::load::run(&config, &options).await?;
         ensure!(load.written == rows as u64 && load.failed == 0 && load.rejected.is_empty(), "{load:?}");

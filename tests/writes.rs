@@ -438,7 +438,7 @@ async fn a_write_whose_cache_step_failed_is_repaired_on_every_instance(env: &'st
 }
 
 fn load_options(view: &str, file: &std::path::Path, format: Format) -> LoadOptions {
-    LoadOptions { view: view.into(), file: file.into(), format, batch_rows: 20_000, concurrency: 2, progress: false }
+    LoadOptions::new(view, file, format)
 }
 
 async fn load(env: &Env, options: &LoadOptions) -> Result<LoadReport> {

@@ -187,6 +187,18 @@ name = "cli"
 l1_ttl = "5m"
 l2_ttl = "10m"
 features = [{ name = "n", type = "int64" }]
+
+[[views]]
+name = "contended"
+l1_ttl = "5m"
+l2_ttl = "10m"
+features = [{ name = "n", type = "int64" }]
+
+[[views]]
+name = "hostile"
+l1_ttl = "5m"
+l2_ttl = "10m"
+features = [{ name = "n", type = "int64" }, { name = "s", type = "string" }, { name = "emb", type = "float_list" }]
 "#;
 
 /// The shared environment of one test binary.

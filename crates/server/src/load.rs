@@ -31,7 +31,7 @@ use strata_shard_router::ShardRouter;
 use tokio::sync::mpsc;
 
 use crate::config::Config;
-use crate::tiers::{announce, guard};
+use crate::tiers::{announce_until, guard};
 
 /// The input formats.
 #[derive(Clone, Copy, Debug, PartialEq, Eq, clap::ValueEnum)]
@@ -64,7 +64,34 @@ pub struct LoadOptions {
     pub concurrency: usize,
     /// Draw a progress bar on stderr (when it is a terminal).
     pub progress: bool,
+    /// Longest time one batch may take in PostgreSQL (COPY and merge); a
+    /// shard that does not answer by then fails the batch.
+    pub batch_timeout: Duration,
+    /// Longest time the cache step of one batch (Redis guards and the
+    /// announcement) is tried for before its keys count as at risk.
+    pub cache_timeout: Duration,
 }
+
+impl LoadOptions {
+    /// Options for loading `file` into `view`, with the defaults of the
+    /// `strata load` command.
+    pub fn new(view: impl Into<String>, file: impl Into<PathBuf>, format: Format) -> LoadOptions {
+        LoadOptions {
+            view: view.into(),
+            file: file.into(),
+            format,
+            batch_rows: 20_000,
+            concurrency: 2,
+            progress: false,
+            batch_timeout: Duration::from_secs(120),
+            cache_timeout: Duration::from_secs(60),
+        }
+    }
+}
+
+/// The per-command timeout of the loader's Redis connection, at least:
+/// pipelines of guards on a busy machine take longer than a cache read may.
+const LOAD_COMMAND_TIMEOUT: Duration = Duration::from_secs(2);
 
 /// A row that was not loaded because it could not be read.
 #[derive(Clone, Debug, PartialEq, Eq)]
@@ -87,8 +114,9 @@ pub struct LoadReport {
     /// Rows of batches a shard failed to take; the load can be run again.
     pub failed: u64,
     pub failures: Vec<String>,
-    /// Keys whose caches could not be updated (Redis failures): their old
-    /// cached copies may live until their TTLs end.
+    /// Written keys whose caches could not be made safe within the cache
+    /// timeout (Redis kept failing): an older cached copy of them may still
+    /// be served until its TTL ends. A load with any is not a success.
     pub cache_errors: u64,
     pub elapsed: Duration,
     /// Time the reader spent reading and parsing (not waiting for writers).
@@ -138,7 +166,9 @@ pub async fn run(config: &Config, options: &LoadOptions) -> Result<LoadReport> {
         .clone();
     let shards = ShardRouter::new(&config.shards, &config.pool)?;
     shards.migrate(config.registry.views()).await.context("cannot create the feature view tables")?;
-    let l2 = L2Cache::connect_now(&config.redis).await.context("cannot connect to the redis cluster")?;
+    let mut redis = config.redis.clone();
+    redis.command_timeout = redis.command_timeout.max(LOAD_COMMAND_TIMEOUT);
+    let l2 = L2Cache::connect_now(&redis).await.context("cannot connect to the redis cluster")?;
     let report = load(&shards, &l2, config, view, options).await;
     l2.close().await;
     report
@@ -168,6 +198,7 @@ pub async fn load(
         senders.push(tx);
         let (shards, l2, view, committed) = (shards.clone(), l2.clone(), view.clone(), committed.clone());
         let (channel, guard_ttl) = (config.writes.channel.clone(), config.writes.guard_ttl);
+        let (batch_timeout, cache_timeout) = (options.batch_timeout, options.cache_timeout);
         writers.push(tokio::spawn(async move {
             let mut tally = LoadReport::default();
             let mut batches = tokio_stream::wrappers::ReceiverStream::new(rx)
@@ -175,13 +206,15 @@ pub async fn load(
                     let (shards, l2, view, channel) = (&shards, &l2, &view, &channel);
                     async move {
                         let started = Instant::now();
-                        let result = shards.copy_upsert(shard, view, &batch).await;
+                        let deadline = tokio::time::Instant::now() + batch_timeout;
+                        let result = shards.copy_upsert(shard, view, &batch, deadline).await;
                         let postgres = started.elapsed();
                         let cache_errors = match &result {
                             Ok(written) => {
+                                let deadline = tokio::time::Instant::now() + cache_timeout;
                                 let keys: Vec<&str> = written.iter().map(|(k, _)| k.as_str()).collect();
-                                let mut failed = guard(l2, view, written, guard_ttl).await;
-                                if !announce(l2, channel, 0, view, &keys, l2.default_deadline()).await {
+                                let mut failed = guard(l2, view, written, guard_ttl, deadline).await;
+                                if !announce_until(l2, channel, 0, view, &keys, deadline).await {
                                     failed = keys.len();
                                 }
                                 failed
@@ -203,7 +236,7 @@ pub async fn load(
                     }
                     Err(error) => {
                         tally.failed += rows as u64;
-                        tally.failures.push(error.to_string());
+                        tally.failures.push(error.detail());
                     }
                 }
                 committed.fetch_add(rows as u64, Ordering::Relaxed);
@@ -296,11 +329,25 @@ pub fn print_report(report: &LoadReport, file: &Path) {
         println!("failed batch: {failure}");
     }
     println!("{}", report.summary());
-    if report.cache_errors > 0 {
-        println!(
-            "warning: redis could not be updated for {} written keys; their old cached copies live until their TTLs end",
-            report.cache_errors
-        );
+}
+
+impl LoadReport {
+    /// Whether the load fully succeeded: every row read was written or
+    /// skipped as older, and no cache may still serve an older copy of a
+    /// written key. Otherwise an error saying what to do.
+    pub fn check(&self) -> Result<()> {
+        if self.failed > 0 {
+            bail!("{} rows were not written (see above); run the load again", self.failed);
+        }
+        if self.cache_errors > 0 {
+            bail!(
+                "{} written keys are at risk: redis could not be updated for them, so older cached copies may be \
+                 served until their TTLs end; run the load again once redis answers (it rewrites nothing that is \
+                 already stored, and makes the caches safe)",
+                self.cache_errors
+            );
+        }
+        Ok(())
     }
 }
 

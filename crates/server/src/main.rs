@@ -63,6 +63,15 @@ enum Command {
         /// Batches in flight per shard.
         #[arg(long, default_value_t = 2)]
         concurrency: usize,
+        /// Longest time one batch may take in PostgreSQL; a shard that does
+        /// not answer by then fails the batch (run the load again).
+        #[arg(long, default_value = "2m", value_parser = humantime_serde::re::humantime::parse_duration)]
+        batch_timeout: std::time::Duration,
+        /// How long the Redis step of a batch is retried for; keys Redis has
+        /// not taken by then are reported as at risk, and the load exits
+        /// non-zero.
+        #[arg(long, default_value = "1m", value_parser = humantime_serde::re::humantime::parse_duration)]
+        cache_timeout: std::time::Duration,
     },
     /// Preload keys of a feature view from PostgreSQL into Redis, so a cold
     /// deploy does not start with a wall of misses.
@@ -179,19 +188,21 @@ async fn run(cli: Cli) -> Result<()> {
             println!("{} views migrated on {} shards", config.registry.views().len(), config.shards.len());
             Ok(())
         }
-        Command::Load { config, view, file, format, batch_rows, concurrency } => {
+        Command::Load { config, view, file, format, batch_rows, concurrency, batch_timeout, cache_timeout } => {
             let config = FileConfig::load(&config)?.validate()?;
             let format = format.unwrap_or_else(|| Format::from_path(&file));
             let progress = std::io::IsTerminal::is_terminal(&std::io::stderr());
-            let options = LoadOptions { view, file: file.clone(), format, batch_rows, concurrency, progress };
+            let options = LoadOptions {
+                batch_rows,
+                concurrency,
+                progress,
+                batch_timeout,
+                cache_timeout,
+                ..LoadOptions::new(view, file.clone(), format)
+            };
             let report = load::run(&config, &options).await?;
             load::print_report(&report, &file);
-            anyhow::ensure!(
-                report.failed == 0,
-                "{} rows were not written (see above); run the load again",
-                report.failed
-            );
-            Ok(())
+            report.check()
         }
         Command::Warm { config, view, mut keys, keys_file, top } => {
             let config = FileConfig::load(&config)?.validate()?;

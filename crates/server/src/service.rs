@@ -25,15 +25,19 @@ use crate::tiers::{Served, Source, Tiers};
 pub enum ServiceError {
     #[error(transparent)]
     Invalid(#[from] InvalidRequest),
+    /// Every shard of the write failed. `retry_may_help`: each failure was
+    /// an outage, a timeout or a conflict, so the same request may succeed
+    /// later (UNAVAILABLE); otherwise it would fail again (INTERNAL).
     #[error("none of the {total} rows was written: {}", errors.join("; "))]
-    WriteFailed { total: usize, errors: Vec<String> },
+    WriteFailed { total: usize, errors: Vec<String>, retry_may_help: bool },
 }
 
 impl From<ServiceError> for Status {
     fn from(e: ServiceError) -> Status {
         match e {
             ServiceError::Invalid(e) => e.into(),
-            e @ ServiceError::WriteFailed { .. } => Status::unavailable(e.to_string()),
+            e @ ServiceError::WriteFailed { retry_may_help: true, .. } => Status::unavailable(e.to_string()),
+            e @ ServiceError::WriteFailed { retry_may_help: false, .. } => Status::internal(e.to_string()),
         }
     }
 }
@@ -267,8 +271,10 @@ fn write_response<'a>(
         by_key.insert(key, (v1::WriteOutcome::SkippedOlder, String::new()));
     }
     for (error, keys) in &outcome.failed {
+        tracing::warn!(view, op, keys = keys.len(), error = %error.detail(), "rows not written");
+        let message = error.client_message();
         for key in keys {
-            by_key.insert(key, (v1::WriteOutcome::Failed, error.to_string()));
+            by_key.insert(key, (v1::WriteOutcome::Failed, message.clone()));
         }
     }
     let mut response = v1::WriteFeaturesResponse::default();
@@ -300,7 +306,8 @@ fn write_response<'a>(
     if response.rows_failed > 0 && response.rows_written == 0 && response.rows_skipped_older == 0 {
         return Err(ServiceError::WriteFailed {
             total: response.results.len(),
-            errors: outcome.failed.iter().map(|(e, _)| e.to_string()).collect(),
+            errors: outcome.failed.iter().map(|(e, _)| e.client_message()).collect(),
+            retry_may_help: outcome.failed.iter().all(|(e, _)| e.retry_may_help()),
         });
     }
     Ok(response)
@@ -371,10 +378,19 @@ mod tests {
     }
 
     #[test]
-    fn a_write_of_which_nothing_could_be_stored_fails_as_unavailable() {
+    fn a_write_of_which_nothing_could_be_stored_fails_as_unavailable_only_if_retrying_may_help() {
+        // A misconfiguration fails again: not UNAVAILABLE.
         let done = outcome(&[], &[], &["a", "b"]);
         let error = write_response("v", "write", &done, [("a", true), ("b", true)].into_iter()).unwrap_err();
-        assert_eq!(Status::from(error).code(), tonic::Code::Unavailable);
+        assert_eq!(Status::from(error).code(), tonic::Code::Internal);
+        let timed_out = UpsertOutcome {
+            failed: vec![(ShardError::Timeout { shard: "shard-0".into() }, vec!["a".into()])],
+            ..UpsertOutcome::default()
+        };
+        let error = write_response("v", "write", &timed_out, [("a", true)].into_iter()).unwrap_err();
+        let status = Status::from(error);
+        assert_eq!(status.code(), tonic::Code::Unavailable);
+        assert!(status.message().contains("retrying is safe"), "{}", status.message());
         // A key the shards never answered for is never reported as written.
         let response = write_response("v", "write", &outcome(&["a"], &[], &[]), [("a", true), ("z", true)].into_iter());
         assert_eq!(response.unwrap().rows_failed, 1);

@@ -747,26 +747,87 @@ pub async fn announce(
 
 /// Leaves guards in Redis for rows written without copying their values
 /// there (bulk loads): a reader sees a miss, and a cache fill older than
-/// the row is refused for `guard_ttl`. Returns how many keys Redis failed
-/// to take.
-pub async fn guard(l2: &L2Cache, view: &FeatureView, written: &[(String, EventTime)], guard_ttl: Duration) -> usize {
+/// the row is refused for `guard_ttl`. Pipelines of a bounded size, each
+/// tried again with backoff until it is taken or `deadline` has passed (a
+/// busy Redis, a failover, an open breaker). Returns how many keys Redis
+/// had not taken by then.
+pub async fn guard(
+    l2: &L2Cache,
+    view: &FeatureView,
+    written: &[(String, EventTime)],
+    guard_ttl: Duration,
+    deadline: Instant,
+) -> usize {
     let life = Lifetime { soft: guard_ttl, hard: guard_ttl };
     let mut failed = 0;
-    // Pipelines of a bounded size, so none runs into the command timeout.
     for chunk in written.chunks(GUARD_PIPELINE) {
         let puts: Vec<Put<'_>> =
             chunk.iter().map(|(key, at)| Put { key, content: Content::Guard, version: *at, life }).collect();
-        if let Err(error) = l2.put_many(view, &puts, l2.default_deadline()).await {
-            tracing::warn!(view = %view.name, keys = puts.len(), %error, "redis guard after a bulk write failed");
-            metrics::counter!("strata_cache_errors_total", "tier" => "l2", "op" => "write").increment(1);
+        let puts = &puts;
+        let taken = retry_until(deadline, |attempt_deadline| async move {
+            match l2.put_many(view, &puts, attempt_deadline).await {
+                Ok(_) => true,
+                Err(error) => {
+                    tracing::debug!(view = %view.name, keys = puts.len(), %error, "redis guard after a bulk write failed; retrying");
+                    metrics::counter!("strata_cache_errors_total", "tier" => "l2", "op" => "write").increment(1);
+                    false
+                }
+            }
+        })
+        .await;
+        if !taken {
+            tracing::warn!(view = %view.name, keys = puts.len(), "redis did not take the guards of bulk-written keys in time");
             failed += puts.len();
         }
     }
     failed
 }
 
-/// Guards per Redis pipeline.
-const GUARD_PIPELINE: usize = 1_000;
+/// [`announce`], tried again with backoff until it succeeds or `deadline`
+/// has passed; whether it succeeded.
+pub async fn announce_until(
+    l2: &L2Cache,
+    channel: &str,
+    origin: u64,
+    view: &FeatureView,
+    keys: &[&str],
+    deadline: Instant,
+) -> bool {
+    retry_until(deadline, |attempt_deadline| announce(l2, channel, origin, view, keys, attempt_deadline)).await
+}
+
+/// Runs `attempt` until it returns true or `deadline` has passed, waiting
+/// a growing, jittered time between attempts. Each attempt gets the time
+/// left, at most [`ATTEMPT_BUDGET`].
+async fn retry_until<F, Fut>(deadline: Instant, mut attempt: F) -> bool
+where
+    F: FnMut(Instant) -> Fut,
+    Fut: Future<Output = bool>,
+{
+    let mut retry = 0;
+    loop {
+        let attempt_deadline = deadline.min(Instant::now() + ATTEMPT_BUDGET);
+        if attempt(attempt_deadline).await {
+            return true;
+        }
+        let wait = CACHE_STEP_RETRY.backoff(retry, sample());
+        if Instant::now() + wait >= deadline {
+            return false;
+        }
+        tokio::time::sleep(wait).await;
+        retry += 1;
+    }
+}
+
+/// Guards per Redis pipeline: small enough that a pipeline finishes well
+/// within the command timeout on a busy machine.
+const GUARD_PIPELINE: usize = 250;
+/// The longest one attempt of a bulk load's cache step may take.
+const ATTEMPT_BUDGET: Duration = Duration::from_secs(10);
+/// Backoff between attempts of a bulk load's cache step: long enough for an
+/// open Redis breaker to let a probe through.
+const CACHE_STEP_RETRY: strata_core::RetryPolicy =
+    strata_core::RetryPolicy { attempts: u32::MAX, base: Duration::from_millis(50), cap: Duration::from_secs(2) };
 
 impl Lower {
     /// The lifetime of an entry that stands for a write without its value

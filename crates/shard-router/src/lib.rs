@@ -32,6 +32,12 @@ use tokio_postgres::NoTls;
 
 pub use routing::{jump_hash, shard_for};
 
+/// Backoff between runs of a write transaction that conflicted with another.
+const CONFLICT_RETRY: RetryPolicy =
+    RetryPolicy { attempts: u32::MAX, base: Duration::from_millis(2), cap: Duration::from_millis(200) };
+/// Runs of a conflicting write transaction at most, deadline permitting.
+const MAX_CONFLICT_RETRIES: u32 = 20;
+
 /// One shard as configured: a name for logs and metrics, and where it is.
 #[derive(Clone, Debug)]
 pub struct ShardConfig {
@@ -109,6 +115,79 @@ impl ShardError {
     /// deadline or an error about the data would only fail again.
     fn retryable(&self) -> bool {
         matches!(self, ShardError::Connect { .. } | ShardError::Query { .. }) && self.is_outage()
+    }
+
+    /// Whether PostgreSQL aborted the transaction because of concurrent
+    /// ones (a deadlock, or a serialization failure): running it again may
+    /// well succeed, and nothing of it was applied.
+    fn is_conflict(&self) -> bool {
+        matches!(self, ShardError::Query { source, .. }
+            if source.code().is_some_and(|state| matches!(state.code(), "40P01" | "40001")))
+    }
+
+    /// Whether the same request, sent again, may succeed: the shard was
+    /// unreachable, slow, shutting down or busy with conflicting writes.
+    /// An error about the data or the schema would fail again.
+    pub fn retry_may_help(&self) -> bool {
+        match self {
+            ShardError::Connect { .. } | ShardError::Open { .. } | ShardError::Timeout { .. } => true,
+            ShardError::Query { .. } => self.is_outage() || self.is_conflict(),
+            ShardError::Config { .. }
+            | ShardError::Pool { .. }
+            | ShardError::Schema { .. }
+            | ShardError::Decode { .. }
+            | ShardError::NoShards => false,
+        }
+    }
+
+    /// What a client is told: what happened, in words it can act on, with
+    /// no SQL text, connection string or address (those are logged, see
+    /// [`ShardError::detail`]).
+    pub fn client_message(&self) -> String {
+        match self {
+            ShardError::Config { shard, .. } | ShardError::Pool { shard, .. } => {
+                format!("shard {shard} is misconfigured on the server")
+            }
+            ShardError::Connect { shard, .. } => {
+                format!("shard {shard} could not be reached; nothing was written there; retrying is safe")
+            }
+            ShardError::Query { shard, .. } if self.is_conflict() => format!(
+                "shard {shard}: the rows kept conflicting with concurrent writes of the same keys; \
+                 nothing was written there; retrying is safe"
+            ),
+            ShardError::Query { shard, .. } if self.is_outage() => {
+                format!("shard {shard} failed while writing (connection lost or shutting down); retrying is safe")
+            }
+            ShardError::Query { shard, source } => {
+                let state = source.code().map_or("unknown", |s| s.code());
+                format!("shard {shard} refused the rows (SQLSTATE {state}); retrying will not help")
+            }
+            ShardError::Schema { shard, view, column, .. } => {
+                format!("shard {shard}: the table of view {view} does not match the view (column {column})")
+            }
+            ShardError::Decode { shard, view, .. } => {
+                format!("shard {shard}: a stored row of view {view} is unreadable")
+            }
+            ShardError::Open { shard } => {
+                format!("shard {shard} is unavailable after repeated failures; nothing was written there; retry later")
+            }
+            ShardError::Timeout { shard } => {
+                format!("shard {shard} did not answer within the deadline; the write may still land; retrying is safe")
+            }
+            ShardError::NoShards => "no shards are configured".into(),
+        }
+    }
+
+    /// The whole error for logs, with what PostgreSQL said (its message,
+    /// detail and SQLSTATE), which `Display` of a driver error leaves out.
+    pub fn detail(&self) -> String {
+        match self {
+            ShardError::Query { shard, source } => match source.as_db_error() {
+                Some(db) => format!("shard {shard}: {} ({}): {}", db.severity(), db.code().code(), db.message()),
+                None => format!("shard {shard}: {source:?}"),
+            },
+            other => other.to_string(),
+        }
     }
 }
 
@@ -325,6 +404,7 @@ impl ShardRouter {
                         match found.remove(keys[i]) {
                             Some(sql::Selected::Row(row)) => out[i] = Fetched::Found(row),
                             Some(sql::Selected::Deleted(at)) => out[i] = Fetched::Deleted(at),
+                            Some(sql::Selected::Unreadable) => out[i] = Fetched::Unavailable,
                             None => {}
                         }
                     }
@@ -333,7 +413,7 @@ impl ShardRouter {
                     if matches!(error, ShardError::Open { .. }) {
                         tracing::debug!(view = %view.name, keys = idx.len(), %error, "shard read refused");
                     } else {
-                        tracing::warn!(view = %view.name, keys = idx.len(), %error, "shard read failed");
+                        tracing::warn!(view = %view.name, keys = idx.len(), error = %error.detail(), "shard read failed");
                     }
                     for &i in idx {
                         out[i] = Fetched::Unavailable;
@@ -387,14 +467,16 @@ impl ShardRouter {
         for item in items {
             by_shard[self.shard_of(key(item))].push(item);
         }
-        let runs = by_shard.into_iter().enumerate().filter(|(_, part)| !part.is_empty()).map(|(s, part)| {
+        let (key, op) = (&key, &op);
+        let runs = by_shard.into_iter().enumerate().filter(|(_, part)| !part.is_empty()).map(|(s, mut part)| {
             let shard = &self.shards[s];
+            // Row locks in one order everywhere (byte order of the key, which
+            // the bulk merge uses too): two writers of overlapping keys then
+            // wait for each other instead of deadlocking.
+            part.sort_unstable_by(|a, b| key(a).as_bytes().cmp(key(b).as_bytes()));
             let keys: Vec<String> = part.iter().map(|item| key(item).clone()).collect();
-            let run = op(shard, part);
             async move {
-                let started = Instant::now();
-                let result = shard.guarded(Some(deadline), run).await;
-                shard.observe(label, started, &result);
+                let result = self.with_conflict_retries(shard, label, deadline, || op(shard, part.clone())).await;
                 (keys, result)
             }
         });
@@ -416,22 +498,61 @@ impl ShardRouter {
         outcome
     }
 
+    /// Runs a write transaction on `shard` through its breaker, cut at
+    /// `deadline`; one that PostgreSQL aborted because of a concurrent one
+    /// (deadlock, serialization failure) is run again, with backoff, while
+    /// the deadline allows. Nothing of an aborted transaction was applied.
+    async fn with_conflict_retries<T, Fut>(
+        &self,
+        shard: &Shard,
+        label: &'static str,
+        deadline: tokio::time::Instant,
+        run: impl Fn() -> Fut,
+    ) -> Result<T, ShardError>
+    where
+        Fut: Future<Output = Result<T, ShardError>>,
+    {
+        let mut retry = 0;
+        loop {
+            let started = Instant::now();
+            let result = shard.guarded(Some(deadline), run()).await;
+            shard.observe(label, started, &result);
+            match result {
+                Err(error) if error.is_conflict() => {
+                    // Conflicts are short-lived: a few milliseconds apart,
+                    // growing, for as long as the deadline allows.
+                    let wait = CONFLICT_RETRY.backoff(retry, rand::rng().random::<f64>());
+                    if tokio::time::Instant::now() + wait >= deadline || retry >= MAX_CONFLICT_RETRIES {
+                        tracing::warn!(error = %error.detail(), retry, "write kept conflicting; giving up");
+                        return Err(error);
+                    }
+                    tracing::debug!(error = %error.detail(), ?wait, "write conflicted; running it again");
+                    metrics::counter!("strata_shard_retries_total", "shard" => shard.label.clone()).increment(1);
+                    tokio::time::sleep(wait).await;
+                    retry += 1;
+                }
+                result => return result,
+            }
+        }
+    }
+
     /// Writes a batch of rows to shard `shard` with binary COPY into a
     /// temporary table, then one guarded merge: of several rows of one key
     /// the newest counts, and it replaces the stored row only if not older.
-    /// One transaction, so a failed batch leaves nothing behind. Returns the
-    /// keys applied with their event times. The rows must belong to `shard`.
+    /// One transaction, so a failed batch leaves nothing behind (except after
+    /// a [`ShardError::Timeout`]: the commit may still land). Cut at
+    /// `deadline`, so a frozen shard fails the batch instead of hanging the
+    /// load. Returns the keys applied with their event times. The rows must
+    /// belong to `shard`.
     pub async fn copy_upsert(
         &self,
         shard: usize,
         view: &FeatureView,
         rows: &[(String, Row)],
+        deadline: tokio::time::Instant,
     ) -> Result<Vec<(String, EventTime)>, ShardError> {
         let shard = &self.shards[shard];
-        let started = Instant::now();
-        let result = shard.guarded(None, shard.copy_upsert(view, rows)).await;
-        shard.observe("copy", started, &result);
-        result
+        self.with_conflict_retries(shard, "copy", deadline, || shard.copy_upsert(view, rows)).await
     }
 
     /// Counts the rows of a view on each shard (tombstones aside), in config
@@ -500,15 +621,30 @@ impl Shard {
         let client = self.client().await?;
         let statement = client.prepare_cached(&sql::select(view)).await.map_err(|e| self.query_error(e))?;
         let rows = client.query(&statement, &[&keys]).await.map_err(|e| self.query_error(e))?;
-        rows.iter()
-            .map(|row| {
-                sql::decode_row(view, row).map_err(|message| ShardError::Decode {
-                    shard: self.name.clone(),
-                    view: view.name.clone(),
-                    message,
-                })
-            })
-            .collect()
+        let mut found = std::collections::HashMap::with_capacity(rows.len());
+        for row in &rows {
+            match sql::decode_row(view, row) {
+                Some((key, Ok(selected))) => {
+                    found.insert(key, selected);
+                }
+                // One unreadable row makes its own key unavailable, not the
+                // rest of the batch.
+                Some((key, Err(message))) => {
+                    tracing::warn!(shard = %self.name, view = %view.name, key, message, "unreadable stored row");
+                    metrics::counter!("strata_shard_errors_total", "shard" => self.label.clone(), "op" => "fetch", "reason" => "decode")
+                        .increment(1);
+                    found.insert(key, sql::Selected::Unreadable);
+                }
+                None => {
+                    return Err(ShardError::Decode {
+                        shard: self.name.clone(),
+                        view: view.name.clone(),
+                        message: "a stored key is not text".into(),
+                    });
+                }
+            }
+        }
+        Ok(found)
     }
 
     /// Returns the keys that were applied.

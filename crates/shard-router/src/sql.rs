@@ -114,13 +114,17 @@ pub(crate) fn copy_into_staging(view: &FeatureView) -> String {
 
 /// Moves a copied batch into the view's table: of several rows of one key
 /// the newest is taken, and it replaces the stored row only if not older.
-/// Returns the keys applied with their event times.
+/// Rows are inserted (and their row locks taken) in byte order of the key
+/// (`COLLATE "C"`), the order every write and delete takes them in, so a
+/// load and concurrent writes of the same keys cannot deadlock. Returns the
+/// keys applied with their event times.
 pub(crate) fn merge_staging(view: &FeatureView) -> String {
     let cols = feature_columns(view);
     format!(
         "INSERT INTO {table} AS t (entity_key, event_time{cols}) \
-         SELECT DISTINCT ON (entity_key) entity_key, event_time{cols} FROM {STAGING} \
-         ORDER BY entity_key, event_time DESC, strata_ord DESC{conflict} RETURNING entity_key, event_time",
+         SELECT DISTINCT ON (entity_key COLLATE \"C\") entity_key, event_time{cols} FROM {STAGING} \
+         ORDER BY entity_key COLLATE \"C\", event_time DESC, strata_ord DESC{conflict} \
+         RETURNING entity_key, event_time",
         table = table(view),
         conflict = on_conflict(view),
     )
@@ -213,20 +217,29 @@ pub(crate) fn param(ty: FeatureType, value: &Value) -> &(dyn ToSql + Sync) {
     }
 }
 
-/// A row of [`select`]: a live row, or a tombstone with its deletion time.
+/// A row of [`select`]: a live row, a tombstone with its deletion time, or
+/// a row that cannot be decoded into the view (logged and counted).
 pub(crate) enum Selected {
     Row(Row),
     Deleted(EventTime),
+    Unreadable,
 }
 
-/// Decodes a row of [`select`] into its key and row.
-pub(crate) fn decode_row(view: &FeatureView, row: &tokio_postgres::Row) -> Result<(String, Selected), String> {
-    let key: String = row.try_get(0).map_err(|e| e.to_string())?;
+/// Decodes a row of [`select`] into its key and row, or the key and why
+/// its row cannot be read (only that key is then unavailable). `None` if
+/// not even the key can be read.
+pub(crate) fn decode_row(view: &FeatureView, row: &tokio_postgres::Row) -> Option<(String, Result<Selected, String>)> {
+    let key: String = row.try_get(0).ok()?;
+    let selected = decode_selected(view, &key, row);
+    Some((key, selected))
+}
+
+fn decode_selected(view: &FeatureView, key: &str, row: &tokio_postgres::Row) -> Result<Selected, String> {
     let time: SystemTime = row.try_get(1).map_err(|e| e.to_string())?;
     let event_time = EventTime::from_system_time(time);
     let deleted: bool = row.try_get(2).map_err(|e| e.to_string())?;
     if deleted {
-        return Ok((key, Selected::Deleted(event_time)));
+        return Ok(Selected::Deleted(event_time));
     }
     let mut values = Vec::with_capacity(view.features.len());
     for (i, feature) in view.features.iter().enumerate() {
@@ -243,7 +256,7 @@ pub(crate) fn decode_row(view: &FeatureView, row: &tokio_postgres::Row) -> Resul
         .map_err(|e| format!("key {key:?}, feature {}: {e}", feature.name))?;
         values.push(value.unwrap_or(Value::Null));
     }
-    Ok((key, Selected::Row(Row { event_time, values })))
+    Ok(Selected::Row(Row { event_time, values }))
 }
 
 #[cfg(test)]
@@ -293,8 +306,11 @@ mod tests {
     #[test]
     fn a_bulk_merge_keeps_the_newest_row_of_a_key_and_the_later_of_a_tie() {
         let sql = merge_staging(&view());
-        assert!(sql.contains("SELECT DISTINCT ON (entity_key)"), "{sql}");
-        assert!(sql.contains("ORDER BY entity_key, event_time DESC, strata_ord DESC ON CONFLICT"), "{sql}");
+        assert!(sql.contains("SELECT DISTINCT ON (entity_key COLLATE \"C\")"), "{sql}");
+        assert!(
+            sql.contains("ORDER BY entity_key COLLATE \"C\", event_time DESC, strata_ord DESC ON CONFLICT"),
+            "rows are merged in the byte order of their keys, as writes lock them: {sql}"
+        );
         assert!(create_staging(&view()).contains("strata_ord bigint GENERATED ALWAYS AS IDENTITY"));
     }
 
