@@ -292,6 +292,8 @@ async fn list_feature_views_returns_the_registry(env: &'static Env) -> Result<()
                 "chaos_pg",
                 "ops",
                 "cli",
+                "contended",
+                "hostile",
             ],
         "{names:?}"
     );

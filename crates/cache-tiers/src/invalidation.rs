@@ -256,7 +256,8 @@ impl Worker {
                     // proves the subscription still stands.
                     let beat = invalidation_messages(self.origin, "", &[]);
                     for message in beat {
-                        if let Err(error) = self.l2.publish(&self.channel, message, self.l2.default_deadline()).await {
+                        let deadline = Instant::now() + HEARTBEAT;
+                        if let Err(error) = self.l2.publish_unguarded(&self.channel, message, deadline).await {
                             tracing::debug!(%error, "invalidation heartbeat failed");
                         }
                     }

@@ -442,6 +442,11 @@ impl FileConfig {
         }
 
         let RedisSection { nodes, command_timeout, connect_timeout, key_prefix } = redis;
+        // Strata puts its own hash tag right after the prefix; a brace in
+        // the prefix would make the prefix the tag, and every key one slot.
+        if key_prefix.contains(['{', '}']) {
+            bail!("redis.key_prefix must not contain '{{' or '}}' (Strata chooses the hash tag), not {key_prefix:?}");
+        }
         if nodes.is_empty() {
             bail!("redis.nodes: at least one node of the Redis Cluster is needed");
         }

@@ -189,7 +189,13 @@ impl FeatureStore for FeatureStoreService {
                 *tally.entry((source, status)).or_default() += 1;
                 let (values, event_time) = match answer {
                     Served::Found { row, .. } => {
-                        let values = read.columns.iter().map(|&c| value_to_wire(&row.values[c])).collect();
+                        // Rows from every tier were checked against the view;
+                        // a missing value would still answer null, not panic.
+                        let values = read
+                            .columns
+                            .iter()
+                            .map(|&c| value_to_wire(row.values.get(c).unwrap_or(&Value::Null)))
+                            .collect();
                         (values, Some(event_time_to_wire(row.event_time)))
                     }
                     Served::NotFound { .. } | Served::Unavailable => (nulls.clone(), None),

@@ -851,21 +851,29 @@ impl Lower {
     }
 
     /// Loads distinct keys from L2, then PostgreSQL; aligned with `keys`.
+    /// With protection, each key's lease is tried for in the same Redis
+    /// call that looks it up (one round trip before PostgreSQL).
     async fn load(&self, view: &Arc<FeatureView>, keys: &[&str], deadline: Instant) -> Vec<Loaded> {
         let mut out: Vec<Option<Loaded>> = vec![None; keys.len()];
-        let (hits, l2_up) = match self.l2.get_many(view, keys, deadline).await {
-            Ok(hits) => (hits, true),
+        let lookup = if self.protection.enabled {
+            self.l2.get_or_lease(view, keys, self.protection.lease_ttl, deadline).await
+        } else {
+            self.l2.get_many(view, keys, deadline).await.map(|hits| hits.into_iter().map(|hit| (false, hit)).collect())
+        };
+        let (answers, l2_up) = match lookup {
+            Ok(answers) => (answers, true),
             // Skipped while the breaker is open: not worth a warning each.
-            Err(L2Error::Open) => (vec![None; keys.len()], false),
+            Err(L2Error::Open) => (vec![(false, None); keys.len()], false),
             Err(error) => {
                 tracing::warn!(view = %view.name, keys = keys.len(), %error, "redis read failed; going to postgres");
                 metrics::counter!("strata_cache_errors_total", "tier" => "l2", "op" => "get").increment(1);
-                (vec![None; keys.len()], false)
+                (vec![(false, None); keys.len()], false)
             }
         };
         let mut misses = Vec::new();
+        let mut won = Vec::new();
         let mut negative_hits = 0;
-        for (i, hit) in hits.into_iter().enumerate() {
+        for (i, (lease, hit)) in answers.into_iter().enumerate() {
             match hit {
                 Some(hit) => {
                     if hit.stale
@@ -877,7 +885,10 @@ impl Lower {
                     negative_hits += usize::from(hit.value == Cached::Missing);
                     out[i] = Some(Loaded::Value { value: hit.value, source: Source::L2 });
                 }
-                None => misses.push(i),
+                None => {
+                    misses.push(i);
+                    won.push(lease);
+                }
             }
         }
         count_lookups(view, Source::L2, keys.len() - misses.len(), misses.len());
@@ -888,9 +899,9 @@ impl Lower {
 
         let miss_keys: Vec<&str> = misses.iter().map(|&i| keys[i]).collect();
         let loaded = if self.protection.enabled && l2_up {
-            self.load_under_leases(view, &miss_keys, deadline).await
+            self.load_under_leases(view, &miss_keys, &won, deadline).await
         } else {
-            self.fetch_then_fill(view, &miss_keys, Vec::new(), deadline).await
+            self.fetch_then_fill(view, &miss_keys, Leases::none(&self.l2, view), deadline).await
         };
         for (i, loaded) in misses.into_iter().zip(loaded) {
             out[i] = Some(loaded);
@@ -898,56 +909,38 @@ impl Lower {
         out.into_iter().flatten().collect()
     }
 
-    /// For keys missing in Redis: where this instance takes the key's lease
-    /// it reads PostgreSQL and fills Redis; elsewhere it waits for the lease
-    /// holder's result in Redis, and reads PostgreSQL itself only if none
-    /// comes within the lease TTL.
-    async fn load_under_leases(&self, view: &Arc<FeatureView>, keys: &[&str], deadline: Instant) -> Vec<Loaded> {
-        // With each lease, one more look at the key: another instance may
-        // have filled it between our miss and our lease (it reloaded and
-        // released in that window), and then PostgreSQL need not be read.
-        let answers = match self.l2.lease_and_get(view, keys, self.protection.lease_ttl, deadline).await {
-            Ok(answers) => answers,
-            Err(error) => {
-                tracing::warn!(view = %view.name, %error, "redis lease failed; going to postgres");
-                return self.fetch_then_fill(view, keys, Vec::new(), deadline).await;
-            }
-        };
-        let (mine, theirs): (Vec<usize>, Vec<usize>) = (0..keys.len()).partition(|&i| answers[i].0);
+    /// For keys missing in Redis, given whether this instance took each
+    /// one's lease: where it did, it reads PostgreSQL and fills Redis;
+    /// elsewhere it waits for the lease holder's result in Redis, and reads
+    /// PostgreSQL itself only if none comes within the lease TTL.
+    async fn load_under_leases(
+        &self,
+        view: &Arc<FeatureView>,
+        keys: &[&str],
+        won: &[bool],
+        deadline: Instant,
+    ) -> Vec<Loaded> {
+        let (mine, theirs): (Vec<usize>, Vec<usize>) = (0..keys.len()).partition(|&i| won[i]);
         count_leases(view, mine.len(), theirs.len());
+        let mine_keys: Vec<&str> = mine.iter().map(|&i| keys[i]).collect();
+        // Released after the fill, or when this request is dropped first
+        // (its client went away): never left to expire while others wait.
+        let leases = Leases::held(&self.l2, view, &mine_keys);
         let mut out: Vec<Option<Loaded>> = vec![None; keys.len()];
-        // A key whose lease another instance holds, but that is already
-        // filled, needs no waiting.
-        let (theirs, filled): (Vec<usize>, Vec<usize>) = theirs.into_iter().partition(|&i| answers[i].1.is_none());
-        for i in filled {
-            out[i] = answers[i].1.clone().map(|hit| Loaded::Value { value: hit.value, source: Source::L2 });
-        }
-        // Nor does a key whose shard is down: its holder will not fill it,
-        // and waiting would hold up the rest of the batch (and every request
-        // waiting on this one) for half its deadline.
+        // A key whose shard is down is not waited for: its holder will not
+        // fill it, and waiting would hold up the rest of the batch (and
+        // every request waiting on this one) for half its deadline.
         let (theirs, down): (Vec<usize>, Vec<usize>) =
             theirs.into_iter().partition(|&i| self.shards.available(self.shards.shard_of(keys[i])));
         for i in down {
             out[i] = Some(Loaded::Unavailable);
         }
-        let mine_keys: Vec<&str> = mine.iter().map(|&i| keys[i]).collect();
         let theirs_keys: Vec<&str> = theirs.iter().map(|&i| keys[i]).collect();
         let load_mine = async {
             if mine_keys.is_empty() {
                 return Vec::new();
             }
-            let mut loaded: Vec<Option<Loaded>> = mine
-                .iter()
-                .map(|&i| answers[i].1.clone().map(|hit| Loaded::Value { value: hit.value, source: Source::L2 }))
-                .collect();
-            let cold: Vec<usize> = (0..mine_keys.len()).filter(|&i| loaded[i].is_none()).collect();
-            let cold_keys: Vec<&str> = cold.iter().map(|&i| mine_keys[i]).collect();
-            // Every lease taken is released, after the fill of the cold keys.
-            let leases = mine_keys.iter().map(|k| (*k).to_owned()).collect();
-            for (i, fetched) in cold.into_iter().zip(self.fetch_then_fill(view, &cold_keys, leases, deadline).await) {
-                loaded[i] = Some(fetched);
-            }
-            loaded.into_iter().map(|l| l.unwrap_or(Loaded::Unavailable)).collect()
+            self.fetch_then_fill(view, &mine_keys, leases, deadline).await
         };
         let (mine_loaded, theirs_loaded) = tokio::join!(load_mine, self.wait_for_holders(view, &theirs_keys, deadline));
         for (i, loaded) in mine.into_iter().zip(mine_loaded).chain(theirs.into_iter().zip(theirs_loaded)) {
@@ -983,7 +976,8 @@ impl Lower {
         }
         if !pending.is_empty() {
             let late: Vec<&str> = pending.iter().map(|&i| keys[i]).collect();
-            for (i, loaded) in pending.iter().zip(self.fetch_then_fill(view, &late, Vec::new(), deadline).await) {
+            let no_leases = Leases::none(&self.l2, view);
+            for (i, loaded) in pending.iter().zip(self.fetch_then_fill(view, &late, no_leases, deadline).await) {
                 out[*i] = Some(loaded);
             }
         }
@@ -1005,7 +999,7 @@ impl Lower {
         &self,
         view: &Arc<FeatureView>,
         keys: &[&str],
-        leases: Vec<String>,
+        leases: Leases,
         deadline: Instant,
     ) -> Vec<Loaded> {
         let fetched = if keys.is_empty() { Vec::new() } else { self.fetch(view, keys, deadline).await };
@@ -1018,12 +1012,7 @@ impl Lower {
                 let stored = fill_l2(&l2, &protection, &view, &key_refs, &fetched, deadline).await;
                 count_fill_error(&view, keys.len(), stored);
             }
-            if !leases.is_empty() {
-                let leases: Vec<&str> = leases.iter().map(String::as_str).collect();
-                if let Err(error) = l2.release_leases(&view, &leases).await {
-                    tracing::debug!(view = %view.name, %error, "releasing leases failed; they expire by themselves");
-                }
-            }
+            leases.release().await;
         });
         loaded
     }
@@ -1064,6 +1053,54 @@ impl Lower {
             hook(&view.name, keys).await;
         }
         fetched
+    }
+}
+
+/// Redis leases this instance holds on keys of a view: released once
+/// their keys are filled ([`Leases::release`]), or, if dropped before that
+/// (the request was cancelled while reading PostgreSQL), released in the
+/// background at once, so other instances and this one's waiters do not
+/// stall until the leases expire.
+struct Leases {
+    l2: L2Cache,
+    view: Arc<FeatureView>,
+    keys: Vec<String>,
+}
+
+impl Leases {
+    fn held(l2: &L2Cache, view: &Arc<FeatureView>, keys: &[&str]) -> Leases {
+        Leases { l2: l2.clone(), view: view.clone(), keys: keys.iter().map(|k| (*k).to_owned()).collect() }
+    }
+
+    fn none(l2: &L2Cache, view: &Arc<FeatureView>) -> Leases {
+        Leases::held(l2, view, &[])
+    }
+
+    async fn release(mut self) {
+        let keys = std::mem::take(&mut self.keys);
+        release_leases(&self.l2, &self.view, keys).await;
+    }
+}
+
+impl Drop for Leases {
+    fn drop(&mut self) {
+        if self.keys.is_empty() {
+            return;
+        }
+        let (l2, view, keys) = (self.l2.clone(), self.view.clone(), std::mem::take(&mut self.keys));
+        if let Ok(runtime) = tokio::runtime::Handle::try_current() {
+            runtime.spawn(async move { release_leases(&l2, &view, keys).await });
+        }
+    }
+}
+
+async fn release_leases(l2: &L2Cache, view: &FeatureView, keys: Vec<String>) {
+    if keys.is_empty() {
+        return;
+    }
+    let keys: Vec<&str> = keys.iter().map(String::as_str).collect();
+    if let Err(error) = l2.release_leases(view, &keys).await {
+        tracing::debug!(view = %view.name, %error, "releasing leases failed; they expire by themselves");
     }
 }
 
