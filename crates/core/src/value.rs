@@ -85,13 +85,30 @@ impl Value {
     pub fn approx_bytes(&self) -> usize {
         let heap = match self {
             Value::Null | Value::Int64(_) | Value::Double(_) | Value::Bool(_) => 0,
-            Value::String(s) => s.len(),
-            Value::Bytes(b) => b.len(),
-            Value::FloatList(v) => v.len() * 4,
-            Value::Int64List(v) => v.len() * 8,
+            _ => self.payload_bytes(),
         };
         size_of::<Value>() + heap
     }
+
+    /// The bytes of the value itself: a string's or bytes' length, a list's
+    /// elements, 8 for a number, 1 for a bool, 0 for null. The per-value
+    /// limit is on this; an encoded value is at most this plus
+    /// [`Value::MAX_WIRE_OVERHEAD`], whatever the encoding.
+    pub fn payload_bytes(&self) -> usize {
+        match self {
+            Value::Null => 0,
+            Value::Bool(_) => 1,
+            Value::Int64(_) | Value::Double(_) => 8,
+            Value::String(s) => s.len(),
+            Value::Bytes(b) => b.len(),
+            Value::FloatList(v) => v.len() * 4,
+            // A varint of a negative int64 takes 10 bytes.
+            Value::Int64List(v) => v.len() * 10,
+        }
+    }
+
+    /// Field tags, lengths and wrappers around a value on the wire, at most.
+    pub const MAX_WIRE_OVERHEAD: usize = 24;
 }
 
 /// When a row's values were produced, in microseconds since the Unix epoch

@@ -12,11 +12,36 @@ pub struct Limits {
     pub max_keys_per_request: usize,
     pub max_key_bytes: usize,
     pub max_rows_per_write: usize,
+    /// Bytes of one value at most ([`Value::payload_bytes`]).
+    pub max_value_bytes: usize,
+    /// How far ahead of the server's clock an event time may be: a write
+    /// dated far in the future would make every real write of its key
+    /// SKIPPED_OLDER until then.
+    pub max_future_event_time: std::time::Duration,
 }
 
 impl Default for Limits {
     fn default() -> Self {
-        Limits { max_keys_per_request: 1_000, max_key_bytes: 256, max_rows_per_write: 1_000 }
+        Limits {
+            max_keys_per_request: 1_000,
+            max_key_bytes: 256,
+            max_rows_per_write: 1_000,
+            max_value_bytes: 1 << 20,
+            max_future_event_time: std::time::Duration::from_secs(3_600),
+        }
+    }
+}
+
+/// How much of a piece of user input an error message repeats: enough to
+/// recognise it, never megabytes.
+const ECHO_CHARS: usize = 64;
+
+/// `text` as an error message may quote it: whole if short, else its first
+/// [`ECHO_CHARS`] characters and its length.
+pub fn echo(text: &str) -> String {
+    match text.char_indices().nth(ECHO_CHARS) {
+        None => format!("{text:?}"),
+        Some((end, _)) => format!("{:?}… ({} bytes)", &text[..end], text.len()),
     }
 }
 
@@ -61,12 +86,17 @@ pub struct FeatureDelete {
 pub enum InvalidRequest {
     #[error("feature_view is empty")]
     NoView,
-    #[error("unknown feature_view {name:?} (known: {known})")]
+    /// `name` is already cut short for echoing ([`echo`]).
+    #[error("unknown feature_view {name} (known: {known})")]
     UnknownView { name: String, known: String },
-    #[error("feature view {view:?} has no feature {feature:?}")]
+    #[error("feature view {view:?} has no feature {feature}")]
     UnknownFeature { view: String, feature: String },
-    #[error("features lists {0:?} twice")]
+    #[error("features lists {0} twice")]
     DuplicateFeature(String),
+    #[error("{field} is {len} bytes, over the limit of {limit} (limits.max_value_bytes)")]
+    ValueTooLarge { field: String, len: usize, limit: usize },
+    #[error("{field} is more than {limit:?} ahead of the server's clock (limits.max_future_event_time)")]
+    EventTimeInFuture { field: String, limit: std::time::Duration },
     #[error("entity_keys is empty")]
     NoKeys,
     #[error("{count} entity_keys, over the limit of {limit} per request")]
@@ -100,7 +130,7 @@ fn view<'r>(registry: &'r Registry, name: &str) -> Result<&'r Arc<FeatureView>, 
         return Err(InvalidRequest::NoView);
     }
     registry.get(name).ok_or_else(|| InvalidRequest::UnknownView {
-        name: name.to_owned(),
+        name: echo(name),
         known: registry.views().iter().map(|v| v.name.as_str()).collect::<Vec<_>>().join(", "),
     })
 }
@@ -149,9 +179,9 @@ pub fn read_request(
         for name in features {
             let position = view
                 .position(&name)
-                .ok_or_else(|| InvalidRequest::UnknownFeature { view: view.name.clone(), feature: name.clone() })?;
+                .ok_or_else(|| InvalidRequest::UnknownFeature { view: view.name.clone(), feature: echo(&name) })?;
             if columns.contains(&position) {
-                return Err(InvalidRequest::DuplicateFeature(name));
+                return Err(InvalidRequest::DuplicateFeature(echo(&name)));
             }
             columns.push(position);
         }
@@ -186,17 +216,22 @@ pub fn write_request(
         check_key(&entity_key, || format!("rows[{i}].entity_key"), limits)?;
         let event_time =
             event_time.ok_or_else(|| InvalidRequest::MissingEventTime { field: format!("rows[{i}].event_time") })?;
-        let event_time = event_time_from_wire(event_time, || format!("rows[{i}].event_time"))?;
+        let event_time = event_time_from_wire(event_time, || format!("rows[{i}].event_time"), limits)?;
         let mut values = vec![Value::Null; view.features.len()];
         for (name, value) in features {
-            let field = || format!("rows[{i}].features[{name:?}]");
             let position = view
                 .position(&name)
-                .ok_or_else(|| InvalidRequest::UnknownFeature { view: view.name.clone(), feature: name.clone() })?;
+                .ok_or_else(|| InvalidRequest::UnknownFeature { view: view.name.clone(), feature: echo(&name) })?;
+            // A known feature's name is short: quoting it is safe.
+            let field = || format!("rows[{i}].features[{name:?}]");
             let value = value_from_wire(value);
             let expected = view.features[position].ty;
             if let Some(got) = value.feature_type().filter(|got| *got != expected) {
                 return Err(InvalidRequest::WrongType { field: field(), expected, got });
+            }
+            let len = value.payload_bytes();
+            if len > limits.max_value_bytes {
+                return Err(InvalidRequest::ValueTooLarge { field: field(), len, limit: limits.max_value_bytes });
             }
             if matches!(&value, Value::String(s) if s.contains('\0')) {
                 return Err(InvalidRequest::NulCharacter { field: field() });
@@ -226,11 +261,24 @@ pub fn write_request(
     Ok(FeatureWrite { view, rows: out, superseded, requested })
 }
 
+/// An event time from the wire: in range, and not further ahead of the
+/// server's clock than the limit allows.
 fn event_time_from_wire(
     time: crate::prost_types::Timestamp,
     field: impl Fn() -> String,
+    limits: &Limits,
 ) -> Result<EventTime, InvalidRequest> {
-    EventTime::from_parts(time.seconds, time.nanos).ok_or_else(|| InvalidRequest::BadEventTime { field: field() })
+    let at = EventTime::from_parts(time.seconds, time.nanos)
+        .ok_or_else(|| InvalidRequest::BadEventTime { field: field() })?;
+    check_not_future(at, limits).map_err(|limit| InvalidRequest::EventTimeInFuture { field: field(), limit })?;
+    Ok(at)
+}
+
+/// Whether `at` is at most `limits.max_future_event_time` ahead of the
+/// server's clock; the limit if not.
+pub fn check_not_future(at: EventTime, limits: &Limits) -> Result<(), std::time::Duration> {
+    let latest = EventTime::from_system_time(std::time::SystemTime::now() + limits.max_future_event_time);
+    if at > latest { Err(limits.max_future_event_time) } else { Ok(()) }
 }
 
 /// Validates a DeleteFeatures request against the registry.
@@ -243,7 +291,7 @@ pub fn delete_request(
     let view = view(registry, &feature_view)?.clone();
     check_keys(&entity_keys, limits.max_rows_per_write, limits)?;
     let at = event_time.ok_or_else(|| InvalidRequest::MissingEventTime { field: "event_time".into() })?;
-    let at = event_time_from_wire(at, || "event_time".into())?;
+    let at = event_time_from_wire(at, || "event_time".into(), limits)?;
     let mut keys = Vec::with_capacity(entity_keys.len());
     let mut index: HashMap<String, usize> = HashMap::with_capacity(entity_keys.len());
     let mut requested = Vec::with_capacity(entity_keys.len());

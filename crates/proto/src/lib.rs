@@ -12,8 +12,8 @@ mod convert;
 pub use prost_types;
 
 pub use convert::{
-    FeatureDelete, FeatureRead, FeatureWrite, InvalidRequest, Limits, delete_request, event_time_to_wire, read_request,
-    value_from_wire, value_to_wire, view_to_wire, write_request,
+    FeatureDelete, FeatureRead, FeatureWrite, InvalidRequest, Limits, check_not_future, delete_request, echo,
+    event_time_to_wire, read_request, value_from_wire, value_to_wire, view_to_wire, write_request,
 };
 
 /// Generated messages, client and server of `strata.v1`.

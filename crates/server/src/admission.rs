@@ -2,9 +2,10 @@
 //! refused while the server drains, per-client token-bucket rate limits,
 //! and a global cap on requests in flight. Every refusal is immediate (no
 //! queue, so an overloaded server answers "no" in microseconds instead of
-//! "yes" too late) and a gRPC status naming the reason. The FeatureStore
-//! service asks at the start of each call (after tonic has read the
-//! request, so a refusal is a clean gRPC answer); health checks and
+//! "yes" too late) and a gRPC status naming the reason. [`AdmissionLayer`]
+//! asks before the request body is read or decoded, so the memory of
+//! requests being decoded is bounded by `max_in_flight` times the request
+//! size limit, whatever a flood of large requests sends; health checks and
 //! reflection are never refused: a probe must see the truth under load.
 
 use std::collections::HashMap;
@@ -20,12 +21,14 @@ use tonic::Status;
 pub const CLIENT_ID_HEADER: &str = "x-client-id";
 /// Longest client id accepted; longer ids are refused.
 pub const MAX_CLIENT_ID_BYTES: usize = 128;
-/// Unlisted clients with a bucket of their own at most. Beyond that, new
-/// ids share one bucket until idle ones are forgotten, so a stream of
-/// made-up ids cannot grow memory without bound.
+/// Unlisted clients with a bucket of their own at most, so a stream of
+/// made-up ids cannot grow memory without bound. While that many are
+/// tracked, unlisted clients are admitted without a bucket (the in-flight
+/// cap still holds) until idle buckets are forgotten, about a second later:
+/// a client that rotates ids escapes rate limits (ids are self-asserted
+/// until authentication names the principal), but never throttles anyone
+/// else, as one shared overflow bucket would.
 const MAX_TRACKED_CLIENTS: usize = 10_000;
-/// The bucket shared by unlisted clients beyond [`MAX_TRACKED_CLIENTS`].
-const OVERFLOW_BUCKET: &str = "\u{0}overflow";
 
 /// Rate limits as configured: `per_second` and `burst` for any client not
 /// listed (0: unlimited), and per-client overrides.
@@ -161,8 +164,7 @@ impl Admission {
             Some(Some(bucket)) => bucket.check().is_err(),
             Some(None) => false,
             None => self.others.as_ref().is_some_and(|buckets| {
-                let key = if buckets.len() < MAX_TRACKED_CLIENTS { client } else { OVERFLOW_BUCKET };
-                buckets.check_key(&key.to_owned()).is_err()
+                buckets.len() < MAX_TRACKED_CLIENTS && buckets.check_key(&client.to_owned()).is_err()
             }),
         };
         if limited {
@@ -179,6 +181,75 @@ impl Admission {
         Ok(permit)
     }
 }
+
+/// Admits FeatureStore calls before their bodies are read (see the module
+/// docs); a refusal is answered at once as a trailers-only gRPC status, and
+/// the permit of an admitted call is held until its response is ready.
+#[derive(Clone)]
+pub struct AdmissionLayer {
+    admission: Arc<Admission>,
+}
+
+impl AdmissionLayer {
+    pub fn new(admission: Arc<Admission>) -> AdmissionLayer {
+        AdmissionLayer { admission }
+    }
+}
+
+impl<S> tower::Layer<S> for AdmissionLayer {
+    type Service = Admitted<S>;
+
+    fn layer(&self, inner: S) -> Admitted<S> {
+        Admitted { inner, admission: self.admission.clone() }
+    }
+}
+
+#[derive(Clone)]
+pub struct Admitted<S> {
+    inner: S,
+    admission: Arc<Admission>,
+}
+
+/// The path prefix of the calls admission decides on.
+const ADMITTED_PREFIX: &str = "/strata.v1.FeatureStore/";
+
+impl<S, B, R> tower::Service<http::Request<B>> for Admitted<S>
+where
+    S: tower::Service<http::Request<B>, Response = http::Response<R>> + Clone + Send + 'static,
+    S::Future: Send + 'static,
+    S::Error: Send + 'static,
+    B: Send + 'static,
+    R: Default + Send + 'static,
+{
+    type Response = S::Response;
+    type Error = S::Error;
+    type Future = std::pin::Pin<Box<dyn Future<Output = Result<Self::Response, Self::Error>> + Send>>;
+
+    fn poll_ready(&mut self, cx: &mut std::task::Context<'_>) -> std::task::Poll<Result<(), Self::Error>> {
+        self.inner.poll_ready(cx)
+    }
+
+    fn call(&mut self, request: http::Request<B>) -> Self::Future {
+        let permit = if request.uri().path().starts_with(ADMITTED_PREFIX) {
+            let client = request.headers().get(CLIENT_ID_HEADER).map(|v| v.as_bytes());
+            match self.admission.admit(client) {
+                Ok(permit) => Some(permit),
+                Err((_, status)) => return Box::pin(std::future::ready(Ok(status.into_http()))),
+            }
+        } else {
+            None
+        };
+        // The service that was polled ready is the one to call.
+        let clone = self.inner.clone();
+        let mut inner = std::mem::replace(&mut self.inner, clone);
+        Box::pin(async move {
+            let _permit = permit;
+            inner.call(request).await
+        })
+    }
+}
+
+use tonic::codegen::http;
 
 #[cfg(test)]
 mod tests {

@@ -188,6 +188,22 @@ pub struct ServerSection {
     /// before the process exits.
     #[serde(with = "humantime_serde")]
     pub drain_timeout: Duration,
+    /// gRPC connections open at once at most; more are closed at once.
+    pub max_connections: usize,
+    /// Concurrent HTTP/2 streams (calls) per connection at most.
+    pub max_concurrent_streams: u32,
+    /// How often an idle connection is pinged, and how long a ping may go
+    /// unanswered before the connection is closed: dead clients do not
+    /// hold connections.
+    #[serde(with = "humantime_serde")]
+    pub keepalive_interval: Duration,
+    #[serde(with = "humantime_serde")]
+    pub keepalive_timeout: Duration,
+    /// Longest time a call may take from its first byte to its answer,
+    /// reading its request included: a client that never finishes sending
+    /// one is cut off. Longer than `max_deadline`.
+    #[serde(with = "humantime_serde")]
+    pub request_timeout: Duration,
 }
 
 #[derive(Debug, Deserialize, Serialize)]
@@ -196,6 +212,18 @@ pub struct LimitsSection {
     pub max_keys_per_request: usize,
     pub max_key_bytes: usize,
     pub max_rows_per_write: usize,
+    /// Bytes of one feature value at most (a string's or bytes' length, a
+    /// list's elements).
+    pub max_value_bytes: usize,
+    /// Bytes of one encoded request at most; larger ones are refused with
+    /// RESOURCE_EXHAUSTED before they are decoded.
+    pub max_request_bytes: usize,
+    /// Bytes of one answer at most; a read whose answer would be larger is
+    /// refused with RESOURCE_EXHAUSTED before the answer is built.
+    pub max_response_bytes: usize,
+    /// How far ahead of the server's clock an event time may be.
+    #[serde(with = "humantime_serde")]
+    pub max_future_event_time: Duration,
 }
 
 #[derive(Debug, Deserialize, Serialize)]
@@ -246,6 +274,11 @@ impl Default for ServerSection {
             max_deadline: Duration::from_secs(30),
             max_in_flight: 256,
             drain_timeout: Duration::from_secs(10),
+            max_connections: 1_024,
+            max_concurrent_streams: 128,
+            keepalive_interval: Duration::from_secs(30),
+            keepalive_timeout: Duration::from_secs(10),
+            request_timeout: Duration::from_secs(40),
         }
     }
 }
@@ -257,6 +290,10 @@ impl Default for LimitsSection {
             max_keys_per_request: limits.max_keys_per_request,
             max_key_bytes: limits.max_key_bytes,
             max_rows_per_write: limits.max_rows_per_write,
+            max_value_bytes: limits.max_value_bytes,
+            max_request_bytes: 4 << 20,
+            max_response_bytes: 4 << 20,
+            max_future_event_time: limits.max_future_event_time,
         }
     }
 }
@@ -306,9 +343,46 @@ pub struct Deadlines {
     pub max: Duration,
 }
 
+/// HTTP/2 and connection limits of the gRPC listener (see
+/// [`ServerSection`]).
+#[derive(Clone, Copy, Debug)]
+pub struct Transport {
+    pub max_connections: usize,
+    pub max_concurrent_streams: u32,
+    pub keepalive_interval: Duration,
+    pub keepalive_timeout: Duration,
+    pub request_timeout: Duration,
+}
+
+/// The sections of the configuration file, as they appear after the
+/// `STRATA_` prefix of an environment variable.
+const SECTIONS: &[&str] = &[
+    "server",
+    "limits",
+    "l1",
+    "redis",
+    "postgres",
+    "stampede",
+    "writes",
+    "hot_keys",
+    "breaker",
+    "retry",
+    "rate_limits",
+];
+
+/// Whether an environment variable (its name after `STRATA_`) is meant as
+/// a setting: `SECTION__NAME`, for a section of the file. A misspelt name
+/// inside a section still stops start-up, naming it.
+fn is_setting_variable(key: &str) -> bool {
+    key.split_once("__").is_some_and(|(section, _)| SECTIONS.iter().any(|s| s.eq_ignore_ascii_case(section)))
+}
+
 /// The validated configuration the server runs with.
 #[derive(Clone, Debug)]
 pub struct Config {
+    pub transport: Transport,
+    pub max_request_bytes: usize,
+    pub max_response_bytes: usize,
     pub grpc_addr: SocketAddr,
     pub metrics_addr: SocketAddr,
     pub deadlines: Deadlines,
@@ -340,7 +414,9 @@ impl FileConfig {
             }
             figment = figment.merge(Toml::file_exact(path));
         }
-        figment = figment.merge(Env::prefixed(ENV_PREFIX).split("__"));
+        // Only variables that name a setting: STRATA_ADDR (the CLI's) and
+        // others of the prefix are not the server's business.
+        figment = figment.merge(Env::prefixed(ENV_PREFIX).filter(|key| is_setting_variable(key.as_str())).split("__"));
         figment.extract().map_err(|e| anyhow::anyhow!("invalid configuration: {e}"))
     }
 
@@ -364,8 +440,19 @@ impl FileConfig {
             rate_limits,
             views,
         } = self;
-        let ServerSection { grpc_addr, metrics_addr, default_deadline, max_deadline, max_in_flight, drain_timeout } =
-            server;
+        let ServerSection {
+            grpc_addr,
+            metrics_addr,
+            default_deadline,
+            max_deadline,
+            max_in_flight,
+            drain_timeout,
+            max_connections,
+            max_concurrent_streams,
+            keepalive_interval,
+            keepalive_timeout,
+            request_timeout,
+        } = server;
         let grpc_addr =
             grpc_addr.parse().with_context(|| format!("server.grpc_addr: {grpc_addr:?} is not an address"))?;
         let metrics_addr =
@@ -392,6 +479,26 @@ impl FileConfig {
         }
         if max_in_flight == 0 || max_in_flight > MAX_IN_FLIGHT_LIMIT {
             bail!("server.max_in_flight must be between 1 and {MAX_IN_FLIGHT_LIMIT}, not {max_in_flight}");
+        }
+        if max_connections == 0 || max_connections > MAX_IN_FLIGHT_LIMIT {
+            bail!("server.max_connections must be between 1 and {MAX_IN_FLIGHT_LIMIT}, not {max_connections}");
+        }
+        if max_concurrent_streams == 0 {
+            bail!("server.max_concurrent_streams must be greater than zero");
+        }
+        for (name, value) in
+            [("server.keepalive_interval", keepalive_interval), ("server.keepalive_timeout", keepalive_timeout)]
+        {
+            if value.is_zero() || value > MAX_DEADLINE_LIMIT {
+                bail!("{name} must be between 0 and {MAX_DEADLINE_LIMIT:?}, not {value:?}");
+            }
+        }
+        if request_timeout <= max_deadline || request_timeout > MAX_DEADLINE_LIMIT * 2 {
+            bail!(
+                "server.request_timeout ({request_timeout:?}) must be longer than server.max_deadline ({max_deadline:?}) \
+                 and at most {:?}",
+                MAX_DEADLINE_LIMIT * 2
+            );
         }
 
         let BreakerSection { failures, open_for } = breaker;
@@ -425,15 +532,43 @@ impl FileConfig {
         }
         let rate_limits = RateLimits { per_second, burst, clients: client_limits };
 
-        let LimitsSection { max_keys_per_request, max_key_bytes, max_rows_per_write } = limits;
+        let LimitsSection {
+            max_keys_per_request,
+            max_key_bytes,
+            max_rows_per_write,
+            max_value_bytes,
+            max_request_bytes,
+            max_response_bytes,
+            max_future_event_time,
+        } = limits;
         for (name, value) in [
             ("limits.max_keys_per_request", max_keys_per_request),
             ("limits.max_key_bytes", max_key_bytes),
             ("limits.max_rows_per_write", max_rows_per_write),
+            ("limits.max_value_bytes", max_value_bytes),
+            ("limits.max_request_bytes", max_request_bytes),
+            ("limits.max_response_bytes", max_response_bytes),
         ] {
             if value == 0 {
                 bail!("{name} must be greater than zero");
             }
+        }
+        // Beyond this, one request could not be held in memory alongside others.
+        const MAX_MESSAGE_LIMIT: usize = 1 << 30;
+        for (name, value) in [
+            ("limits.max_request_bytes", max_request_bytes),
+            ("limits.max_response_bytes", max_response_bytes),
+            ("limits.max_value_bytes", max_value_bytes),
+        ] {
+            if value > MAX_MESSAGE_LIMIT {
+                bail!("{name} ({value}) is over {MAX_MESSAGE_LIMIT}");
+            }
+        }
+        if max_value_bytes > max_request_bytes {
+            bail!("limits.max_value_bytes ({max_value_bytes}) is over limits.max_request_bytes ({max_request_bytes})");
+        }
+        if max_future_event_time > Duration::from_secs(366 * 86_400) {
+            bail!("limits.max_future_event_time ({max_future_event_time:?}) is longer than a year");
         }
 
         let L1Section { max_bytes, max_stale } = l1;
@@ -508,7 +643,22 @@ impl FileConfig {
             drain_timeout,
             rate_limits,
             l1_max_stale: max_stale,
-            limits: Limits { max_keys_per_request, max_key_bytes, max_rows_per_write },
+            limits: Limits {
+                max_keys_per_request,
+                max_key_bytes,
+                max_rows_per_write,
+                max_value_bytes,
+                max_future_event_time,
+            },
+            max_request_bytes,
+            max_response_bytes,
+            transport: Transport {
+                max_connections,
+                max_concurrent_streams,
+                keepalive_interval,
+                keepalive_timeout,
+                request_timeout,
+            },
             l1_max_bytes: max_bytes,
             hot_keys: HotKeys { sample_rate, keep },
             writes: WritePolicy { channel: format!("{key_prefix}invalidations"), guard_ttl },
@@ -528,6 +678,17 @@ impl FileConfig {
 
 #[cfg(test)]
 mod tests {
+    #[test]
+    fn only_variables_that_name_a_section_are_read_as_settings() {
+        use super::is_setting_variable;
+        assert!(is_setting_variable("SERVER__GRPC_ADDR"));
+        assert!(is_setting_variable("limits__max_key_bytes"));
+        assert!(is_setting_variable("SERVER__GRPC_ADR"), "a typo inside a section still fails start-up");
+        for other in ["ADDR", "LOG", "PG_BIN", "SERVERX__A", "__A"] {
+            assert!(!is_setting_variable(other), "{other}");
+        }
+    }
+
     use super::*;
 
     const SHIPPED: &str = include_str!("../../../config/strata.toml");
@@ -601,6 +762,17 @@ mod tests {
         }
         for entry in LIST_ENTRIES {
             assert!(REFERENCE.contains(&format!("| `{entry}` |")), "CONFIGURATION.md lacks {entry}");
+        }
+    }
+
+    #[test]
+    fn every_section_of_the_file_can_be_set_from_the_environment() {
+        let sections: Vec<String> = settings().iter().map(|(p, _)| p.split('.').next().unwrap().to_owned()).collect();
+        for section in &sections {
+            assert!(SECTIONS.contains(&section.as_str()), "{section} is missing from SECTIONS");
+        }
+        for section in SECTIONS {
+            assert!(sections.iter().any(|s| s == section), "{section} is not a section");
         }
     }
 

@@ -9,9 +9,11 @@
 
 pub mod admission;
 pub mod cli;
+mod client_errors;
 pub mod config;
 pub mod demo;
 pub mod dev;
+mod listener;
 pub mod load;
 pub mod metrics;
 mod server;

@@ -27,6 +27,7 @@ use futures::StreamExt as _;
 use indicatif::{ProgressBar, ProgressDrawTarget, ProgressStyle};
 use strata_cache_tiers::L2Cache;
 use strata_core::{EventTime, FeatureType, FeatureView, Row, Value};
+use strata_proto::Limits;
 use strata_shard_router::ShardRouter;
 use tokio::sync::mpsc;
 
@@ -247,7 +248,7 @@ pub async fn load(
 
     let reader = {
         let (view, bar, format) = (view.clone(), bar.clone(), options.format);
-        let max_key = config.limits.max_key_bytes;
+        let limits = config.limits.clone();
         let router = shards.clone();
         tokio::task::spawn_blocking(move || -> Result<(u64, Vec<Rejected>, Duration)> {
             let started = Instant::now();
@@ -279,8 +280,8 @@ pub async fn load(
                 Ok(())
             };
             match format {
-                Format::Csv => read_csv(counted, &view, max_key, &mut on_row)?,
-                Format::Jsonl => read_jsonl(counted, &view, max_key, &mut on_row)?,
+                Format::Csv => read_csv(counted, &view, &limits, &mut on_row)?,
+                Format::Jsonl => read_jsonl(counted, &view, &limits, &mut on_row)?,
             }
             let parsing = started.elapsed() - waited;
             for (shard, batch) in batches.into_iter().enumerate() {
@@ -390,7 +391,7 @@ enum Column {
 fn read_csv(
     input: impl Read,
     view: &FeatureView,
-    max_key: usize,
+    limits: &Limits,
     on_row: &mut dyn FnMut(u64, Parsed) -> Result<()>,
 ) -> Result<()> {
     let mut reader = csv::ReaderBuilder::new().flexible(true).from_reader(input);
@@ -417,7 +418,7 @@ fn read_csv(
             Ok(false) => return Ok(()),
             Ok(true) => {
                 let line = record.position().map_or(0, csv::Position::line);
-                on_row(line, csv_row(&record, &columns, view, max_key))?;
+                on_row(line, csv_row(&record, &columns, view, limits))?;
             }
             // A malformed record (invalid UTF-8, say): reject it and go on
             // with the next one.
@@ -430,7 +431,7 @@ fn read_csv(
     }
 }
 
-fn csv_row(record: &csv::StringRecord, columns: &[Column], view: &FeatureView, max_key: usize) -> Parsed {
+fn csv_row(record: &csv::StringRecord, columns: &[Column], view: &FeatureView, limits: &Limits) -> Parsed {
     if record.len() != columns.len() {
         return Err(format!("{} fields, the header has {}", record.len(), columns.len()));
     }
@@ -447,13 +448,13 @@ fn csv_row(record: &csv::StringRecord, columns: &[Column], view: &FeatureView, m
             }
         }
     }
-    finish_row(key, time, values, max_key)
+    finish_row(key, time, values, limits)
 }
 
 fn read_jsonl(
     input: impl Read,
     view: &FeatureView,
-    max_key: usize,
+    limits: &Limits,
     on_row: &mut dyn FnMut(u64, Parsed) -> Result<()>,
 ) -> Result<()> {
     let reader = BufReader::with_capacity(1 << 20, input);
@@ -463,12 +464,12 @@ fn read_jsonl(
         if line.iter().all(u8::is_ascii_whitespace) {
             continue;
         }
-        on_row(number, json_row(&line, view, max_key))?;
+        on_row(number, json_row(&line, view, limits))?;
     }
     Ok(())
 }
 
-fn json_row(line: &[u8], view: &FeatureView, max_key: usize) -> Parsed {
+fn json_row(line: &[u8], view: &FeatureView, limits: &Limits) -> Parsed {
     let object: serde_json::Map<String, serde_json::Value> =
         serde_json::from_slice(line).map_err(|e| format!("not a JSON object: {e}"))?;
     let mut key = None;
@@ -494,16 +495,18 @@ fn json_row(line: &[u8], view: &FeatureView, max_key: usize) -> Parsed {
             }
         }
     }
-    finish_row(key, time, values, max_key)
+    finish_row(key, time, values, limits)
 }
 
-/// Checks the key as the API would (`limits.max_key_bytes`), so every loaded
-/// row can be read back.
-fn finish_row(key: Option<String>, time: Option<EventTime>, values: Vec<Value>, max_key: usize) -> Parsed {
+/// Checks the row as the API would (`limits`: key and value sizes, event
+/// times not too far ahead), so every loaded row can be read back and
+/// none blocks later writes of its key.
+fn finish_row(key: Option<String>, time: Option<EventTime>, values: Vec<Value>, limits: &Limits) -> Parsed {
     let key = key.ok_or("entity_key is missing")?;
     if key.is_empty() {
         return Err("entity_key is empty".into());
     }
+    let max_key = limits.max_key_bytes;
     if key.len() > max_key {
         return Err(format!("entity_key is {} bytes, over the limit of {max_key}", key.len()));
     }
@@ -511,6 +514,15 @@ fn finish_row(key: Option<String>, time: Option<EventTime>, values: Vec<Value>, 
         return Err("entity_key contains a NUL character".into());
     }
     let event_time = time.ok_or("event_time is missing")?;
+    if let Err(limit) = strata_proto::check_not_future(event_time, limits) {
+        return Err(format!("event_time is more than {limit:?} ahead of the clock (limits.max_future_event_time)"));
+    }
+    if let Some(len) = values.iter().map(Value::payload_bytes).find(|&len| len > limits.max_value_bytes) {
+        return Err(format!(
+            "a value is {len} bytes, over the limit of {} (limits.max_value_bytes)",
+            limits.max_value_bytes
+        ));
+    }
     Ok((key, Row { event_time, values }))
 }
 
@@ -616,8 +628,8 @@ mod tests {
             Ok(())
         };
         match format {
-            Format::Csv => read_csv(text.as_bytes(), &view(), 256, &mut on_row)?,
-            Format::Jsonl => read_jsonl(text.as_bytes(), &view(), 256, &mut on_row)?,
+            Format::Csv => read_csv(text.as_bytes(), &view(), &Limits::default(), &mut on_row)?,
+            Format::Jsonl => read_jsonl(text.as_bytes(), &view(), &Limits::default(), &mut on_row)?,
         }
         Ok(out)
     }

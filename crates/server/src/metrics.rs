@@ -209,6 +209,11 @@ pub const METRICS: &[Metric] = &[
         help: "Redis call duration, by operation (get, lease_get, lease, put, release, publish)",
     },
     Metric {
+        name: "strata_connections_refused_total",
+        kind: Kind::Counter,
+        help: "gRPC connections closed at once because server.max_connections were open",
+    },
+    Metric {
         name: "strata_requests_refused_total",
         kind: Kind::Counter,
         help: "FeatureStore requests refused before any work, by reason (draining, rate_limited, overloaded, bad_client_id)",

@@ -18,11 +18,11 @@ use strata_shard_router::ShardRouter;
 use tokio::sync::watch;
 use tokio::task::JoinHandle;
 use tonic::transport::Server;
-use tonic::transport::server::TcpIncoming;
 use tonic_health::ServingStatus;
 use tonic_health::server::HealthReporter;
 
-use crate::admission::Admission;
+use crate::admission::{Admission, AdmissionLayer};
+use crate::client_errors::ClientErrorsLayer;
 use crate::config::Config;
 use crate::metrics::{self, GrpcMetricsLayer};
 use crate::service::FeatureStoreService;
@@ -104,15 +104,15 @@ impl RunningServer {
         let service = FeatureStoreService::new(
             config.registry.clone(),
             config.limits.clone(),
+            config.max_response_bytes,
             config.deadlines,
-            admission.clone(),
             tiers.clone(),
         );
 
-        let incoming = TcpIncoming::bind(config.grpc_addr)
-            .with_context(|| format!("cannot listen for gRPC on {}", config.grpc_addr))?
-            .with_nodelay(Some(true));
-        let grpc_addr = incoming.local_addr()?;
+        let transport = config.transport;
+        let (grpc_addr, incoming) = crate::listener::bind(config.grpc_addr, transport.max_connections)
+            .await
+            .with_context(|| format!("cannot listen for gRPC on {}", config.grpc_addr))?;
         let metrics_listener = metrics::bind(config.metrics_addr)
             .await
             .with_context(|| format!("cannot listen for metrics on {}", config.metrics_addr))?;
@@ -122,16 +122,34 @@ impl RunningServer {
         let signal = |mut rx: watch::Receiver<bool>| async move {
             let _ = rx.wait_for(|stop| *stop).await;
         };
-        let router = Server::builder()
-            // One span per request, opened outermost.
-            .trace_fn(|request| tracing::info_span!("grpc", method = %request.uri().path()))
+        let layers = tower::ServiceBuilder::new()
             // Rate, errors and duration of every RPC, including refused ones.
             .layer(GrpcMetricsLayer)
+            // Refuses FeatureStore calls before their bodies are read or
+            // decoded: the memory of requests in decoding is bounded by
+            // max_in_flight times max_request_bytes.
+            .layer(AdmissionLayer::new(admission.clone()))
+            // The codec's answers to a client's own mistakes (too large, not
+            // decodable) become client-error codes, inside the metrics layer
+            // so the metrics count them as such.
+            .layer(ClientErrorsLayer { max_request_bytes: config.max_request_bytes });
+        let router = Server::builder()
+            // Bounded HTTP/2: streams per connection, dead peers found by
+            // keepalive pings, and calls (reading the request included) cut
+            // off after request_timeout, so a client that opens streams and
+            // stalls does not hold them.
+            .max_concurrent_streams(Some(transport.max_concurrent_streams))
+            .http2_keepalive_interval(Some(transport.keepalive_interval))
+            .http2_keepalive_timeout(Some(transport.keepalive_timeout))
+            .timeout(transport.request_timeout)
+            // One span per request, opened outermost.
+            .trace_fn(|request| tracing::info_span!("grpc", method = %request.uri().path()))
+            .layer(layers)
             .add_service(health_service)
             // grpcurl 1.8 speaks reflection v1alpha; newer tools speak v1.
             .add_service(reflection().build_v1alpha()?)
             .add_service(reflection().build_v1()?)
-            .add_service(FeatureStoreServer::new(service));
+            .add_service(FeatureStoreServer::new(service).max_decoding_message_size(config.max_request_bytes));
         let grpc = tokio::spawn(router.serve_with_incoming_shutdown(incoming, signal(stopped.clone())));
         let metrics = tokio::spawn(metrics::serve(metrics_listener, signal(stopped)));
         health.set_service_status("", ServingStatus::Serving).await;

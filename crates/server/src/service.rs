@@ -16,7 +16,6 @@ use strata_shard_router::UpsertOutcome;
 use tokio::time::Instant;
 use tonic::{Request, Response, Status};
 
-use crate::admission::{Admission, CLIENT_ID_HEADER};
 use crate::config::Deadlines;
 use crate::tiers::{Served, Source, Tiers};
 
@@ -28,6 +27,11 @@ pub enum ServiceError {
     /// Every shard of the write failed. `retry_may_help`: each failure was
     /// an outage, a timeout or a conflict, so the same request may succeed
     /// later (UNAVAILABLE); otherwise it would fail again (INTERNAL).
+    #[error(
+        "the answer would be about {bytes} bytes, over the limit of {limit} (limits.max_response_bytes); \
+         ask for fewer keys or features per call"
+    )]
+    AnswerTooLarge { bytes: usize, limit: usize },
     #[error("none of the {total} rows was written: {}", errors.join("; "))]
     WriteFailed { total: usize, errors: Vec<String>, retry_may_help: bool },
 }
@@ -36,17 +40,20 @@ impl From<ServiceError> for Status {
     fn from(e: ServiceError) -> Status {
         match e {
             ServiceError::Invalid(e) => e.into(),
+            e @ ServiceError::AnswerTooLarge { .. } => Status::resource_exhausted(e.to_string()),
             e @ ServiceError::WriteFailed { retry_may_help: true, .. } => Status::unavailable(e.to_string()),
             e @ ServiceError::WriteFailed { retry_may_help: false, .. } => Status::internal(e.to_string()),
         }
     }
 }
 
+/// The FeatureStore calls. Admission (drain, rate limits, the in-flight
+/// cap) happens before a call reaches it, in `AdmissionLayer`.
 pub struct FeatureStoreService {
     registry: Arc<Registry>,
     limits: Limits,
+    max_response_bytes: usize,
     deadlines: Deadlines,
-    admission: Arc<Admission>,
     tiers: Tiers,
 }
 
@@ -54,18 +61,11 @@ impl FeatureStoreService {
     pub fn new(
         registry: Arc<Registry>,
         limits: Limits,
+        max_response_bytes: usize,
         deadlines: Deadlines,
-        admission: Arc<Admission>,
         tiers: Tiers,
     ) -> FeatureStoreService {
-        FeatureStoreService { registry, limits, deadlines, admission, tiers }
-    }
-
-    /// Admits a request or refuses it at once (see [`Admission`]); the
-    /// permit is held until the call returns.
-    fn admit<T>(&self, request: &Request<T>) -> Result<tokio::sync::OwnedSemaphorePermit, Status> {
-        let client = request.metadata().get(CLIENT_ID_HEADER).map(|v| v.as_bytes());
-        self.admission.admit(client).map_err(|(_, status)| status)
+        FeatureStoreService { registry, limits, max_response_bytes, deadlines, tiers }
     }
 
     /// When the tiers must have answered a request: its budget (the
@@ -146,7 +146,6 @@ impl FeatureStore for FeatureStoreService {
         &self,
         request: Request<v1::GetFeaturesRequest>,
     ) -> Result<Response<v1::GetFeaturesResponse>, Status> {
-        let _permit = self.admit(&request)?;
         let deadline = self.deadline(&request);
         let read = read_request(request.into_inner(), &self.registry, &self.limits).map_err(ServiceError::from)?;
         let view = &read.view;
@@ -167,6 +166,13 @@ impl FeatureStore for FeatureStoreService {
         }
         let served = self.tiers.read(view, &distinct, deadline).await;
         self.tiers.sample_reads(view, &distinct);
+        // Measured before anything of the answer is built: a read of one
+        // large value a thousand times must not make the server build a
+        // gigabyte the client would refuse anyway.
+        let bytes = answer_bytes(&read.keys, &slot_of, &served, &read.columns);
+        if bytes > self.max_response_bytes {
+            return Err(ServiceError::AnswerTooLarge { bytes, limit: self.max_response_bytes }.into());
+        }
         // Values older than this are marked OUTSIDE_MAX_AGE.
         let oldest_fresh = view.max_age.map(|age| EventTime::from_system_time(SystemTime::now() - age));
 
@@ -229,7 +235,6 @@ impl FeatureStore for FeatureStoreService {
         &self,
         request: Request<v1::WriteFeaturesRequest>,
     ) -> Result<Response<v1::WriteFeaturesResponse>, Status> {
-        let _permit = self.admit(&request)?;
         let deadline = self.deadline(&request);
         let write = write_request(request.into_inner(), &self.registry, &self.limits).map_err(ServiceError::from)?;
         let outcome = self.tiers.write(&write.view, &write.rows, deadline).await;
@@ -241,7 +246,6 @@ impl FeatureStore for FeatureStoreService {
         &self,
         request: Request<v1::DeleteFeaturesRequest>,
     ) -> Result<Response<v1::WriteFeaturesResponse>, Status> {
-        let _permit = self.admit(&request)?;
         let deadline = self.deadline(&request);
         let delete = delete_request(request.into_inner(), &self.registry, &self.limits).map_err(ServiceError::from)?;
         let outcome = self.tiers.delete(&delete.view, &delete.keys, delete.at, deadline).await;
@@ -257,6 +261,24 @@ impl FeatureStore for FeatureStoreService {
             views: self.registry.views().iter().map(|v| view_to_wire(v)).collect(),
         }))
     }
+}
+
+/// An upper bound of the encoded size of a GetFeatures answer: each row's
+/// key, the requested values of what was served for it, and the framing.
+fn answer_bytes(keys: &[String], slot_of: &[usize], served: &[Served], columns: &[usize]) -> usize {
+    /// Status, source, event time and field framing of a row.
+    const ROW_OVERHEAD: usize = 48;
+    let row_values: Vec<usize> = served
+        .iter()
+        .map(|answer| match answer {
+            Served::Found { row, .. } => columns
+                .iter()
+                .map(|&c| row.values.get(c).map_or(0, Value::payload_bytes) + Value::MAX_WIRE_OVERHEAD)
+                .sum(),
+            Served::NotFound { .. } | Served::Unavailable => columns.len() * Value::MAX_WIRE_OVERHEAD,
+        })
+        .collect();
+    keys.iter().zip(slot_of).map(|(key, &slot)| key.len() + ROW_OVERHEAD + row_values[slot]).sum()
 }
 
 /// The per-row answer to a write or delete, in request order. `requested`

@@ -51,7 +51,7 @@ fn empty_features_means_every_feature_in_declared_order() {
 
 #[test]
 fn bad_reads_name_the_problem() {
-    let limits = Limits { max_keys_per_request: 2, max_key_bytes: 4, max_rows_per_write: 2 };
+    let limits = Limits { max_keys_per_request: 2, max_key_bytes: 4, max_rows_per_write: 2, ..Limits::default() };
     let r = registry();
     let err = |req| read_request(req, &r, &limits).unwrap_err().to_string();
     let mut unknown = get(&["a"], &[]);
