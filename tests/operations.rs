@@ -498,6 +498,15 @@ async fn the_cli_looks_up_rows_views_shards_and_health_and_fails_in_one_line(env
         err.starts_with("error: INVALID_ARGUMENT: ") && err.contains("no_such_view"),
         "the error names the view: {err}"
     );
+    // Variables of the prefix that name no setting (the CLI's STRATA_ADDR)
+    // are not the configuration's business.
+    let unrelated = [("STRATA_ADDR", addr.clone()), ("STRATA_SOMETHING", "1".to_owned())];
+    let (ok, _, err) = strata(
+        &["shards", "-c", file],
+        &[envs[0].clone(), envs[1].clone(), unrelated[0].clone(), unrelated[1].clone()],
+    )
+    .await?;
+    ensure!(ok, "STRATA_ADDR must not stop a command that reads the configuration: {err}");
     // A bad value in the environment is refused, naming the setting.
     let bad = [("STRATA_SERVER__MAX_IN_FLIGHT", "0".to_owned())];
     let (ok, _, err) = strata(&["shards", "-c", file], &[envs[0].clone(), envs[1].clone(), bad[0].clone()]).await?;

@@ -430,9 +430,13 @@ impl L2Cache {
         format!("{}{{{:04x}}}e:{}:{}", self.prefix, hash_tag(view, entity), view, entity)
     }
 
-    /// The lease of a key: in the same slot as its entry.
     fn lease_key(&self, view: &FeatureView, entity: &str) -> String {
-        format!("{}{{{:04x}}}l:{}:{}", self.prefix, hash_tag(&view.name, entity), view.name, entity)
+        self.lease_key_of(&view.name, entity)
+    }
+
+    /// The Redis key of an entity's lease: in the same slot as its entry.
+    pub fn lease_key_of(&self, view: &str, entity: &str) -> String {
+        format!("{}{{{:04x}}}l:{}:{}", self.prefix, hash_tag(view, entity), view, entity)
     }
 
     /// Looks up a batch with one pipeline; the answer is aligned with `keys`.

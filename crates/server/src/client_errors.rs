@@ -14,7 +14,7 @@ use tonic::codegen::http::{self, HeaderValue};
 /// See the module docs.
 #[derive(Clone, Copy, Debug)]
 pub struct ClientErrorsLayer {
-    /// `server.max_request_bytes`, for the message.
+    /// `limits.max_request_bytes`, for the message.
     pub max_request_bytes: usize,
 }
 
@@ -37,8 +37,11 @@ const INVALID_ARGUMENT: &str = "3";
 const RESOURCE_EXHAUSTED: &str = "8";
 const OUT_OF_RANGE: &str = "11";
 const INTERNAL: &str = "13";
-/// How tonic's prost codec begins the message of a decode failure.
-const DECODE_FAILURE: &str = "failed to decode Protobuf message";
+/// How tonic's prost codec begins the message of a decode failure, and
+/// how tonic words a request over the size limit, percent-encoded as the
+/// `grpc-message` header carries them.
+const DECODE_FAILURE: &str = "failed%20to%20decode%20Protobuf%20message";
+const TOO_LARGE: &str = "message%20length%20too%20large";
 
 impl<S, B, R> tower::Service<http::Request<B>> for ClientErrors<S>
 where
@@ -73,9 +76,9 @@ fn rewrite(headers: &mut http::HeaderMap, max_request_bytes: usize) {
     let status = headers.get("grpc-status").and_then(|v| v.to_str().ok());
     let message = headers.get("grpc-message").and_then(|v| v.to_str().ok()).unwrap_or("");
     let (code, text) = match status {
-        Some(OUT_OF_RANGE) if message.contains("message length too large") => (
+        Some(OUT_OF_RANGE) if message.contains(TOO_LARGE) => (
             RESOURCE_EXHAUSTED,
-            format!("the request is larger than the limit of {max_request_bytes} bytes (server.max_request_bytes)"),
+            format!("the request is larger than the limit of {max_request_bytes} bytes (limits.max_request_bytes)"),
         ),
         Some(INTERNAL) if message.starts_with(DECODE_FAILURE) => (
             INVALID_ARGUMENT,
@@ -84,8 +87,8 @@ fn rewrite(headers: &mut http::HeaderMap, max_request_bytes: usize) {
         _ => return,
     };
     headers.insert("grpc-status", HeaderValue::from_static(code));
-    // Plain ASCII without '%': valid as a grpc-message as it stands.
-    if let Ok(text) = HeaderValue::from_str(&text) {
+    // Plain ASCII whose only character to percent-encode is the space.
+    if let Ok(text) = HeaderValue::from_str(&text.replace(' ', "%20")) {
         headers.insert("grpc-message", text);
     }
 }
@@ -113,17 +116,17 @@ mod tests {
         rewrite(&mut h, 4_194_304);
         let (code, message) = code_and_message(&h);
         assert_eq!(code, "8");
-        assert!(message.contains("4194304") && message.contains("server.max_request_bytes"), "{message}");
+        assert!(message.contains("4194304") && message.contains("limits.max_request_bytes"), "{message}");
     }
 
     #[test]
     fn an_undecodable_request_is_invalid_argument_and_other_statuses_stay() {
-        let mut h = headers("13", "failed to decode Protobuf message: invalid string value: data is not UTF-8 encoded");
+        let mut h = headers("13", "failed%20to%20decode%20Protobuf%20message:%20invalid%20string%20value");
         rewrite(&mut h, 1);
         assert_eq!(code_and_message(&h).0, "3");
         // A server's own INTERNAL is left alone.
-        let mut h = headers("13", "none of the 2 rows was written");
+        let mut h = headers("13", "none%20of%20the%202%20rows%20was%20written");
         rewrite(&mut h, 1);
-        assert_eq!(code_and_message(&h), ("13", "none of the 2 rows was written"));
+        assert_eq!(code_and_message(&h), ("13", "none%20of%20the%202%20rows%20was%20written"));
     }
 }
