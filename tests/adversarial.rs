@@ -5,6 +5,8 @@
 use std::collections::{HashMap, HashSet};
 use std::time::Duration;
 
+use futures::StreamExt as _;
+
 use anyhow::{Context, Result, bail, ensure};
 use fred::prelude::{KeysInterface as _, ListInterface as _};
 use strata_core::{Content, EventTime, Row, Value};
@@ -23,6 +25,7 @@ integration_tests!(
     long_names_are_echoed_as_a_short_prefix,
     corrupt_and_foreign_redis_entries_are_misses_and_never_open_the_breaker,
     connections_over_the_limit_are_refused_and_the_others_served,
+    a_flood_of_writes_with_tiny_deadlines_does_not_crowd_out_genuine_repairs,
 );
 
 /// A GetFeaturesRequest whose keys are bytes: the same wire format, but
@@ -293,6 +296,46 @@ async fn connections_over_the_limit_are_refused_and_the_others_served(env: &'sta
     }
     server.shutdown().await;
     Ok(())
+}
+
+/// 1,100 writes whose deadline runs out before their shard answers each
+/// queue a repair (the commit might still land); a write whose cache step
+/// then fails is still repaired, not dropped for a full queue.
+async fn a_flood_of_writes_with_tiny_deadlines_does_not_crowd_out_genuine_repairs(env: &'static Env) -> Result<()> {
+    let server = env.server().await?;
+    let c = client(&server).await?;
+    let flood = futures::stream::iter(0..1_100).map(|i| {
+        let mut c = c.clone();
+        async move {
+            let mut request =
+                tonic::Request::new(write("hostile", vec![row(&format!("flood:{i}"), ts(1_700_000_000, 0), n(i))]));
+            request.set_timeout(Duration::from_micros(1));
+            // FAILED rows or a refused call: either way nothing waits.
+            let _ = c.write_features(request).await;
+        }
+    });
+    flood.for_each_concurrent(32, |call| call).await;
+    let page = scrape(&server).await?;
+    let queued = sample(&page, "strata_cache_repairs_total", &[("view", "hostile"), ("outcome", "queued")]);
+    ensure!(queued > 0.0, "the flood queued no repairs: its deadlines were not tiny enough");
+
+    server.tiers().fail_next_cache_steps(1);
+    let answer = client(&server)
+        .await?
+        .write_features(write("contended", vec![row("genuine", ts(1_700_000_000, 0), n(1))]))
+        .await?;
+    ensure!(answer.into_inner().rows_written == 1);
+    for _ in 0..400 {
+        let page = scrape(&server).await?;
+        let outcome = |o| sample(&page, "strata_cache_repairs_total", &[("view", "contended"), ("outcome", o)]);
+        ensure!(outcome("dropped") == 0.0, "the genuine repair was dropped");
+        if outcome("repaired") == 1.0 {
+            server.shutdown().await;
+            return Ok(());
+        }
+        tokio::time::sleep(Duration::from_millis(25)).await;
+    }
+    bail!("the genuine repair did not happen within 10 s")
 }
 
 /// 32 concurrent writes (and deletes) of the same 200 keys, half in

@@ -59,11 +59,15 @@ const BATCH: usize = 256;
 
 impl RefreshQueue {
     /// Starts the workers: at most `concurrency` batches reload at once;
-    /// at most `capacity` refreshes wait.
+    /// at most `capacity` refreshes wait. The workers hold the reloader
+    /// weakly: the reloader (the tiers) usually holds this queue, and a
+    /// strong reference back would keep both, with their connection pools,
+    /// alive after the server is gone.
     pub fn start<R: Reloader>(l1: L1Cache, reloader: Arc<R>, capacity: usize, concurrency: usize) -> RefreshQueue {
         let (tx, mut rx) = mpsc::channel::<Job>(capacity.max(1));
         let worker_l1 = l1.clone();
         let permits = Arc::new(Semaphore::new(concurrency.max(1)));
+        let reloader = Arc::downgrade(&reloader);
         tokio::spawn(async move {
             let mut jobs = Vec::with_capacity(BATCH);
             while rx.recv_many(&mut jobs, BATCH).await > 0 {
@@ -73,7 +77,9 @@ impl RefreshQueue {
                 }
                 for ((tier, _), (view, keys)) in batches {
                     let Ok(permit) = permits.clone().acquire_owned().await else { return };
-                    let (l1, reloader) = (worker_l1.clone(), reloader.clone());
+                    // Gone: the server shut down, and nothing is left to refresh.
+                    let Some(reloader) = reloader.upgrade() else { return };
+                    let l1 = worker_l1.clone();
                     tokio::spawn(async move {
                         let _permit = permit;
                         let stamp = l1.stamp();
@@ -161,7 +167,8 @@ mod tests {
         l1.insert_many(&view, l1.stamp(), [("k".to_owned(), Cached::Found(row("old")), life)]).await;
         let (done, mut reloaded) = tokio::sync::mpsc::unbounded_channel();
         let reloader = Arc::new(Scripted { answers: Mutex::new(vec![None, Some("new")]), done });
-        let queue = RefreshQueue::start(l1.clone(), reloader, 16, 1);
+        // Held here, as the tiers hold their reloader: the queue holds it weakly.
+        let queue = RefreshQueue::start(l1.clone(), reloader.clone(), 16, 1);
         tokio::time::advance(Duration::from_secs(2)).await;
 
         // First reload fails: the old value stays and may be refreshed again.
@@ -189,6 +196,17 @@ mod tests {
             }
             tokio::task::yield_now().await;
         }
+    }
+
+    #[tokio::test]
+    async fn the_queue_does_not_keep_its_reloader_alive() {
+        let (done, _reloaded) = tokio::sync::mpsc::unbounded_channel();
+        let reloader = Arc::new(Scripted { answers: Mutex::new(Vec::new()), done });
+        let weak = Arc::downgrade(&reloader);
+        let queue = RefreshQueue::start(L1Cache::new(1 << 20), reloader, 16, 1);
+        tokio::task::yield_now().await;
+        assert!(weak.upgrade().is_none(), "the workers hold the reloader (and so the tiers) alive");
+        drop(queue);
     }
 
     #[tokio::test]

@@ -252,7 +252,11 @@ impl Breaker {
             Some(deadline) => match tokio::time::timeout_at(deadline, op).await {
                 Ok(result) => result,
                 Err(_) => {
-                    if started.elapsed() >= TIMEOUT_FLOOR {
+                    // Judged by the budget the caller gave, not by the time
+                    // that passed: on a starved machine a call with no budget
+                    // at all can take 50 ms to be polled, and a flood of such
+                    // calls must not take a healthy dependency offline.
+                    if deadline.saturating_duration_since(started) >= TIMEOUT_FLOOR {
                         tracing::debug!(dependency = %self.inner.name, waited = ?started.elapsed(), "timed out; counted against the breaker");
                         call.failed();
                     }

@@ -171,6 +171,10 @@ pub struct Tiers {
     /// Written keys whose cache step failed, to be put right in the
     /// background.
     repairs: mpsc::Sender<Repair>,
+    /// Written keys whose shard did not answer in time (the write may or
+    /// may not land): a queue of their own, so a flood of writes with tiny
+    /// deadlines cannot crowd out the repairs of writes known to be in.
+    unknown_repairs: mpsc::Sender<Repair>,
 }
 
 /// Written keys of a view whose Redis copy or announcement failed, each
@@ -178,10 +182,17 @@ pub struct Tiers {
 /// (`EventTime::NEVER` when the write is known to be committed), and when.
 type Repair = (Arc<FeatureView>, Vec<(String, EventTime)>, tokio::time::Instant);
 
-/// Repairs waiting at most (batches of keys); more are dropped and counted.
+/// Repairs waiting at most (batches of keys), per queue; more are dropped
+/// and counted.
 const REPAIR_QUEUE: usize = 1_024;
-/// Repairs retrying at once, so one stuck batch does not hold up the rest.
+/// Repairs retrying at once, per queue, so one stuck batch does not hold up
+/// the rest.
 const REPAIRS_AT_ONCE: usize = 8;
+/// How long a repair of a write whose shard did not answer waits for
+/// PostgreSQL to show the write's version. A transaction cut off by its
+/// deadline commits or rolls back within moments; after this, what
+/// PostgreSQL holds is the truth, whether the write landed or not.
+const UNKNOWN_SETTLES: Duration = Duration::from_secs(10);
 /// The deadline of work nobody waits for (background reloads, repairs,
 /// warming): long enough for a slow shard, short enough that a hung one
 /// does not pile up tasks.
@@ -303,7 +314,9 @@ impl Tiers {
         let origin = rand::rng().random_range(1..u64::MAX);
         let (repairs, queue) = mpsc::channel(REPAIR_QUEUE);
         tokio::spawn(repair(lower.clone(), l1.clone(), origin, queue));
-        Tiers { l1, origin, lower, flights: Arc::new(SingleFlight::default()), refresh, repairs }
+        let (unknown_repairs, unknown) = mpsc::channel(REPAIR_QUEUE);
+        tokio::spawn(repair(lower.clone(), l1.clone(), origin, unknown));
+        Tiers { l1, origin, lower, flights: Arc::new(SingleFlight::default()), refresh, repairs, unknown_repairs }
     }
 
     /// Makes the cache step (Redis and the announcement) of the next `n`
@@ -593,13 +606,13 @@ impl Tiers {
     fn repair_unknown(&self, view: &Arc<FeatureView>, outcome: &UpsertOutcome, version_of: impl Fn(&str) -> EventTime) {
         let unknown: Vec<(String, EventTime)> = outcome.unknown().map(|key| (key.clone(), version_of(key))).collect();
         if !unknown.is_empty() {
-            self.queue_repair(view, unknown);
+            self.queue_repair(&self.unknown_repairs, view, unknown);
         }
     }
 
-    fn queue_repair(&self, view: &Arc<FeatureView>, keys: Vec<(String, EventTime)>) {
+    fn queue_repair(&self, queue: &mpsc::Sender<Repair>, view: &Arc<FeatureView>, keys: Vec<(String, EventTime)>) {
         let n = keys.len() as u64;
-        let queued = self.repairs.try_send((view.clone(), keys, Instant::now())).is_ok();
+        let queued = queue.try_send((view.clone(), keys, Instant::now())).is_ok();
         let outcome = if queued { "queued" } else { "dropped" };
         metrics::counter!("strata_cache_repairs_total", "view" => view.name.clone(), "outcome" => outcome).increment(n);
     }
@@ -656,7 +669,7 @@ impl Tiers {
         let announced =
             !injected && announce(&self.lower.l2, &self.lower.writes.channel, self.origin, view, &keys, deadline).await;
         if !(stored && announced) {
-            self.queue_repair(view, written.iter().map(|key| (key.clone(), EventTime::NEVER)).collect());
+            self.queue_repair(&self.repairs, view, written.iter().map(|key| (key.clone(), EventTime::NEVER)).collect());
         }
     }
 }
@@ -682,10 +695,12 @@ async fn repair(lower: Arc<Lower>, l1: L1Cache, origin: u64, mut queue: mpsc::Re
             let mut delay = Duration::from_millis(50);
             let outcome = loop {
                 let (loaded, stored) = lower.fetch_and_put(&view, &keys, Instant::now() + BACKGROUND_BUDGET).await;
-                let fetched = loaded
-                    .iter()
-                    .zip(&wanted)
-                    .all(|((loaded, version), wanted)| !matches!(loaded, Loaded::Unavailable) && version >= wanted);
+                // Past UNKNOWN_SETTLES, a write that is not in PostgreSQL never
+                // landed, and what is there is what the caches must show.
+                let settled = queued_at.elapsed() >= UNKNOWN_SETTLES;
+                let fetched = loaded.iter().zip(&wanted).all(|((loaded, version), wanted)| {
+                    !matches!(loaded, Loaded::Unavailable) && (settled || version >= wanted)
+                });
                 if fetched && stored.is_ok() {
                     l1.invalidate_many(view.id, &keys).await;
                     let deadline = Instant::now() + BACKGROUND_BUDGET;
