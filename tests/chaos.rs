@@ -27,6 +27,7 @@ integration_tests!(
     three_times_the_load_is_shed_and_the_rest_answered,
     sigterm_drains_in_flight_requests_and_exits_zero,
     a_server_started_while_redis_is_unreachable_serves_from_postgres_then_takes_redis_up,
+    a_bulk_load_while_redis_holds_writes_retries_its_cache_step_and_fails_loudly_if_it_cannot,
 );
 
 /// Breakers that trip and probe quickly, so a test sees them do both.
@@ -565,5 +566,54 @@ async fn a_server_started_while_redis_is_unreachable_serves_from_postgres_then_t
     a.shutdown().await;
     b.shutdown().await;
     proxy.abort();
+    Ok(())
+}
+
+/// A bulk load while Redis holds every write for 3 s (overloaded, failing
+/// over): its cache step times out, backs off and tries again, and the load
+/// ends with every key made safe. While Redis holds writes for longer than
+/// the load's cache timeout, the load reports every key it could not make
+/// safe and is not a success.
+async fn a_bulk_load_while_redis_holds_writes_retries_its_cache_step_and_fails_loudly_if_it_cannot(
+    env: &'static Env,
+) -> Result<()> {
+    use strata_server::load::{Format, LoadOptions as Bulk};
+    const ROWS: usize = 20_000;
+    let _turn = env.exclusive().await;
+    let dir = tempfile::tempdir()?;
+    let path = dir.path().join("stall.csv");
+    let mut text = String::from("entity_key,event_time,n\n");
+    for i in 0..ROWS {
+        text.push_str(&format!("stall-{i},2026-01-01T00:00:00Z,{i}\n"));
+    }
+    std::fs::write(&path, text)?;
+    let config = env.config()?.validate()?;
+
+    env.pause_redis_writes(Some(3_000)).await?;
+    let started = Instant::now();
+    let report = strata_server::load::run(&config, &Bulk::new("chaos", &path, Format::Csv)).await;
+    let report = report?;
+    println!("figures bulk load while redis holds writes for 3 s: {} in {:?}", report.summary(), started.elapsed());
+    ensure!(report.written == ROWS as u64 && report.failed == 0, "{report:?}");
+    ensure!(report.cache_errors == 0, "the cache step gave up on {} keys", report.cache_errors);
+    ensure!(report.check().is_ok());
+
+    env.pause_redis_writes(Some(60_000)).await?;
+    let options = Bulk { cache_timeout: Duration::from_secs(1), ..Bulk::new("chaos", &path, Format::Csv) };
+    let report = strata_server::load::run(&config, &options).await;
+    env.pause_redis_writes(None).await?;
+    let report = report?;
+    ensure!(report.failed == 0 && report.written == ROWS as u64, "postgres took every row: {report:?}");
+    ensure!(report.cache_errors == ROWS as u64, "every key is at risk: {report:?}");
+    let error = report.check().unwrap_err().to_string();
+    ensure!(error.contains(&format!("{ROWS} written keys are at risk")), "{error}");
+
+    // Redis takes writes again: the server serves the loaded rows.
+    let server = env.server().await?;
+    let rows =
+        client(&server).await?.get_features(get("chaos", &["stall-7", "stall-19999"], &["n"])).await?.into_inner().rows;
+    ensure!(rows[0].values[0].kind == Some(Kind::Int64Value(7)), "{rows:?}");
+    ensure!(rows[1].values[0].kind == Some(Kind::Int64Value(19_999)), "{rows:?}");
+    server.shutdown().await;
     Ok(())
 }

@@ -433,6 +433,34 @@ impl Env {
         anyhow::bail!("no redis node answers")
     }
 
+    /// Makes every Redis primary hold the write commands of every client
+    /// (`CLIENT PAUSE ms WRITE`) for `ms` milliseconds, or, with `None`,
+    /// stop holding them (`CLIENT UNPAUSE`): Redis answering reads but not
+    /// writes, as while it is overloaded or failing over.
+    pub async fn pause_redis_writes(&self, ms: Option<i64>) -> Result<()> {
+        use fred::prelude::*;
+        use fred::types::client::ClientPauseKind;
+        let (nodes, _) = self.redis_cluster().await?;
+        let host = self.redis_nodes[0].rsplit_once(':').context("node address")?.0.to_owned();
+        for (port, primary, _) in nodes {
+            if !primary {
+                continue;
+            }
+            let client = Builder::from_config(Config {
+                server: ServerConfig::new_centralized(&host, port),
+                ..Default::default()
+            })
+            .build()?;
+            client.init().await?;
+            match ms {
+                Some(ms) => client.client_pause(ms, Some(ClientPauseKind::Write)).await?,
+                None => client.client_unpause().await?,
+            }
+            let _ = client.quit().await;
+        }
+        Ok(())
+    }
+
     /// The validated registry of [`Env::config`].
     pub fn registry(&self) -> Result<std::sync::Arc<strata_core::Registry>> {
         Ok(self.config()?.validate()?.registry)
