@@ -780,7 +780,7 @@ pub async fn guard(
             chunk.iter().map(|(key, at)| Put { key, content: Content::Guard, version: *at, life }).collect();
         let puts = &puts;
         let taken = retry_until(deadline, |attempt_deadline| async move {
-            match l2.put_many(view, &puts, attempt_deadline).await {
+            match l2.put_many(view, puts, attempt_deadline).await {
                 Ok(_) => true,
                 Err(error) => {
                     tracing::debug!(view = %view.name, keys = puts.len(), %error, "redis guard after a bulk write failed; retrying");
