@@ -245,7 +245,14 @@ async fn long_names_are_echoed_as_a_short_prefix(env: &'static Env) -> Result<()
 /// row comes from PostgreSQL), never panic, and do not open the breaker;
 /// the fill then replaces them.
 async fn corrupt_and_foreign_redis_entries_are_misses_and_never_open_the_breaker(env: &'static Env) -> Result<()> {
-    let server = env.server_with(|c| c.l1.max_bytes = 0).await?;
+    // A patient Redis client: on a busy machine, with other tests running,
+    // genuine timeouts must not be what opens this server's breaker.
+    let server = env
+        .server_with(|c| {
+            c.l1.max_bytes = 0;
+            c.redis.command_timeout = Duration::from_secs(5);
+        })
+        .await?;
     let mut c = client(&server).await?;
     let rows = vec![row("corrupt:1", ts(1_700_000_000, 0), n(11)), row("corrupt:2", ts(1_700_000_000, 0), n(12))];
     c.write_features(write("hostile", rows)).await?;
@@ -265,10 +272,11 @@ async fn corrupt_and_foreign_redis_entries_are_misses_and_never_open_the_breaker
         ensure!(rows[0].values[0].kind == Some(Kind::Int64Value(11)), "{rows:?}");
         ensure!(rows[1].values[0].kind == Some(Kind::Int64Value(12)), "{rows:?}");
         ensure!(rows.iter().all(|r| status(r) == v1::RowStatus::Found), "{rows:?}");
+        // This server's own breaker (the metric is shared by every server
+        // of the test process).
+        ensure!(l2.breaker().is_closed(), "the redis breaker opened over foreign entries");
     }
     let page = scrape(&server).await?;
-    let opened = sample(&page, "strata_breaker_transitions_total", &[("dependency", "redis"), ("to", "open")]);
-    ensure!(opened == 0.0, "the redis breaker opened {opened} times over foreign entries");
     ensure!(sample(&page, "strata_l2_undecodable_total", &[("view", "hostile")]) >= 1.0);
     // The foreign list was replaced by the fill: the next read is an L2 hit.
     server.tiers().settle().await;

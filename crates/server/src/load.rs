@@ -380,6 +380,23 @@ impl Read for CountingReader {
     }
 }
 
+/// Parses `input` as the loader does, calling `on_row` with each record's
+/// line and its row or the reason it is rejected; an error stops the
+/// parse (a header that does not fit the view, an I/O failure). For tools
+/// and the fuzz targets.
+pub fn parse(
+    format: Format,
+    input: impl Read,
+    view: &FeatureView,
+    limits: &Limits,
+    on_row: &mut dyn FnMut(u64, Result<(String, Row), String>) -> Result<()>,
+) -> Result<()> {
+    match format {
+        Format::Csv => read_csv(input, view, limits, on_row),
+        Format::Jsonl => read_jsonl(input, view, limits, on_row),
+    }
+}
+
 /// Where each input column goes.
 #[derive(Clone, Copy, Debug)]
 enum Column {
