@@ -386,7 +386,7 @@ async fn alerts_and_dashboard_use_only_metrics_strata_exports_and_red_metrics_ar
         page.contains("strata_grpc_request_duration_seconds_bucket{method=\"GetFeatures\",le=\"0.0001\"}"),
         "no 100 µs bucket for GetFeatures"
     );
-    ensure!(sample(&page, "strata_redis_duration_seconds_count", &[("op", "get")]) >= 1.0);
+    ensure!(sample(&page, "strata_redis_duration_seconds_count", &[("op", "get_or_lease")]) >= 1.0);
     ensure!(sample(&page, "strata_shard_query_duration_seconds_count", &[]) >= 1.0);
     ensure!(sample(&page, "strata_cache_hits_total", &[("tier", "l1"), ("view", "ops")]) >= 1.0);
     ensure!(sample(&page, "strata_build_info", &[("version", env!("CARGO_PKG_VERSION"))]) == 1.0);
