@@ -93,12 +93,12 @@ async fn written_rows_read_back_with_equal_values_types_status_and_event_time(en
         .await?;
     ensure!(older.get_ref().rows_written == 0 && older.get_ref().rows_skipped_older == 1, "{:?}", older.get_ref());
     let newer = c
-        .write_features(write("typed", vec![row("rt:full", ts(1_800_000_000, 0), vec![("i", v(Kind::Int64Value(2)))])]))
+        .write_features(write("typed", vec![row("rt:full", ts(1_750_000_000, 0), vec![("i", v(Kind::Int64Value(2)))])]))
         .await?;
     ensure!(newer.get_ref().rows_written == 1);
     let answer = c.get_features(get("typed", &["rt:full"], &["i"])).await?.into_inner();
     ensure!(answer.rows[0].values == vec![v(Kind::Int64Value(2))], "the newer write is served: {:?}", answer.rows[0]);
-    ensure!(answer.rows[0].event_time == Some(ts(1_800_000_000, 0)));
+    ensure!(answer.rows[0].event_time == Some(ts(1_750_000_000, 0)));
     server.shutdown().await;
     Ok(())
 }
