@@ -277,6 +277,9 @@ impl Env {
         // Tests fire a thousand concurrent reads on a debug build: neither
         // shedding nor the default deadline is what they test.
         file.server.max_in_flight = 100_000;
+        // The stampede tests hold 1,000 reads in flight over one connection
+        // per server; a client would otherwise queue those past 128.
+        file.server.max_concurrent_streams = 2_000;
         file.server.default_deadline = std::time::Duration::from_secs(10);
         file.redis.nodes = self.redis_nodes.clone();
         file.postgres.shards = self
