@@ -34,7 +34,13 @@ pub fn view() -> &'static Arc<FeatureView> {
 
 /// Small limits, so the fuzzer reaches them.
 pub fn limits() -> Limits {
-    Limits { max_keys_per_request: 8, max_key_bytes: 16, max_rows_per_write: 8, max_value_bytes: 64, ..Limits::default() }
+    Limits {
+        max_keys_per_request: 8,
+        max_key_bytes: 16,
+        max_rows_per_write: 8,
+        max_value_bytes: 64,
+        ..Limits::default()
+    }
 }
 
 /// What every accepted row must be: one value per feature, each of its
