@@ -866,29 +866,25 @@ impl Lower {
     }
 
     /// Loads distinct keys from L2, then PostgreSQL; aligned with `keys`.
-    /// With protection, each key's lease is tried for in the same Redis
-    /// call that looks it up (one round trip before PostgreSQL).
+    /// The lookup is plain GETs: a Lua call per key, to take the lease in
+    /// the same round trip, cost the L2 hit path three quarters of its
+    /// throughput (BENCHMARKS.md), for a cold path that PostgreSQL and the
+    /// fill bound anyway. Misses take their leases in one call per key.
     async fn load(&self, view: &Arc<FeatureView>, keys: &[&str], deadline: Instant) -> Vec<Loaded> {
         let mut out: Vec<Option<Loaded>> = vec![None; keys.len()];
-        let lookup = if self.protection.enabled {
-            self.l2.get_or_lease(view, keys, self.protection.lease_ttl, deadline).await
-        } else {
-            self.l2.get_many(view, keys, deadline).await.map(|hits| hits.into_iter().map(|hit| (false, hit)).collect())
-        };
-        let (answers, l2_up) = match lookup {
-            Ok(answers) => (answers, true),
+        let (hits, l2_up) = match self.l2.get_many(view, keys, deadline).await {
+            Ok(hits) => (hits, true),
             // Skipped while the breaker is open: not worth a warning each.
-            Err(L2Error::Open) => (vec![(false, None); keys.len()], false),
+            Err(L2Error::Open) => (vec![None; keys.len()], false),
             Err(error) => {
                 tracing::warn!(view = %view.name, keys = keys.len(), %error, "redis read failed; going to postgres");
                 metrics::counter!("strata_cache_errors_total", "tier" => "l2", "op" => "get").increment(1);
-                (vec![(false, None); keys.len()], false)
+                (vec![None; keys.len()], false)
             }
         };
         let mut misses = Vec::new();
-        let mut won = Vec::new();
         let mut negative_hits = 0;
-        for (i, (lease, hit)) in answers.into_iter().enumerate() {
+        for (i, hit) in hits.into_iter().enumerate() {
             match hit {
                 Some(hit) => {
                     if hit.stale
@@ -900,10 +896,7 @@ impl Lower {
                     negative_hits += usize::from(hit.value == Cached::Missing);
                     out[i] = Some(Loaded::Value { value: hit.value, source: Source::L2 });
                 }
-                None => {
-                    misses.push(i);
-                    won.push(lease);
-                }
+                None => misses.push(i),
             }
         }
         count_lookups(view, Source::L2, keys.len() - misses.len(), misses.len());
@@ -914,7 +907,7 @@ impl Lower {
 
         let miss_keys: Vec<&str> = misses.iter().map(|&i| keys[i]).collect();
         let loaded = if self.protection.enabled && l2_up {
-            self.load_under_leases(view, &miss_keys, &won, deadline).await
+            self.load_under_leases(view, &miss_keys, deadline).await
         } else {
             self.fetch_then_fill(view, &miss_keys, Leases::none(&self.l2, view), deadline).await
         };
@@ -924,24 +917,37 @@ impl Lower {
         out.into_iter().flatten().collect()
     }
 
-    /// For keys missing in Redis, given whether this instance took each
-    /// one's lease: where it did, it reads PostgreSQL and fills Redis;
-    /// elsewhere it waits for the lease holder's result in Redis, and reads
-    /// PostgreSQL itself only if none comes within the lease TTL.
-    async fn load_under_leases(
-        &self,
-        view: &Arc<FeatureView>,
-        keys: &[&str],
-        won: &[bool],
-        deadline: Instant,
-    ) -> Vec<Loaded> {
-        let (mine, theirs): (Vec<usize>, Vec<usize>) = (0..keys.len()).partition(|&i| won[i]);
+    /// For keys missing in Redis: one call per key looks at the entry
+    /// again and, if there is still none, takes the key's lease (entry and
+    /// lease share a slot). A key another instance filled meanwhile is
+    /// answered from Redis; where this instance took the lease it reads
+    /// PostgreSQL and fills Redis; elsewhere it waits for the lease
+    /// holder's result in Redis, and reads PostgreSQL itself only if none
+    /// comes within the lease TTL.
+    async fn load_under_leases(&self, view: &Arc<FeatureView>, keys: &[&str], deadline: Instant) -> Vec<Loaded> {
+        let answers = match self.l2.get_or_lease(view, keys, self.protection.lease_ttl, deadline).await {
+            Ok(answers) => answers,
+            Err(error) => {
+                tracing::warn!(view = %view.name, %error, "redis lease failed; going to postgres");
+                return self.fetch_then_fill(view, keys, Leases::none(&self.l2, view), deadline).await;
+            }
+        };
+        let mut out: Vec<Option<Loaded>> = vec![None; keys.len()];
+        let mut pending = Vec::with_capacity(keys.len());
+        for (i, (won, hit)) in answers.into_iter().enumerate() {
+            match hit {
+                Some(hit) => out[i] = Some(Loaded::Value { value: hit.value, source: Source::L2 }),
+                None => pending.push((i, won)),
+            }
+        }
+        let (mine, theirs): (Vec<(usize, bool)>, Vec<(usize, bool)>) = pending.into_iter().partition(|(_, won)| *won);
+        let mine: Vec<usize> = mine.into_iter().map(|(i, _)| i).collect();
+        let theirs: Vec<usize> = theirs.into_iter().map(|(i, _)| i).collect();
         count_leases(view, mine.len(), theirs.len());
         let mine_keys: Vec<&str> = mine.iter().map(|&i| keys[i]).collect();
         // Released after the fill, or when this request is dropped first
         // (its client went away): never left to expire while others wait.
         let leases = Leases::held(&self.l2, view, &mine_keys);
-        let mut out: Vec<Option<Loaded>> = vec![None; keys.len()];
         // A key whose shard is down is not waited for: its holder will not
         // fill it, and waiting would hold up the rest of the batch (and
         // every request waiting on this one) for half its deadline.
