@@ -933,16 +933,15 @@ impl Lower {
             }
         };
         let mut out: Vec<Option<Loaded>> = vec![None; keys.len()];
-        let mut pending = Vec::with_capacity(keys.len());
+        // Keys whose lease this instance took, and keys another holds.
+        let (mut mine, mut theirs) = (Vec::new(), Vec::new());
         for (i, (won, hit)) in answers.into_iter().enumerate() {
             match hit {
                 Some(hit) => out[i] = Some(Loaded::Value { value: hit.value, source: Source::L2 }),
-                None => pending.push((i, won)),
+                None if won => mine.push(i),
+                None => theirs.push(i),
             }
         }
-        let (mine, theirs): (Vec<(usize, bool)>, Vec<(usize, bool)>) = pending.into_iter().partition(|(_, won)| *won);
-        let mine: Vec<usize> = mine.into_iter().map(|(i, _)| i).collect();
-        let theirs: Vec<usize> = theirs.into_iter().map(|(i, _)| i).collect();
         count_leases(view, mine.len(), theirs.len());
         let mine_keys: Vec<&str> = mine.iter().map(|&i| keys[i]).collect();
         // Released after the fill, or when this request is dropped first
