@@ -215,7 +215,13 @@ fn reply_bytes(value: &Value) -> Option<&[u8]> {
 /// say), which reads as a miss. An outage fails the batch.
 fn per_key<T>(results: Vec<Result<T, fred::error::Error>>, want: usize) -> Result<Vec<Option<T>>, L2Error> {
     if results.len() != want {
-        return Err(L2Error::ShortPipeline { got: results.len(), want });
+        // A pipeline that failed as a whole (a timeout, say) answers with
+        // its one error: that error, so the breaker judges it.
+        let got = results.len();
+        return Err(results
+            .into_iter()
+            .find_map(Result::err)
+            .map_or(L2Error::ShortPipeline { got, want }, L2Error::Redis));
     }
     results
         .into_iter()
