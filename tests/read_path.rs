@@ -18,6 +18,7 @@ integration_tests!(
     bad_input_is_invalid_argument_naming_the_problem_and_writes_nothing,
     list_feature_views_returns_the_registry,
     grpcurl_lists_services_through_reflection_and_reads_features,
+    a_redis_pipeline_reaches_each_primary_in_a_few_writes,
 );
 
 async fn written_rows_read_back_with_equal_values_types_status_and_event_time(env: &'static Env) -> Result<()> {
@@ -386,5 +387,42 @@ async fn grpcurl_lists_services_through_reflection_and_reads_features(env: &'sta
     ensure!(found["values"][2]["floatListValue"]["values"] == serde_json::json!([0.5, 1.5]), "{found}");
     ensure!(json["rows"][1]["status"] == "NOT_FOUND", "{}", json["rows"][1]);
     server.shutdown().await;
+    Ok(())
+}
+
+/// A pipeline of 3,000 commands (GETs, and Lua calls) reaches Redis in a
+/// handful of socket writes per primary, not one per command: the patched
+/// fred in `vendor/fred` (unpatched, each command of an idle client's
+/// pipeline, and every Lua call, is its own write, and Redis reads each
+/// one separately). Other tests' traffic adds some reads meanwhile, well
+/// under the bound; one write per command would be thousands.
+async fn a_redis_pipeline_reaches_each_primary_in_a_few_writes(env: &'static Env) -> Result<()> {
+    const KEYS: usize = 3_000;
+    let server = env.server().await?;
+    let l2 = server.tiers().l2();
+    let registry = env.registry()?;
+    let view = registry.get("fallthrough").context("view")?;
+    let keys: Vec<String> = (0..KEYS).map(|i| format!("pipelined-{i}")).collect();
+    let keys: Vec<&str> = keys.iter().map(String::as_str).collect();
+    let version = strata_core::EventTime(1);
+    let row = strata_core::Row { event_time: version, values: vec![strata_core::Value::Int64(7)] };
+    let life = strata_core::Lifetime::fixed(std::time::Duration::from_secs(60));
+    let puts: Vec<strata_cache_tiers::Put<'_>> = keys
+        .iter()
+        .map(|key| strata_cache_tiers::Put { key, content: strata_core::Content::Found(&row), version, life })
+        .collect();
+
+    let before = env.redis_primary_reads().await?;
+    let stored = l2.put_many(view, &puts, l2.default_deadline()).await?;
+    let after_puts = env.redis_primary_reads().await?;
+    let hits = l2.get_many(view, &keys, l2.default_deadline()).await?;
+    let after_gets = env.redis_primary_reads().await?;
+    ensure!(stored.iter().all(|s| *s) && hits.iter().all(Option::is_some), "every key stored and read back");
+    // Each measurement also counts the INFO calls themselves (one read per
+    // primary per call).
+    for (what, reads) in [("3,000 function calls", after_puts - before), ("3,000 GETs", after_gets - after_puts)] {
+        ensure!(reads <= 300, "{what} took {reads} reads on the primaries");
+    }
+    l2.evict("fallthrough", &keys).await?;
     Ok(())
 }

@@ -575,8 +575,20 @@ async fn a_file_with_bad_rows_loads_the_good_ones_reports_the_bad_by_line_and_re
     let life = strata_core::Lifetime { soft: Duration::from_secs(60), hard: Duration::from_secs(60) };
     let late_fill = Put { key: "bad:7", content: Content::Found(&older), version: older.event_time, life };
     ensure!(
-        server.tiers().l2().put_many(view, &[late_fill], server.tiers().l2().default_deadline()).await? == [false],
+        server
+            .tiers()
+            .l2()
+            .put_many(view, std::slice::from_ref(&late_fill), server.tiers().l2().default_deadline())
+            .await?
+            == [false],
         "the guard refuses an older fill"
+    );
+    // A cold fill stores with SET NX first; it finds the guard there and goes
+    // through the same comparison: refused as well.
+    let l2 = server.tiers().l2();
+    ensure!(
+        l2.fill_absent(view, std::slice::from_ref(&late_fill), &[], l2.default_deadline()).await? == [false],
+        "the guard refuses an older cold fill"
     );
     ensure!(redis_entry(env, &server, "bulk_bad", "bad:7").await? == Some((Content::Guard, loaded_at)));
 

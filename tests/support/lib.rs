@@ -464,6 +464,36 @@ impl Env {
         Ok(())
     }
 
+    /// How many times the Redis primaries have read from their clients'
+    /// sockets (`total_reads_processed`, summed): a pipeline sent in one
+    /// write is read in one go, one sent a command per write is not.
+    pub async fn redis_primary_reads(&self) -> Result<u64> {
+        use fred::prelude::*;
+        let (nodes, _) = self.redis_cluster().await?;
+        let host = self.redis_nodes[0].rsplit_once(':').context("node address")?.0.to_owned();
+        let mut reads = 0;
+        for (port, primary, _) in nodes {
+            if !primary {
+                continue;
+            }
+            let client = Builder::from_config(Config {
+                server: ServerConfig::new_centralized(&host, port),
+                ..Default::default()
+            })
+            .build()?;
+            client.init().await?;
+            let stats: String = client.info(Some(fred::types::InfoKind::Stats)).await?;
+            let _ = client.quit().await;
+            reads += stats
+                .lines()
+                .find_map(|line| line.strip_prefix("total_reads_processed:"))
+                .context("INFO stats has no total_reads_processed")?
+                .trim()
+                .parse::<u64>()?;
+        }
+        Ok(reads)
+    }
+
     /// The validated registry of [`Env::config`].
     pub fn registry(&self) -> Result<std::sync::Arc<strata_core::Registry>> {
         Ok(self.config()?.validate()?.registry)

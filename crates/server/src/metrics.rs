@@ -206,7 +206,7 @@ pub const METRICS: &[Metric] = &[
     Metric {
         name: "strata_redis_duration_seconds",
         kind: Kind::Histogram,
-        help: "Redis call duration, by operation (get_or_lease, get, lease, put, release, publish)",
+        help: "Redis call duration, by operation (get, get_or_lease, fill, put, lease, release, publish)",
     },
     Metric {
         name: "strata_connections_refused_total",

@@ -933,15 +933,22 @@ impl Lower {
             }
         };
         let mut out: Vec<Option<Loaded>> = vec![None; keys.len()];
-        // Keys whose lease this instance took, and keys another holds.
-        let (mut mine, mut theirs) = (Vec::new(), Vec::new());
+        // Keys whose lease this instance took, keys another holds, and
+        // leases taken for keys filled meanwhile (given back at once).
+        let (mut mine, mut theirs, mut needless) = (Vec::new(), Vec::new(), Vec::new());
         for (i, (won, hit)) in answers.into_iter().enumerate() {
             match hit {
-                Some(hit) => out[i] = Some(Loaded::Value { value: hit.value, source: Source::L2 }),
+                Some(hit) => {
+                    if won {
+                        needless.push(keys[i]);
+                    }
+                    out[i] = Some(Loaded::Value { value: hit.value, source: Source::L2 });
+                }
                 None if won => mine.push(i),
                 None => theirs.push(i),
             }
         }
+        drop(Leases::held(&self.l2, view, &needless));
         count_leases(view, mine.len(), theirs.len());
         let mine_keys: Vec<&str> = mine.iter().map(|&i| keys[i]).collect();
         // Released after the fill, or when this request is dropped first
@@ -1027,12 +1034,19 @@ impl Lower {
         let (l2, protection, view) = (self.l2.clone(), self.protection.clone(), view.clone());
         let keys: Vec<String> = keys.iter().map(|k| (*k).to_owned()).collect();
         self.background.spawn(async move {
-            if !keys.is_empty() {
-                let key_refs: Vec<&str> = keys.iter().map(String::as_str).collect();
-                let stored = fill_l2(&l2, &protection, &view, &key_refs, &fetched, deadline).await;
-                count_fill_error(&view, keys.len(), stored);
+            let key_refs: Vec<&str> = keys.iter().map(String::as_str).collect();
+            let fills = fills(&protection, &view, &key_refs, &fetched);
+            // The fill gives the leases back, after their keys' entries.
+            let held = leases.disarm();
+            let held_refs: Vec<&str> = held.iter().map(String::as_str).collect();
+            if fills.is_empty() && held.is_empty() {
+                return;
             }
-            leases.release().await;
+            let stored = l2.fill_absent(&view, &fills, &held_refs, deadline).await.map(drop);
+            if stored.is_err() {
+                release_leases(&l2, &view, held).await;
+            }
+            count_fill_error(&view, keys.len(), stored);
         });
         loaded
     }
@@ -1096,9 +1110,9 @@ impl Leases {
         Leases::held(l2, view, &[])
     }
 
-    async fn release(mut self) {
-        let keys = std::mem::take(&mut self.keys);
-        release_leases(&self.l2, &self.view, keys).await;
+    /// The keys, for a caller that releases the leases itself.
+    fn disarm(mut self) -> Vec<String> {
+        std::mem::take(&mut self.keys)
     }
 }
 
@@ -1134,8 +1148,17 @@ async fn fill_l2(
     fetched: &[(Loaded, EventTime)],
     deadline: Instant,
 ) -> Result<(), L2Error> {
-    let fills: Vec<Put<'_>> = keys
-        .iter()
+    l2.put_many(view, &fills(protection, view, keys, fetched), deadline).await.map(drop)
+}
+
+/// The Redis entries of what PostgreSQL gave, with their lifetimes.
+fn fills<'a>(
+    protection: &Protection,
+    view: &FeatureView,
+    keys: &[&'a str],
+    fetched: &'a [(Loaded, EventTime)],
+) -> Vec<Put<'a>> {
+    keys.iter()
         .zip(fetched)
         .filter_map(|(key, (loaded, version))| match loaded {
             Loaded::Value { value, .. } if protection.cacheable(value) => {
@@ -1148,8 +1171,7 @@ async fn fill_l2(
             }
             _ => None,
         })
-        .collect();
-    l2.put_many(view, &fills, deadline).await.map(drop)
+        .collect()
 }
 
 fn count_fill_error(view: &FeatureView, keys: usize, stored: Result<(), L2Error>) {
