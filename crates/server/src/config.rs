@@ -21,7 +21,7 @@ use strata_proto::Limits;
 use strata_shard_router::{PoolOptions, ShardConfig};
 
 use crate::admission::{ClientLimit, RateLimits};
-use crate::tiers::{HotKeys, Protection, WritePolicy};
+use strata_engine::{HotKeys, Protection, WritePolicy};
 
 /// The environment variable prefix; `__` separates levels, so
 /// `STRATA_SERVER__GRPC_ADDR` overrides `server.grpc_addr`.

@@ -7,7 +7,7 @@ use std::time::Instant;
 use anyhow::{Result, bail};
 use strata_core::{EventTime, FeatureType, FeatureView, Row, Value};
 
-use crate::tiers::Tiers;
+use strata_engine::Tiers;
 
 /// The demo data set's event time: 2026-01-01T00:00:00Z.
 pub const DEMO_EPOCH_SECONDS: i64 = 1_767_225_600;

@@ -1,9 +1,9 @@
-//! The Strata server: the `strata.v1.FeatureStore` gRPC service over three
-//! tiers (moka L1, Redis Cluster L2, sharded PostgreSQL L3), its
-//! configuration, metrics, and the `strata` binary's commands.
+//! The Strata server: the `strata.v1.FeatureStore` gRPC front end over the
+//! engine (`strata-engine`: moka L1, Redis Cluster L2, sharded PostgreSQL
+//! L3), its configuration, metrics, and the `strata` binary's commands.
 //!
-//! This is the only crate that knows gRPC status codes; the tier crates
-//! report domain errors, mapped to statuses in `service`.
+//! This is the only crate that knows gRPC status codes; the engine and the
+//! tier crates report domain errors, mapped to statuses in `service`.
 
 #![forbid(unsafe_code)]
 
@@ -18,7 +18,6 @@ pub mod load;
 pub mod metrics;
 mod server;
 mod service;
-pub mod tiers;
 pub mod warm;
 
 pub use server::{RunningServer, shutdown_signal};

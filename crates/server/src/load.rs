@@ -32,7 +32,7 @@ use strata_shard_router::ShardRouter;
 use tokio::sync::mpsc;
 
 use crate::config::Config;
-use crate::tiers::{announce_until, guard};
+use strata_engine::{announce_until, guard};
 
 /// The input formats.
 #[derive(Clone, Copy, Debug, PartialEq, Eq, clap::ValueEnum)]

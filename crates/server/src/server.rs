@@ -26,7 +26,7 @@ use crate::client_errors::ClientErrorsLayer;
 use crate::config::Config;
 use crate::metrics::{self, GrpcMetricsLayer};
 use crate::service::FeatureStoreService;
-use crate::tiers::Tiers;
+use strata_engine::Tiers;
 
 /// The health service name of the liveness check.
 pub const LIVENESS: &str = "liveness";

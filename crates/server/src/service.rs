@@ -17,7 +17,7 @@ use tokio::time::Instant;
 use tonic::{Request, Response, Status};
 
 use crate::config::Deadlines;
-use crate::tiers::{Served, Source, Tiers};
+use strata_engine::{Served, Source, Tiers};
 
 /// Every way a request can fail, mapped to a gRPC status in one place.
 #[derive(Debug, thiserror::Error)]

@@ -14,7 +14,7 @@ use strata_cache_tiers::{L1Cache, L2Cache};
 use strata_shard_router::ShardRouter;
 
 use crate::config::Config;
-use crate::tiers::{HotKeys, Tiers};
+use strata_engine::{HotKeys, Tiers};
 
 /// Keys warmed per round trip.
 const CHUNK: usize = 1_000;
