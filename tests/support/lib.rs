@@ -436,15 +436,13 @@ impl Env {
         anyhow::bail!("no redis node answers")
     }
 
-    /// Makes every Redis primary hold the write commands of every client
-    /// (`CLIENT PAUSE ms WRITE`) for `ms` milliseconds, or, with `None`,
-    /// stop holding them (`CLIENT UNPAUSE`): Redis answering reads but not
-    /// writes, as while it is overloaded or failing over.
-    pub async fn pause_redis_writes(&self, ms: Option<i64>) -> Result<()> {
+    /// A connected client of its own to each Redis primary, for commands
+    /// that go to every primary (a cluster client routes by key).
+    async fn primary_clients(&self) -> Result<Vec<fred::prelude::Client>> {
         use fred::prelude::*;
-        use fred::types::client::ClientPauseKind;
         let (nodes, _) = self.redis_cluster().await?;
         let host = self.redis_nodes[0].rsplit_once(':').context("node address")?.0.to_owned();
+        let mut clients = Vec::new();
         for (port, primary, _) in nodes {
             if !primary {
                 continue;
@@ -455,6 +453,19 @@ impl Env {
             })
             .build()?;
             client.init().await?;
+            clients.push(client);
+        }
+        Ok(clients)
+    }
+
+    /// Makes every Redis primary hold the write commands of every client
+    /// (`CLIENT PAUSE ms WRITE`) for `ms` milliseconds, or, with `None`,
+    /// stop holding them (`CLIENT UNPAUSE`): Redis answering reads but not
+    /// writes, as while it is overloaded or failing over.
+    pub async fn pause_redis_writes(&self, ms: Option<i64>) -> Result<()> {
+        use fred::prelude::*;
+        use fred::types::client::ClientPauseKind;
+        for client in self.primary_clients().await? {
             match ms {
                 Some(ms) => client.client_pause(ms, Some(ClientPauseKind::Write)).await?,
                 None => client.client_unpause().await?,
@@ -469,19 +480,8 @@ impl Env {
     /// write is read in one go, one sent a command per write is not.
     pub async fn redis_primary_reads(&self) -> Result<u64> {
         use fred::prelude::*;
-        let (nodes, _) = self.redis_cluster().await?;
-        let host = self.redis_nodes[0].rsplit_once(':').context("node address")?.0.to_owned();
         let mut reads = 0;
-        for (port, primary, _) in nodes {
-            if !primary {
-                continue;
-            }
-            let client = Builder::from_config(Config {
-                server: ServerConfig::new_centralized(&host, port),
-                ..Default::default()
-            })
-            .build()?;
-            client.init().await?;
+        for client in self.primary_clients().await? {
             let stats: String = client.info(Some(fred::types::InfoKind::Stats)).await?;
             let _ = client.quit().await;
             reads += stats
