@@ -9,12 +9,14 @@
 #![forbid(unsafe_code)]
 
 mod codec;
+mod entity;
 mod registry;
 mod resilience;
 mod ttl;
 mod value;
 
 pub use codec::{Content, DecodeError, Entry, VERSION_OFFSET, decode_entry, encode_entry, version_bytes};
+pub use entity::{COMPOSITE, Entity, EntityError, EntityKeyError, JoinKey, KeyType, KeyValue};
 pub use registry::{Feature, FeatureSpec, FeatureView, FeatureViewSpec, Registry, RegistryError};
 pub use resilience::{Breaker, BreakerConfig, BreakerState, Call, Guarded, RetryPolicy, TIMEOUT_FLOOR};
 pub use ttl::{Lifetime, jittered, soft_after};

@@ -30,7 +30,7 @@ use rand::Rng;
 use strata_core::{Breaker, BreakerConfig, BreakerState, EventTime, FeatureView, Guarded, RetryPolicy, Row};
 use tokio_postgres::NoTls;
 
-pub use routing::{jump_hash, shard_for};
+pub use routing::{jump_hash, shard_for, shard_for_key};
 
 /// Backoff between runs of a write transaction that conflicted with another.
 const CONFLICT_RETRY: RetryPolicy =

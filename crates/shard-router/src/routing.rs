@@ -1,6 +1,9 @@
 //! The routing rule, pinned so anyone can check where a key lives:
 //! shard index = jump consistent hash (Lamping & Veach, 2014) of
-//! `xxh3_64(entity key as UTF-8 bytes, seed 0)` over the shards in config order.
+//! `xxh3_64(entity key bytes, seed 0)` over the shards in config order. The
+//! key bytes are the entity key's canonical encoding
+//! (`strata_core::Entity::encode`): for a key of one string join key, as
+//! every view has so far, its UTF-8 bytes.
 //!
 //! Growing from N to N+1 shards moves about 1/(N+1) of the keys, where
 //! `hash % N` would move nearly all of them.
@@ -9,7 +12,12 @@ use xxhash_rust::xxh3::xxh3_64;
 
 /// The shard, in `0..shards`, that owns `key`. `shards` must be at least 1.
 pub fn shard_for(key: &str, shards: u32) -> u32 {
-    jump_hash(xxh3_64(key.as_bytes()), shards)
+    shard_for_key(key.as_bytes(), shards)
+}
+
+/// The shard, in `0..shards`, that owns the entity key encoded as `key`.
+pub fn shard_for_key(key: &[u8], shards: u32) -> u32 {
+    jump_hash(xxh3_64(key), shards)
 }
 
 /// Jump consistent hash: maps a 64-bit key to a bucket in `0..buckets`.
@@ -51,6 +59,34 @@ mod tests {
         assert_eq!(xxh3_64("größe".as_bytes()), GOLDEN_UNICODE);
     }
 
+    /// An entity of one string join key routes by the bare string, as every
+    /// key did before entities: no row moves. A composite key routes by its
+    /// encoding, pinned here.
+    #[test]
+    fn entity_keys_route_by_their_canonical_encoding() {
+        use strata_core::{Entity, JoinKey, KeyType, KeyValue};
+        let implicit = Entity::implicit().encode([("entity_key", KeyValue::String("user_000001"))], 1024);
+        let implicit = implicit.unwrap_or_default();
+        assert_eq!(xxh3_64(&implicit), GOLDEN_USER_1);
+        for shards in 1..=5 {
+            assert_eq!(shard_for_key(&implicit, shards), shard_for("user_000001", shards));
+        }
+        let user_item = Entity::new(
+            "user_item",
+            vec![
+                JoinKey { name: "user_id".into(), ty: KeyType::Int64 },
+                JoinKey { name: "item_id".into(), ty: KeyType::String },
+            ],
+        )
+        .unwrap_or_else(|e| panic!("{e}"));
+        let key = user_item.encode([("user_id", KeyValue::Int64(7)), ("item_id", KeyValue::String("a"))], 1024);
+        let key = key.unwrap_or_default();
+        assert_eq!(xxh3_64(&key), GOLDEN_USER_ITEM, "{:#018x}", xxh3_64(&key));
+        assert_eq!([2, 3, 5, 8, 16, 64].map(|n| shard_for_key(&key, n)), GOLDEN_USER_ITEM_SHARDS);
+    }
+
+    const GOLDEN_USER_ITEM: u64 = 0x02FB_2185_B9C7_620B;
+    const GOLDEN_USER_ITEM_SHARDS: [u32; 6] = [0, 0, 0, 5, 8, 21];
     const GOLDEN_USER_1: u64 = 0x4BCB_2E29_9314_E05B;
     const GOLDEN_UNICODE: u64 = 0xA6D7_BBEA_01D4_872C;
 
