@@ -367,6 +367,8 @@ async fn alerts_and_dashboard_use_only_metrics_strata_exports_and_red_metrics_ar
     for _ in 0..3 {
         c.get_features(strata_tests::wire::get("ops", &[key], &[])).await?;
     }
+    // A key nobody wrote: a miss in both caches, so a lease is taken.
+    c.get_features(strata_tests::wire::get("ops", &["ops-never-written"], &[])).await?;
     let missing = c.get_features(strata_tests::wire::get("no_such_view", &[key], &[])).await;
     let started = tokio::time::Instant::now();
     let page = loop {
@@ -389,6 +391,14 @@ async fn alerts_and_dashboard_use_only_metrics_strata_exports_and_red_metrics_ar
     ensure!(sample(&page, "strata_redis_duration_seconds_count", &[("op", "get_or_lease")]) >= 1.0);
     ensure!(sample(&page, "strata_shard_query_duration_seconds_count", &[]) >= 1.0);
     ensure!(sample(&page, "strata_cache_hits_total", &[("tier", "l1"), ("view", "ops")]) >= 1.0);
+    // Freshness: the age of each value served, in buckets of seconds to a
+    // week (the row was written at 1970-01-01T00:00:01Z).
+    ensure!(sample(&page, "strata_served_age_seconds_count", &[("view", "ops")]) >= 3.0);
+    ensure!(sample(&page, "strata_served_age_seconds_sum", &[("view", "ops")]) > 3.0 * 1.7e9);
+    ensure!(
+        page.contains("strata_served_age_seconds_bucket{view=\"ops\",le=\"604800\"}"),
+        "no one-week bucket for the age of served values"
+    );
     ensure!(sample(&page, "strata_build_info", &[("version", env!("CARGO_PKG_VERSION"))]) == 1.0);
     ensure!(sample(&page, "strata_ready", &[]) == 1.0);
     ensure!(page.contains("strata_l1_entries ") && page.contains("strata_l1_bytes "));

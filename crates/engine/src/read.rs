@@ -53,6 +53,7 @@ impl Tiers {
         if self.lower.shards.degraded() {
             self.mark_stale(view, keys, &mut out);
         }
+        record_ages(view, &out);
         out
     }
 
@@ -213,5 +214,22 @@ impl Tiers {
             }
         }
         counts
+    }
+}
+
+/// Records how old each served value is (now minus its event time), per
+/// view: freshness as the model sees it, whichever tier answered. A value
+/// stamped ahead of this server's clock counts as 0.
+fn record_ages(view: &FeatureView, served: &[Served]) {
+    let now = EventTime::from_system_time(std::time::SystemTime::now());
+    let mut rows = served.iter().filter_map(|served| match served {
+        Served::Found { row, .. } => Some(row),
+        _ => None,
+    });
+    let Some(first) = rows.next() else { return };
+    let ages = metrics::histogram!("strata_served_age_seconds", "view" => view.name.clone());
+    for row in std::iter::once(first).chain(rows) {
+        let micros = now.0.saturating_sub(row.event_time.0).max(0);
+        ages.record(micros as f64 / 1e6);
     }
 }

@@ -16,6 +16,23 @@ use tonic::codegen::http;
 const LATENCY_BUCKETS: &[f64] =
     &[0.0001, 0.00025, 0.0005, 0.001, 0.0025, 0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1.0, 2.5];
 
+/// Buckets for the age of served values: from a second to a week, since
+/// feature pipelines run from streaming to weekly batch.
+const AGE_BUCKETS: &[f64] = &[
+    1.0,
+    10.0,
+    60.0,
+    300.0,
+    900.0,
+    3_600.0,
+    3.0 * 3_600.0,
+    6.0 * 3_600.0,
+    12.0 * 3_600.0,
+    86_400.0,
+    2.0 * 86_400.0,
+    7.0 * 86_400.0,
+];
+
 static HANDLE: OnceLock<PrometheusHandle> = OnceLock::new();
 
 /// The process-wide recorder, installed on first use. Several servers in one
@@ -24,6 +41,9 @@ pub fn handle() -> &'static PrometheusHandle {
     HANDLE.get_or_init(|| {
         let recorder = PrometheusBuilder::new()
             .set_buckets_for_metric(Matcher::Suffix("_seconds".into()), LATENCY_BUCKETS)
+            .expect("the bucket list is not empty")
+            // A full match wins over the suffix.
+            .set_buckets_for_metric(Matcher::Full("strata_served_age_seconds".into()), AGE_BUCKETS)
             .expect("the bucket list is not empty")
             .build_recorder();
         let handle = recorder.handle();
@@ -207,6 +227,11 @@ pub const METRICS: &[Metric] = &[
         name: "strata_redis_duration_seconds",
         kind: Kind::Histogram,
         help: "Redis call duration, by operation (get, get_or_lease, fill, put, lease, release, publish)",
+    },
+    Metric {
+        name: "strata_served_age_seconds",
+        kind: Kind::Histogram,
+        help: "Age of each value served (now minus its event time), by view",
     },
     Metric {
         name: "strata_connections_refused_total",
