@@ -26,6 +26,7 @@ integration_tests!(
     corrupt_and_foreign_redis_entries_are_misses_and_never_open_the_breaker,
     connections_over_the_limit_are_refused_and_the_others_served,
     a_flood_of_writes_with_tiny_deadlines_does_not_crowd_out_genuine_repairs,
+    stalled_streams_are_capped_per_connection_and_ended_at_the_request_timeout,
 );
 
 /// A GetFeaturesRequest whose keys are bytes: the same wire format, but
@@ -412,6 +413,73 @@ async fn concurrent_writers_of_the_same_keys_in_opposite_orders_never_deadlock(e
         ensure!(got == &Kind::Int64Value(WRITERS - 1), "{key}: {got:?}");
     }
     ensure!(rows.iter().all(|r| status(r) == v1::RowStatus::Found));
+    server.shutdown().await;
+    Ok(())
+}
+
+/// Streams that send half a request and then nothing (a slowloris over
+/// HTTP/2): the server advertises its per-connection stream cap, ends each
+/// stalled stream at `server.request_timeout` with an error status, and
+/// serves other clients meanwhile.
+async fn stalled_streams_are_capped_per_connection_and_ended_at_the_request_timeout(env: &'static Env) -> Result<()> {
+    const STREAMS: usize = 8;
+    let server = env
+        .server_with(|c| {
+            c.server.max_concurrent_streams = STREAMS as u32;
+            c.server.default_deadline = Duration::from_millis(500);
+            c.server.max_deadline = Duration::from_millis(500);
+            c.server.request_timeout = Duration::from_secs(1);
+        })
+        .await?;
+    let tcp = tokio::net::TcpStream::connect(server.grpc_addr()).await?;
+    let (h2, connection) = h2::client::handshake(tcp).await?;
+    tokio::spawn(connection);
+    let mut h2 = h2.ready().await?;
+    // The server's SETTINGS arrive just after the handshake.
+    let advertised = tokio::time::timeout(Duration::from_secs(10), async {
+        while h2.current_max_send_streams() != STREAMS {
+            tokio::task::yield_now().await;
+        }
+    })
+    .await;
+    ensure!(advertised.is_ok(), "the server advertised {} streams, not {STREAMS}", h2.current_max_send_streams());
+
+    let started = tokio::time::Instant::now();
+    let mut responses = Vec::new();
+    for _ in 0..STREAMS {
+        let request = http::Request::post(format!("http://{}/strata.v1.FeatureStore/GetFeatures", server.grpc_addr()))
+            .header("content-type", "application/grpc")
+            .header("te", "trailers")
+            .body(())?;
+        h2 = h2.ready().await?;
+        let (response, mut body) = h2.send_request(request, false)?;
+        // A frame header announcing 100 bytes, and then nothing.
+        body.send_data(bytes::Bytes::from_static(&[0, 0, 0, 0, 100]), false)?;
+        responses.push((response, body));
+    }
+
+    // Served meanwhile, on another connection.
+    let mut c = client(&server).await?;
+    let answer = c.get_features(get("hostile", &["stall:1"], &[])).await?.into_inner();
+    ensure!(answer.rows.len() == 1, "another client is served while the streams stall");
+
+    for (response, _body) in responses {
+        let response = tokio::time::timeout(Duration::from_secs(20), response)
+            .await
+            .context("a stalled stream was never ended")??;
+        let code = match response.headers().get("grpc-status") {
+            Some(code) => code.to_str()?.to_owned(),
+            None => {
+                let mut body = response.into_body();
+                let trailers = tokio::time::timeout(Duration::from_secs(20), body.trailers()).await??;
+                let code = trailers.as_ref().and_then(|t| t.get("grpc-status")).context("no grpc-status")?;
+                code.to_str()?.to_owned()
+            }
+        };
+        ensure!(code != "0", "a stalled stream was answered OK");
+    }
+    let elapsed = started.elapsed();
+    ensure!(elapsed >= Duration::from_millis(900), "stalled streams were ended after {elapsed:?}, before the timeout");
     server.shutdown().await;
     Ok(())
 }
