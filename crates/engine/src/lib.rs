@@ -58,14 +58,10 @@ use std::time::Duration;
 #[cfg(feature = "test-hooks")]
 use futures::future::BoxFuture;
 use rand::Rng;
-use strata_cache_tiers::{
-    Cached, L1Cache, L2Cache, L2Error, Put, RefreshQueue, RefreshTier, Reloader, SingleFlight, Stamp,
-    invalidation_messages,
-};
-use strata_core::{Content, EventTime, FeatureView, Lifetime, Row};
-use strata_shard_router::{Fetched, ShardRouter, UpsertOutcome};
+use strata_cache_tiers::{Cached, L1Cache, L2Cache, RefreshQueue, SingleFlight, Stamp};
+use strata_core::{EventTime, FeatureView, Lifetime, Row};
+use strata_shard_router::ShardRouter;
 use tokio::sync::mpsc;
-use tokio::time::Instant;
 
 /// Which tier answered a key.
 #[derive(Clone, Copy, Debug, PartialEq, Eq)]

@@ -1,4 +1,12 @@
-use super::*;
+use std::sync::Arc;
+use std::time::Duration;
+
+use strata_cache_tiers::{Cached, L2Cache, L2Error, Put, RefreshTier, Reloader};
+use strata_core::{Content, EventTime, FeatureView, Lifetime};
+use strata_shard_router::Fetched;
+use tokio::time::Instant;
+
+use crate::{BACKGROUND_BUDGET, Loaded, Lower, Protection, Source, count_leases, count_lookups, count_negative_hits};
 
 impl Lower {
     /// Loads distinct keys from L2, then PostgreSQL; aligned with `keys`.

@@ -1,4 +1,10 @@
-use super::*;
+use std::sync::Arc;
+
+use strata_cache_tiers::{Cached, RefreshTier, Stamp};
+use strata_core::{EventTime, FeatureView};
+use tokio::time::Instant;
+
+use crate::{BACKGROUND_BUDGET, Loaded, Served, Source, Tiers, count_lookups, count_negative_hits, sample};
 
 impl Tiers {
     /// Answers distinct `keys` of `view`, aligned with `keys`, by

@@ -1,4 +1,13 @@
-use super::*;
+use std::sync::Arc;
+use std::time::Duration;
+
+use strata_cache_tiers::L1Cache;
+use strata_core::EventTime;
+use tokio::sync::mpsc;
+use tokio::time::Instant;
+
+use crate::write::announce;
+use crate::{BACKGROUND_BUDGET, Loaded, Lower, REPAIRS_AT_ONCE, Repair, UNKNOWN_SETTLES};
 
 /// Puts right the caches of written keys whose cache step failed: reads
 /// them from PostgreSQL, stores them in Redis (never over a newer version),

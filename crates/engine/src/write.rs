@@ -1,4 +1,13 @@
-use super::*;
+use std::sync::Arc;
+use std::time::Duration;
+
+use strata_cache_tiers::{Cached, L2Cache, Put, invalidation_messages};
+use strata_core::{Content, EventTime, FeatureView, Lifetime, Row};
+use strata_shard_router::UpsertOutcome;
+use tokio::sync::mpsc;
+use tokio::time::Instant;
+
+use crate::{Lower, Repair, Tiers, sample};
 
 impl Tiers {
     /// Writes distinct rows to their shards; then, for the rows applied,
