@@ -53,6 +53,13 @@ impl FeatureStore for Floor {
     ) -> Result<Response<v1::ListFeatureViewsResponse>, Status> {
         Err(Status::unimplemented("the floor only answers GetFeatures"))
     }
+
+    async fn get_feature_vectors(
+        &self,
+        _: Request<v1::GetFeatureVectorsRequest>,
+    ) -> Result<Response<v1::GetFeatureVectorsResponse>, Status> {
+        Err(Status::unimplemented("the floor only answers GetFeatures"))
+    }
 }
 
 /// Starts the floor server on a free local port (TCP_NODELAY, like

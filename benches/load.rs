@@ -101,6 +101,7 @@ fn row(key: String, i: usize) -> v1::WriteRow {
         entity_key: key,
         features,
         event_time: Some(prost_types::Timestamp { seconds: 1_700_000_000, nanos: 0 }),
+        join_keys: Default::default(),
     }
 }
 
@@ -428,7 +429,7 @@ async fn zipf(setup: &Setup, bench: &Bench) -> Result<(Report, Report, String)> 
     let mut by_shard: Vec<Vec<(String, strata_core::Row)>> = vec![Vec::new(); shards.shard_count()];
     for i in 0..n {
         let k = key(i);
-        by_shard[shards.shard_of(&k)].push((k, ten_feature_row(i)));
+        by_shard[shards.shard_of(&view, &k)].push((k, ten_feature_row(i)));
     }
     for (shard, rows) in by_shard.iter().enumerate() {
         for chunk in rows.chunks(20_000) {

@@ -111,6 +111,7 @@ async fn run_mode(
             ]
             .into(),
             event_time: Some(strata_proto::prost_types::Timestamp { seconds: 1, nanos: 0 }),
+            join_keys: Default::default(),
         })
         .collect();
     clients[0].clone().write_features(v1::WriteFeaturesRequest { feature_view: view.clone(), rows }).await?;

@@ -178,6 +178,7 @@ async fn visibility(bench: &Bench, rounds: usize) -> Result<(Histogram<u64>, His
             entity_key: key.into(),
             features: [("n".to_owned(), v1::Value { kind: Some(Kind::Int64Value(n)) })].into(),
             event_time: Some(strata_proto::prost_types::Timestamp { seconds, nanos: 0 }),
+            join_keys: Default::default(),
         }],
     };
     let get = |key: &str| v1::GetFeaturesRequest {

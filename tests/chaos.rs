@@ -15,6 +15,7 @@ use anyhow::{Context, Result, bail, ensure};
 use strata_proto::v1::{self, value::Kind};
 use strata_server::RunningServer;
 use strata_server::config::FileConfig;
+use strata_shard_router::shard_for;
 use strata_tests::load::{Known, Load, LoadOptions, Tally};
 use strata_tests::wire::{self, get, row, status, ts, v, write};
 use strata_tests::{Env, TEST_VIEWS, client, integration_tests, repo_root, sample, scrape, scrape_at, strata_binary};
@@ -44,7 +45,7 @@ async fn seed(env: &Env, server: &RunningServer, view: &str, prefix: &str, n: us
     let keys: Vec<Known> = (0..n)
         .map(|i| {
             let key = format!("{prefix}-{i}");
-            let shard = server.tiers().shards().shard_of(&key);
+            let shard = shard_for(&key, server.tiers().shards().shard_count() as u32) as usize;
             Known { key, n: i as i64 * 7, shard }
         })
         .collect();

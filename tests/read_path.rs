@@ -234,7 +234,15 @@ async fn bad_input_is_invalid_argument_naming_the_problem_and_writes_nothing(env
         (
             write(
                 "rejects",
-                vec![good(), v1::WriteRow { entity_key: "rej:4".into(), features: HashMap::new(), event_time: None }],
+                vec![
+                    good(),
+                    v1::WriteRow {
+                        entity_key: "rej:4".into(),
+                        features: HashMap::new(),
+                        event_time: None,
+                        join_keys: HashMap::new(),
+                    },
+                ],
             ),
             "rows[1].event_time is required",
         ),

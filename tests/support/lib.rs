@@ -611,6 +611,7 @@ pub mod wire {
             entity_key: key.into(),
             features: features.into_iter().map(|(n, v)| (n.to_owned(), v)).collect(),
             event_time: Some(time),
+            join_keys: Default::default(),
         }
     }
 

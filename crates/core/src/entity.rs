@@ -17,8 +17,10 @@
 //!
 //! A view has one entity, so the two forms never meet within a view.
 
+use std::borrow::Cow;
 use std::fmt;
 
+use serde::{Deserialize, Serialize};
 use thiserror::Error;
 
 /// The first byte of every encoding of an entity that is not one string
@@ -26,7 +28,8 @@ use thiserror::Error;
 pub const COMPOSITE: u8 = 0xFF;
 
 /// The type of a join key.
-#[derive(Clone, Copy, Debug, PartialEq, Eq, Hash)]
+#[derive(Clone, Copy, Debug, PartialEq, Eq, Hash, Serialize, Deserialize)]
+#[serde(rename_all = "lowercase")]
 pub enum KeyType {
     Int64,
     String,
@@ -59,9 +62,11 @@ impl fmt::Display for KeyType {
 }
 
 /// One join key of an entity.
-#[derive(Clone, Debug, PartialEq, Eq)]
+#[derive(Clone, Debug, PartialEq, Eq, Serialize, Deserialize)]
+#[serde(deny_unknown_fields)]
 pub struct JoinKey {
     pub name: String,
+    #[serde(rename = "type")]
     pub ty: KeyType,
 }
 
@@ -103,6 +108,7 @@ pub enum EntityKeyError {
 #[derive(Clone, Debug, PartialEq, Eq)]
 pub struct Entity {
     pub name: String,
+    pub description: String,
     join_keys: Vec<JoinKey>,
 }
 
@@ -125,7 +131,7 @@ impl Entity {
         if let Some(pair) = join_keys.windows(2).find(|pair| pair[0].name == pair[1].name) {
             return Err(EntityError::DuplicateJoinKey { entity: name, join_key: pair[0].name.clone() });
         }
-        Ok(Entity { name, join_keys })
+        Ok(Entity { name, description: String::new(), join_keys })
     }
 
     /// The entity of a view that names none: one string join key,
@@ -133,6 +139,7 @@ impl Entity {
     pub fn implicit() -> Entity {
         Entity {
             name: "entity_key".into(),
+            description: String::new(),
             join_keys: vec![JoinKey { name: "entity_key".into(), ty: KeyType::String }],
         }
     }
@@ -145,6 +152,72 @@ impl Entity {
     /// Whether keys of this entity are encoded as the bare string.
     pub fn is_single_string(&self) -> bool {
         matches!(self.join_keys.as_slice(), [JoinKey { ty: KeyType::String, .. }])
+    }
+
+    /// The text a key is filed under in the caches, in the routing and in
+    /// its shard's `entity_key` column, from its canonical encoding: the
+    /// string itself for an entity of one string join key (so such keys
+    /// stay as they always were), else the encoding in lowercase hex.
+    pub fn key_text(&self, encoded: &[u8]) -> String {
+        if self.is_single_string() {
+            return String::from_utf8_lossy(encoded).into_owned();
+        }
+        encoded.iter().map(|b| format!("{b:02x}")).collect()
+    }
+
+    /// The canonical encoding of a key's text ([`Entity::key_text`]): what
+    /// routing hashes. Text that is not a key of this entity (which callers
+    /// reject first, with [`Entity::parse_key_text`]) hashes as it is.
+    pub fn routing_bytes<'a>(&self, text: &'a str) -> Cow<'a, [u8]> {
+        if self.is_single_string() {
+            return Cow::Borrowed(text.as_bytes());
+        }
+        from_hex(text).map_or(Cow::Borrowed(text.as_bytes()), Cow::Owned)
+    }
+
+    /// The join key values of a key's text, aligned with
+    /// [`Entity::join_keys`]; `None` if the text is not a key of this entity.
+    pub fn parse_key_text(&self, text: &str) -> Option<Vec<OwnedKeyValue>> {
+        if self.is_single_string() {
+            return Some(vec![OwnedKeyValue::String(text.to_owned())]);
+        }
+        self.decode(&from_hex(text)?)
+    }
+
+    /// The join key values of a canonical encoding, aligned with
+    /// [`Entity::join_keys`]; `None` if it is not one of this entity's.
+    pub fn decode(&self, encoded: &[u8]) -> Option<Vec<OwnedKeyValue>> {
+        if self.is_single_string() {
+            return Some(vec![OwnedKeyValue::String(String::from_utf8(encoded.to_vec()).ok()?)]);
+        }
+        let mut rest = encoded.strip_prefix(&[COMPOSITE])?;
+        let mut values = Vec::with_capacity(self.join_keys.len());
+        for key in &self.join_keys {
+            let (&tag, after) = rest.split_first()?;
+            if tag != key.ty.tag() {
+                return None;
+            }
+            rest = after;
+            let value = match key.ty {
+                KeyType::Int64 => {
+                    let (bytes, after) = rest.split_first_chunk::<8>()?;
+                    rest = after;
+                    OwnedKeyValue::Int64((u64::from_be_bytes(*bytes) ^ (1 << 63)) as i64)
+                }
+                KeyType::String | KeyType::Bytes => {
+                    let (len, after) = rest.split_first_chunk::<4>()?;
+                    let len = usize::try_from(u32::from_be_bytes(*len)).ok()?;
+                    let (bytes, after) = after.split_at_checked(len)?;
+                    rest = after;
+                    match key.ty {
+                        KeyType::String => OwnedKeyValue::String(String::from_utf8(bytes.to_vec()).ok()?),
+                        _ => OwnedKeyValue::Bytes(bytes.to_vec()),
+                    }
+                }
+            };
+            values.push(value);
+        }
+        rest.is_empty().then_some(values)
     }
 
     /// The canonical encoding of the key given by `values` (join key name
@@ -202,6 +275,31 @@ impl Entity {
         }
         Ok(out)
     }
+}
+
+/// The value of one join key, owned (decoded from a key).
+#[derive(Clone, Debug, PartialEq, Eq)]
+pub enum OwnedKeyValue {
+    Int64(i64),
+    String(String),
+    Bytes(Vec<u8>),
+}
+
+impl OwnedKeyValue {
+    pub fn as_key_value(&self) -> KeyValue<'_> {
+        match self {
+            OwnedKeyValue::Int64(n) => KeyValue::Int64(*n),
+            OwnedKeyValue::String(s) => KeyValue::String(s),
+            OwnedKeyValue::Bytes(b) => KeyValue::Bytes(b),
+        }
+    }
+}
+
+fn from_hex(text: &str) -> Option<Vec<u8>> {
+    if !text.len().is_multiple_of(2) {
+        return None;
+    }
+    (0..text.len()).step_by(2).map(|i| u8::from_str_radix(text.get(i..i + 2)?, 16).ok()).collect()
 }
 
 /// A value's length (4 bytes, big-endian) and bytes. Callers bound the
@@ -299,6 +397,31 @@ mod tests {
         let long = "x".repeat(MAX + 1);
         let too_long = entity.encode([("item_id", KeyValue::String(&long)), ("user_id", KeyValue::Int64(1))], MAX);
         assert!(matches!(too_long, Err(EntityKeyError::TooLong { len, .. }) if len == MAX + 1));
+    }
+
+    #[test]
+    fn a_key_reads_back_from_its_encoding_and_its_text() {
+        let entity = user_item();
+        let encoded = entity
+            .encode([("user_id", KeyValue::Int64(-7)), ("item_id", KeyValue::String("ä,b"))], MAX)
+            .unwrap_or_default();
+        let values = vec![OwnedKeyValue::String("ä,b".into()), OwnedKeyValue::Int64(-7)];
+        assert_eq!(entity.decode(&encoded), Some(values.clone()));
+        let text = entity.key_text(&encoded);
+        assert_eq!(text, hex(&encoded));
+        assert_eq!(entity.parse_key_text(&text), Some(values));
+        assert_eq!(entity.routing_bytes(&text).as_ref(), encoded.as_slice());
+        // Not keys of this entity: truncated, trailing bytes, bad hex, a
+        // bare string.
+        assert_eq!(entity.decode(&encoded[..encoded.len() - 1]), None);
+        assert_eq!(entity.decode(&[encoded.as_slice(), &[0]].concat()), None);
+        assert_eq!(entity.parse_key_text("ff0g"), None);
+        assert_eq!(entity.parse_key_text("user_1"), None);
+        // One string join key: the text is the string, routed as it is.
+        let implicit = Entity::implicit();
+        assert_eq!(implicit.key_text(b"user_1"), "user_1");
+        assert_eq!(implicit.routing_bytes("user_1").as_ref(), b"user_1");
+        assert_eq!(implicit.parse_key_text("ff00"), Some(vec![OwnedKeyValue::String("ff00".into())]));
     }
 
     #[test]

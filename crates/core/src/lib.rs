@@ -16,8 +16,11 @@ mod ttl;
 mod value;
 
 pub use codec::{Content, DecodeError, Entry, VERSION_OFFSET, decode_entry, encode_entry, version_bytes};
-pub use entity::{COMPOSITE, Entity, EntityError, EntityKeyError, JoinKey, KeyType, KeyValue};
-pub use registry::{Feature, FeatureSpec, FeatureView, FeatureViewSpec, Registry, RegistryError};
+pub use entity::{COMPOSITE, Entity, EntityError, EntityKeyError, JoinKey, KeyType, KeyValue, OwnedKeyValue};
+pub use registry::{
+    EntitySpec, Feature, FeatureService, FeatureServiceSpec, FeatureSpec, FeatureView, FeatureViewSpec, Projection,
+    ProjectionSpec, Registry, RegistryError,
+};
 pub use resilience::{Breaker, BreakerConfig, BreakerState, Call, Guarded, RetryPolicy, TIMEOUT_FLOOR};
 pub use ttl::{Lifetime, jittered, soft_after};
 pub use value::{EventTime, FeatureType, Row, Value};

@@ -2,7 +2,7 @@ use std::collections::HashMap;
 use std::collections::hash_map::Entry;
 use std::sync::Arc;
 
-use strata_core::{EventTime, FeatureType, FeatureView, Registry, Row, Value};
+use strata_core::{EventTime, FeatureType, FeatureView, KeyType, KeyValue, Registry, Row, Value};
 
 use crate::v1;
 
@@ -117,6 +117,32 @@ pub enum InvalidRequest {
     BadEventTime { field: String },
     #[error("{field}: expected {expected}, got {got}")]
     WrongType { field: String, expected: FeatureType, got: FeatureType },
+    #[error("{field}: not a key of entity {entity} (view {view} is keyed by {join_keys}; give them as join_keys)")]
+    BadEntityKey { field: String, view: String, entity: String, join_keys: String },
+    #[error("{field}: {message}")]
+    BadJoinKeys { field: String, message: String },
+    #[error("give features or feature_service, not both")]
+    FeaturesAndService,
+    #[error("give features (view:feature references) or a feature_service")]
+    NoFeatures,
+    #[error("{count} features, over the limit of {limit} per request")]
+    TooManyFeatures { count: usize, limit: usize },
+    #[error("features[{index}] is {reference}: want view:feature")]
+    BadFeatureReference { index: usize, reference: String },
+    #[error("unknown feature_service {name} (known: {known})")]
+    UnknownService { name: String, known: String },
+    #[error("two features would both be named {0} in the answer; ask with full_feature_names")]
+    DuplicateOutput(String),
+    #[error("entities is empty: give one list of values per join key")]
+    NoEntities,
+    #[error("entities: join key {join_key} has {len} values, {first} has {first_len}: every list must be as long")]
+    RaggedEntities { join_key: String, len: usize, first: String, first_len: usize },
+    #[error("entities: {count} rows, over the limit of {limit} per request")]
+    TooManyEntityRows { count: usize, limit: usize },
+    #[error("entities: view {view} needs join key {join_key} ({ty})")]
+    MissingJoinKey { view: String, join_key: String, ty: KeyType },
+    #[error("entities[{join_key:?}][{row}] is {got}, the join key is {want}")]
+    JoinKeyType { join_key: String, row: usize, want: KeyType, got: String },
 }
 
 impl From<InvalidRequest> for tonic::Status {
@@ -125,7 +151,7 @@ impl From<InvalidRequest> for tonic::Status {
     }
 }
 
-fn view<'r>(registry: &'r Registry, name: &str) -> Result<&'r Arc<FeatureView>, InvalidRequest> {
+pub(crate) fn view<'r>(registry: &'r Registry, name: &str) -> Result<&'r Arc<FeatureView>, InvalidRequest> {
     if name.is_empty() {
         return Err(InvalidRequest::NoView);
     }
@@ -133,6 +159,69 @@ fn view<'r>(registry: &'r Registry, name: &str) -> Result<&'r Arc<FeatureView>, 
         name: echo(name),
         known: registry.views().iter().map(|v| v.name.as_str()).collect::<Vec<_>>().join(", "),
     })
+}
+
+/// The join keys of a view's entity, for messages: `user_id (int64), item_id (string)`.
+pub(crate) fn join_key_list(view: &FeatureView) -> String {
+    let keys: Vec<String> = view.entity.join_keys().iter().map(|k| format!("{} ({})", k.name, k.ty)).collect();
+    keys.join(", ")
+}
+
+/// Checks a key given as text: within the limits, and for a view whose
+/// entity declares join keys, the text of one of its keys.
+fn check_key_of(
+    view: &FeatureView,
+    key: &str,
+    field: impl Fn() -> String,
+    limits: &Limits,
+) -> Result<(), InvalidRequest> {
+    check_key(key, &field, limits)?;
+    if !view.entity.is_single_string() && view.entity.parse_key_text(key).is_none() {
+        return Err(InvalidRequest::BadEntityKey {
+            field: field(),
+            view: view.name.clone(),
+            entity: view.entity.name.clone(),
+            join_keys: join_key_list(view),
+        });
+    }
+    Ok(())
+}
+
+/// A join key's value from the wire, if it is one of the three key types.
+pub(crate) fn key_value_from_wire(value: &v1::Value) -> Result<KeyValue<'_>, &'static str> {
+    use v1::value::Kind;
+    match &value.kind {
+        Some(Kind::Int64Value(n)) => Ok(KeyValue::Int64(*n)),
+        Some(Kind::StringValue(s)) => Ok(KeyValue::String(s)),
+        Some(Kind::BytesValue(b)) => Ok(KeyValue::Bytes(b)),
+        None | Some(Kind::NullValue(_)) => Err("null"),
+        Some(Kind::DoubleValue(_)) => Err("double"),
+        Some(Kind::BoolValue(_)) => Err("bool"),
+        Some(Kind::FloatListValue(_)) => Err("float_list"),
+        Some(Kind::Int64ListValue(_)) => Err("int64_list"),
+    }
+}
+
+/// The key text of a view's entity from join key values; a string value
+/// holds no NUL (PostgreSQL text cannot).
+pub(crate) fn encode_key<'a>(
+    view: &FeatureView,
+    values: impl IntoIterator<Item = (&'a str, KeyValue<'a>)>,
+    field: impl Fn() -> String,
+    limits: &Limits,
+) -> Result<String, InvalidRequest> {
+    let mut nul = false;
+    let values = values.into_iter().inspect(|(_, v)| nul |= matches!(v, KeyValue::String(s) if s.contains('\0')));
+    let encoded = view
+        .entity
+        .encode(values, limits.max_key_bytes)
+        .map_err(|e| InvalidRequest::BadJoinKeys { field: field(), message: e.to_string() })?;
+    if nul {
+        return Err(InvalidRequest::NulCharacter { field: field() });
+    }
+    let text = view.entity.key_text(&encoded);
+    check_key(&text, field, limits)?;
+    Ok(text)
 }
 
 fn check_key(key: &str, field: impl Fn() -> String, limits: &Limits) -> Result<(), InvalidRequest> {
@@ -150,7 +239,7 @@ fn check_key(key: &str, field: impl Fn() -> String, limits: &Limits) -> Result<(
 }
 
 /// Checks a request's `entity_keys`: some, at most `limit`, each valid.
-fn check_keys(keys: &[String], limit: usize, limits: &Limits) -> Result<(), InvalidRequest> {
+fn check_keys(view: &FeatureView, keys: &[String], limit: usize, limits: &Limits) -> Result<(), InvalidRequest> {
     if keys.is_empty() {
         return Err(InvalidRequest::NoKeys);
     }
@@ -158,7 +247,7 @@ fn check_keys(keys: &[String], limit: usize, limits: &Limits) -> Result<(), Inva
         return Err(InvalidRequest::TooManyKeys { count: keys.len(), limit });
     }
     for (i, key) in keys.iter().enumerate() {
-        check_key(key, || format!("entity_keys[{i}]"), limits)?;
+        check_key_of(view, key, || format!("entity_keys[{i}]"), limits)?;
     }
     Ok(())
 }
@@ -171,7 +260,7 @@ pub fn read_request(
 ) -> Result<FeatureRead, InvalidRequest> {
     let v1::GetFeaturesRequest { feature_view, entity_keys, features } = request;
     let view = view(registry, &feature_view)?.clone();
-    check_keys(&entity_keys, limits.max_keys_per_request, limits)?;
+    check_keys(&view, &entity_keys, limits.max_keys_per_request, limits)?;
     let columns = if features.is_empty() {
         (0..view.features.len()).collect()
     } else {
@@ -212,8 +301,28 @@ pub fn write_request(
     let mut kept_from: Vec<usize> = Vec::with_capacity(rows.len());
     let mut row_of: Vec<usize> = Vec::with_capacity(rows.len());
     for (i, row) in rows.into_iter().enumerate() {
-        let v1::WriteRow { entity_key, features, event_time } = row;
-        check_key(&entity_key, || format!("rows[{i}].entity_key"), limits)?;
+        let v1::WriteRow { entity_key, features, event_time, join_keys } = row;
+        let entity_key = if join_keys.is_empty() {
+            check_key_of(&view, &entity_key, || format!("rows[{i}].entity_key"), limits)?;
+            entity_key
+        } else {
+            let field = || format!("rows[{i}].join_keys");
+            let mut values = Vec::with_capacity(join_keys.len());
+            for (name, value) in &join_keys {
+                let value = key_value_from_wire(value).map_err(|got| InvalidRequest::BadJoinKeys {
+                    field: format!("rows[{i}].join_keys[{}]", echo(name)),
+                    message: format!("a join key cannot be {got}"),
+                })?;
+                values.push((name.as_str(), value));
+            }
+            if !entity_key.is_empty() {
+                return Err(InvalidRequest::BadJoinKeys {
+                    field: format!("rows[{i}]"),
+                    message: "give entity_key or join_keys, not both".into(),
+                });
+            }
+            encode_key(&view, values, field, limits)?
+        };
         let event_time =
             event_time.ok_or_else(|| InvalidRequest::MissingEventTime { field: format!("rows[{i}].event_time") })?;
         let event_time = event_time_from_wire(event_time, || format!("rows[{i}].event_time"), limits)?;
@@ -289,7 +398,7 @@ pub fn delete_request(
 ) -> Result<FeatureDelete, InvalidRequest> {
     let v1::DeleteFeaturesRequest { feature_view, entity_keys, event_time } = request;
     let view = view(registry, &feature_view)?.clone();
-    check_keys(&entity_keys, limits.max_rows_per_write, limits)?;
+    check_keys(&view, &entity_keys, limits.max_rows_per_write, limits)?;
     let at = event_time.ok_or_else(|| InvalidRequest::MissingEventTime { field: "event_time".into() })?;
     let at = event_time_from_wire(at, || "event_time".into(), limits)?;
     let mut keys = Vec::with_capacity(entity_keys.len());
@@ -374,6 +483,41 @@ pub fn view_to_wire(view: &FeatureView) -> v1::FeatureView {
         refresh_ahead: view.refresh_ahead,
         negative_ttl: Some(duration_to_wire(view.negative_ttl)),
         max_age: view.max_age.map(duration_to_wire),
+        entity: view.entity.name.clone(),
+        join_keys: join_keys_to_wire(&view.entity),
+    }
+}
+
+fn join_keys_to_wire(entity: &strata_core::Entity) -> Vec<v1::JoinKey> {
+    let ty = |ty: KeyType| match ty {
+        KeyType::Int64 => v1::JoinKeyType::JoinKeyInt64,
+        KeyType::String => v1::JoinKeyType::JoinKeyString,
+        KeyType::Bytes => v1::JoinKeyType::JoinKeyBytes,
+    };
+    entity.join_keys().iter().map(|k| v1::JoinKey { name: k.name.clone(), r#type: ty(k.ty) as i32 }).collect()
+}
+
+pub fn entity_to_wire(entity: &strata_core::Entity) -> v1::Entity {
+    v1::Entity {
+        name: entity.name.clone(),
+        description: entity.description.clone(),
+        join_keys: join_keys_to_wire(entity),
+    }
+}
+
+pub fn service_to_wire(service: &strata_core::FeatureService) -> v1::FeatureService {
+    v1::FeatureService {
+        name: service.name.clone(),
+        description: service.description.clone(),
+        projections: service
+            .projections
+            .iter()
+            .map(|p| v1::FeatureProjection {
+                view: p.view.name.clone(),
+                features: p.columns.iter().map(|&c| p.view.features[c].name.clone()).collect(),
+                alias: if p.prefix == p.view.name { String::new() } else { p.prefix.clone() },
+            })
+            .collect(),
     }
 }
 

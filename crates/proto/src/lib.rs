@@ -8,13 +8,16 @@
 #![forbid(unsafe_code)]
 
 mod convert;
+mod vectors;
 
 pub use prost_types;
 
 pub use convert::{
     FeatureDelete, FeatureRead, FeatureWrite, InvalidRequest, Limits, check_not_future, delete_request, echo,
-    event_time_to_wire, read_request, value_from_wire, value_to_wire, view_to_wire, write_request,
+    entity_to_wire, event_time_to_wire, read_request, service_to_wire, value_from_wire, value_to_wire, view_to_wire,
+    write_request,
 };
+pub use vectors::{MAX_FEATURES_PER_REQUEST, VectorsRead, ViewRead, vectors_request};
 
 /// Generated messages, client and server of `strata.v1`.
 pub mod v1 {

@@ -16,7 +16,7 @@ use figment::Figment;
 use figment::providers::{Env, Format, Toml};
 use serde::{Deserialize, Serialize};
 use strata_cache_tiers::L2Config;
-use strata_core::{BreakerConfig, FeatureViewSpec, Registry, RetryPolicy};
+use strata_core::{BreakerConfig, EntitySpec, FeatureServiceSpec, FeatureViewSpec, Registry, RetryPolicy};
 use strata_proto::Limits;
 use strata_shard_router::{PoolOptions, ShardConfig};
 
@@ -41,9 +41,14 @@ pub struct FileConfig {
     pub breaker: BreakerSection,
     pub retry: RetrySection,
     pub rate_limits: RateLimitsSection,
-    /// Documented on their own (README, CONFIGURATION.md).
+    /// Documented on their own (README, CONFIGURATION.md), as are entities
+    /// and feature services.
+    #[serde(skip_serializing)]
+    pub entities: Vec<EntitySpec>,
     #[serde(skip_serializing)]
     pub views: Vec<FeatureViewSpec>,
+    #[serde(skip_serializing)]
+    pub feature_services: Vec<FeatureServiceSpec>,
 }
 
 /// Circuit breakers, one for the Redis Cluster and one per PostgreSQL
@@ -438,7 +443,9 @@ impl FileConfig {
             breaker,
             retry,
             rate_limits,
+            entities,
             views,
+            feature_services,
         } = self;
         let ServerSection {
             grpc_addr,
@@ -633,7 +640,7 @@ impl FileConfig {
         if views.is_empty() {
             bail!("views: no feature views are declared");
         }
-        let registry = Registry::new(views).context("views")?;
+        let registry = Registry::with(entities, views, feature_services).context("the registry")?;
 
         Ok(Config {
             grpc_addr,
@@ -756,7 +763,9 @@ mod tests {
         for line in REFERENCE.lines().filter(|l| l.starts_with("| `")) {
             let path = line.split('`').nth(1).unwrap();
             assert!(
-                settings.iter().any(|(p, _)| p == path) || LIST_ENTRIES.contains(&path) || path.starts_with("views"),
+                settings.iter().any(|(p, _)| p == path)
+                    || LIST_ENTRIES.contains(&path)
+                    || ["views", "entities", "feature_services"].iter().any(|list| path.starts_with(list)),
                 "CONFIGURATION.md documents {path}, which is not a setting"
             );
         }

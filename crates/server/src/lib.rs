@@ -18,6 +18,7 @@ pub mod load;
 pub mod metrics;
 mod server;
 mod service;
+mod vectors;
 pub mod warm;
 
 pub use server::{RunningServer, shutdown_signal};

@@ -183,6 +183,14 @@ pub async fn load(
     view: Arc<FeatureView>,
     options: &LoadOptions,
 ) -> Result<LoadReport> {
+    if !view.entity.is_single_string() {
+        bail!(
+            "view {} is keyed by entity {}, whose join keys are typed: bulk loading such views is not supported yet; \
+             write them with WriteFeatures",
+            view.name,
+            view.entity.name
+        );
+    }
     let started = Instant::now();
     let file = File::open(&options.file).with_context(|| format!("cannot open {}", options.file.display()))?;
     let size = file.metadata().map(|m| m.len()).unwrap_or(0);
@@ -266,7 +274,7 @@ pub async fn load(
                 }
                 match parsed {
                     Ok((key, row)) => {
-                        let shard = router.shard_of(&key);
+                        let shard = router.shard_of(&view, &key);
                         batches[shard].push((key, row));
                         if batches[shard].len() >= batch_rows {
                             let full = std::mem::replace(&mut batches[shard], Vec::with_capacity(batch_rows));

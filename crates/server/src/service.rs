@@ -9,8 +9,8 @@ use std::time::{Duration, SystemTime};
 use strata_core::{EventTime, Registry, Value};
 use strata_proto::v1::feature_store_server::FeatureStore;
 use strata_proto::{
-    InvalidRequest, Limits, delete_request, event_time_to_wire, read_request, v1, value_to_wire, view_to_wire,
-    write_request,
+    InvalidRequest, Limits, delete_request, entity_to_wire, event_time_to_wire, read_request, service_to_wire, v1,
+    value_to_wire, vectors_request, view_to_wire, write_request,
 };
 use strata_shard_router::UpsertOutcome;
 use tokio::time::Instant;
@@ -106,7 +106,7 @@ fn parse_grpc_timeout(value: &str) -> Option<Duration> {
 }
 
 /// Metric label values of a row status.
-fn status_label(status: v1::RowStatus) -> &'static str {
+pub(crate) fn status_label(status: v1::RowStatus) -> &'static str {
     match status {
         v1::RowStatus::Found => "found",
         v1::RowStatus::NotFound => "not_found",
@@ -117,7 +117,7 @@ fn status_label(status: v1::RowStatus) -> &'static str {
     }
 }
 
-fn source_label(source: v1::Source) -> &'static str {
+pub(crate) fn source_label(source: v1::Source) -> &'static str {
     match source {
         v1::Source::L1 => "l1",
         v1::Source::L2 => "l2",
@@ -126,7 +126,7 @@ fn source_label(source: v1::Source) -> &'static str {
     }
 }
 
-fn status_of(served: &Served) -> (v1::RowStatus, v1::Source) {
+pub(crate) fn status_of(served: &Served) -> (v1::RowStatus, v1::Source) {
     let source = |s: &Source| match s {
         Source::L1 => v1::Source::L1,
         Source::L2 => v1::Source::L2,
@@ -259,7 +259,19 @@ impl FeatureStore for FeatureStoreService {
     ) -> Result<Response<v1::ListFeatureViewsResponse>, Status> {
         Ok(Response::new(v1::ListFeatureViewsResponse {
             views: self.registry.views().iter().map(|v| view_to_wire(v)).collect(),
+            entities: self.registry.entities().iter().map(|e| entity_to_wire(e)).collect(),
+            feature_services: self.registry.services().iter().map(|s| service_to_wire(s)).collect(),
         }))
+    }
+
+    async fn get_feature_vectors(
+        &self,
+        request: Request<v1::GetFeatureVectorsRequest>,
+    ) -> Result<Response<v1::GetFeatureVectorsResponse>, Status> {
+        let deadline = self.deadline(&request);
+        let read = vectors_request(request.into_inner(), &self.registry, &self.limits).map_err(ServiceError::from)?;
+        let answer = crate::vectors::feature_vectors(&self.tiers, read, self.max_response_bytes, deadline).await?;
+        Ok(Response::new(answer))
     }
 }
 

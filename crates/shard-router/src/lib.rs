@@ -90,6 +90,8 @@ pub enum ShardError {
     Timeout { shard: String },
     #[error("no shards are configured")]
     NoShards,
+    #[error("view {view}: {what} is not supported yet")]
+    Unsupported { view: String, what: &'static str },
 }
 
 impl ShardError {
@@ -136,7 +138,8 @@ impl ShardError {
             | ShardError::Pool { .. }
             | ShardError::Schema { .. }
             | ShardError::Decode { .. }
-            | ShardError::NoShards => false,
+            | ShardError::NoShards
+            | ShardError::Unsupported { .. } => false,
         }
     }
 
@@ -175,6 +178,7 @@ impl ShardError {
                 format!("shard {shard} did not answer within the deadline; the write may still land; retrying is safe")
             }
             ShardError::NoShards => "no shards are configured".into(),
+            ShardError::Unsupported { .. } => self.to_string(),
         }
     }
 
@@ -318,10 +322,11 @@ impl ShardRouter {
         self.shards.len()
     }
 
-    /// The index of the shard that owns `key`, in config order.
-    pub fn shard_of(&self, key: &str) -> usize {
+    /// The index of the shard that owns `key` (a key's text) of `view`, in
+    /// config order: by the key's canonical encoding.
+    pub fn shard_of(&self, view: &FeatureView, key: &str) -> usize {
         // The shard count came from a Vec, so it fits a u32 in any real config.
-        shard_for(key, self.shards.len() as u32) as usize
+        shard_for_key(&view.entity.routing_bytes(key), self.shards.len() as u32) as usize
     }
 
     /// Creates the schema and each view's table on every shard, adding
@@ -367,7 +372,7 @@ impl ShardRouter {
     pub async fn fetch(&self, view: &FeatureView, keys: &[&str], deadline: tokio::time::Instant) -> Vec<Fetched> {
         let mut by_shard: Vec<Vec<usize>> = vec![Vec::new(); self.shards.len()];
         for (i, key) in keys.iter().enumerate() {
-            by_shard[self.shard_of(key)].push(i);
+            by_shard[self.shard_of(view, key)].push(i);
         }
         let queries = by_shard.iter().enumerate().filter(|(_, idx)| !idx.is_empty()).map(|(s, idx)| {
             let shard = &self.shards[s];
@@ -434,7 +439,7 @@ impl ShardRouter {
         rows: &[(String, Row)],
         deadline: tokio::time::Instant,
     ) -> UpsertOutcome {
-        self.per_shard(rows, |row| &row.0, "upsert", deadline, |shard, rows| shard.upsert(view, rows)).await
+        self.per_shard(view, rows, |row| &row.0, "upsert", deadline, |shard, rows| shard.upsert(view, rows)).await
     }
 
     /// Deletes keys (distinct) at event time `at`: each becomes a tombstone,
@@ -447,12 +452,13 @@ impl ShardRouter {
         at: EventTime,
         deadline: tokio::time::Instant,
     ) -> UpsertOutcome {
-        self.per_shard(keys, |key| key, "delete", deadline, |shard, keys| shard.delete(view, keys, at)).await
+        self.per_shard(view, keys, |key| key, "delete", deadline, |shard, keys| shard.delete(view, keys, at)).await
     }
 
     /// Runs `op` on each shard's part of `items`, all shards at once.
     async fn per_shard<'a, T, F, Fut>(
         &'a self,
+        view: &FeatureView,
         items: &'a [T],
         key: impl Fn(&T) -> &String,
         label: &'static str,
@@ -465,7 +471,7 @@ impl ShardRouter {
     {
         let mut by_shard: Vec<Vec<&T>> = (0..self.shards.len()).map(|_| Vec::new()).collect();
         for item in items {
-            by_shard[self.shard_of(key(item))].push(item);
+            by_shard[self.shard_of(view, key(item))].push(item);
         }
         let (key, op) = (&key, &op);
         let runs = by_shard.into_iter().enumerate().filter(|(_, part)| !part.is_empty()).map(|(s, mut part)| {
@@ -551,6 +557,12 @@ impl ShardRouter {
         rows: &[(String, Row)],
         deadline: tokio::time::Instant,
     ) -> Result<Vec<(String, EventTime)>, ShardError> {
+        if !sql::key_columns(view).is_empty() {
+            return Err(ShardError::Unsupported {
+                view: view.name.clone(),
+                what: "bulk loading a view whose entity has typed join keys",
+            });
+        }
         let shard = &self.shards[shard];
         self.with_conflict_retries(shard, "copy", deadline, || shard.copy_upsert(view, rows)).await
     }
@@ -658,7 +670,8 @@ impl Shard {
         let mut written = std::collections::HashSet::with_capacity(rows.len());
         for chunk in rows.chunks(sql::upsert_chunk_rows(view)) {
             let times: Vec<_> = chunk.iter().map(|(_, row)| row.event_time.to_system_time()).collect();
-            let params = sql::upsert_params(view, chunk, &times);
+            let keys = sql::key_values(view, chunk.iter().map(|(key, _)| key));
+            let params = sql::upsert_params(view, chunk, &times, &keys);
             let applied = tx.query(&sql::upsert(view, chunk.len()), &params).await.map_err(|e| self.query_error(e))?;
             written.extend(applied.iter().map(|r| r.get::<_, String>(0)));
         }
@@ -678,8 +691,13 @@ impl Shard {
         let time = at.to_system_time();
         let mut deleted = std::collections::HashSet::with_capacity(keys.len());
         for chunk in keys.chunks(sql::MAX_ROWS_PER_STATEMENT) {
-            let params: Vec<&(dyn tokio_postgres::types::ToSql + Sync)> =
-                chunk.iter().flat_map(|key| [*key as &(dyn tokio_postgres::types::ToSql + Sync), &time]).collect();
+            let values = sql::key_values(view, chunk.iter().copied());
+            let mut params: Vec<&(dyn tokio_postgres::types::ToSql + Sync)> = Vec::new();
+            for (i, key) in chunk.iter().enumerate() {
+                params.push(*key);
+                params.extend(sql::key_params(view, values.get(i)));
+                params.push(&time);
+            }
             let applied = tx.query(&sql::delete(view, chunk.len()), &params).await.map_err(|e| self.query_error(e))?;
             deleted.extend(applied.iter().map(|r| r.get::<_, String>(0)));
         }

@@ -5,7 +5,7 @@ use std::sync::Arc;
 use strata_core::FeatureView;
 
 use crate::ShardError;
-use crate::sql::{column_type, table};
+use crate::sql::{column_type, key_column_type, key_columns, table};
 
 /// Serialises concurrent migrations of one shard (several servers starting
 /// at once), so `CREATE ... IF NOT EXISTS` cannot race itself.
@@ -39,13 +39,13 @@ async fn migrate_locked(
              ALTER TABLE {0} ADD COLUMN IF NOT EXISTS deleted boolean NOT NULL DEFAULT false;",
             table(view)
         );
-        for f in &view.features {
-            ddl.push_str(&format!(
-                "ALTER TABLE {} ADD COLUMN IF NOT EXISTS \"{}\" {};",
-                table(view),
-                f.name,
-                column_type(f.ty)
-            ));
+        let columns = key_columns(view)
+            .iter()
+            .map(|k| (&k.name, key_column_type(k.ty)))
+            .chain(view.features.iter().map(|f| (&f.name, column_type(f.ty))));
+        let columns: Vec<(&String, &str)> = columns.collect();
+        for (name, ty) in &columns {
+            ddl.push_str(&format!("ALTER TABLE {} ADD COLUMN IF NOT EXISTS \"{}\" {};", table(view), name, ty));
         }
         client.batch_execute(&ddl).await.map_err(query_error)?;
 
@@ -59,14 +59,13 @@ async fn migrate_locked(
             )
             .await
             .map_err(query_error)?;
-        for f in &view.features {
-            let expected = column_type(f.ty);
-            let found = rows.iter().find(|r| r.get::<_, &str>(0) == f.name).map(|r| r.get::<_, String>(1));
+        for (name, expected) in columns {
+            let found = rows.iter().find(|r| r.get::<_, &str>(0) == name.as_str()).map(|r| r.get::<_, String>(1));
             if found.as_deref() != Some(expected) {
                 return Err(ShardError::Schema {
                     shard: shard.to_owned(),
                     view: view.name.clone(),
-                    column: f.name.clone(),
+                    column: name.clone(),
                     found: found.unwrap_or_else(|| "nothing".into()),
                     expected: expected.into(),
                 });

@@ -3,13 +3,16 @@
 //! Each view is a table `strata.<view>` with `entity_key text PRIMARY KEY`,
 //! `event_time timestamptz`, `updated_at timestamptz`, `deleted boolean` and
 //! one typed, nullable column per feature, so the data stays readable with
-//! plain SQL. A deleted row stays as a tombstone (`deleted`, features null,
+//! plain SQL. A view whose entity is not one string join key has a typed
+//! column per join key too (`user_id bigint`, `item_id text`), after
+//! `entity_key` (which holds the key's text, see [`strata_core::Entity::key_text`]).
+//! A deleted row stays as a tombstone (`deleted`, features null,
 //! the deletion's event time), so that an older write cannot bring it back.
 
 use std::fmt::Write as _;
 use std::time::SystemTime;
 
-use strata_core::{EventTime, FeatureType, FeatureView, Row, Value};
+use strata_core::{EventTime, FeatureType, FeatureView, JoinKey, KeyType, OwnedKeyValue, Row, Value};
 use tokio_postgres::types::{ToSql, Type};
 
 /// PostgreSQL allows 65,535 bind parameters per statement.
@@ -32,6 +35,65 @@ pub(crate) fn column_type(ty: FeatureType) -> &'static str {
         FeatureType::FloatList => "real[]",
         FeatureType::Int64List => "bigint[]",
     }
+}
+
+/// The column type of a join key.
+pub(crate) fn key_column_type(ty: KeyType) -> &'static str {
+    match ty {
+        KeyType::Int64 => "bigint",
+        KeyType::String => "text",
+        KeyType::Bytes => "bytea",
+    }
+}
+
+/// The join keys that have columns of their own: none for an entity of one
+/// string join key (`entity_key` is that string).
+pub(crate) fn key_columns(view: &FeatureView) -> &[JoinKey] {
+    if view.entity.is_single_string() { &[] } else { view.entity.join_keys() }
+}
+
+/// `, "user_id", "item_id"`: the join key columns, after `entity_key`.
+fn key_column_list(view: &FeatureView) -> String {
+    let mut cols = String::new();
+    for k in key_columns(view) {
+        let _ = write!(cols, ", \"{}\"", k.name);
+    }
+    cols
+}
+
+/// The join key values of each key's text, for the join key columns (empty
+/// where the view has none). A key that is not one of the entity's (which
+/// the front ends refuse first) gets nulls.
+pub(crate) fn key_values<'a>(view: &FeatureView, keys: impl Iterator<Item = &'a String>) -> Vec<Vec<OwnedKeyValue>> {
+    if key_columns(view).is_empty() {
+        return Vec::new();
+    }
+    keys.map(|key| view.entity.parse_key_text(key).unwrap_or_default()).collect()
+}
+
+static NULL_KEY_INT64: Option<i64> = None;
+static NULL_KEY_TEXT: Option<String> = None;
+static NULL_KEY_BYTES: Option<Vec<u8>> = None;
+
+/// The bind parameters of one key's join key columns.
+pub(crate) fn key_params<'a>(
+    view: &FeatureView,
+    values: Option<&'a Vec<OwnedKeyValue>>,
+) -> Vec<&'a (dyn ToSql + Sync)> {
+    key_columns(view)
+        .iter()
+        .enumerate()
+        .map(|(i, k)| -> &'a (dyn ToSql + Sync) {
+            match (values.and_then(|v| v.get(i)), k.ty) {
+                (Some(OwnedKeyValue::Int64(n)), KeyType::Int64) => n,
+                (Some(OwnedKeyValue::String(s)), KeyType::String) => s,
+                (Some(OwnedKeyValue::Bytes(b)), KeyType::Bytes) => b,
+                (_, KeyType::Int64) => &NULL_KEY_INT64,
+                (_, KeyType::String) => &NULL_KEY_TEXT,
+                (_, KeyType::Bytes) => &NULL_KEY_BYTES,
+            }
+        })
+        .collect()
 }
 
 fn feature_columns(view: &FeatureView) -> String {
@@ -134,9 +196,15 @@ pub(crate) fn merge_staging(view: &FeatureView) -> String {
 /// replaces the stored row if newer (or an identical tombstone: a retry).
 /// Returns the keys applied.
 pub(crate) fn delete(view: &FeatureView, rows: usize) -> String {
-    let mut sql = format!("INSERT INTO {} AS t (entity_key, event_time, deleted) VALUES ", table(view));
+    let mut sql =
+        format!("INSERT INTO {} AS t (entity_key{}, event_time, deleted) VALUES ", table(view), key_column_list(view));
+    let width = key_columns(view).len() + 2;
     for r in 0..rows {
-        let _ = write!(sql, "{}(${}, ${}, true)", if r == 0 { "" } else { ", " }, 2 * r + 1, 2 * r + 2);
+        sql.push_str(if r == 0 { "(" } else { ", (" });
+        for c in 0..width {
+            let _ = write!(sql, "${}, ", r * width + c + 1);
+        }
+        sql.push_str("true)");
     }
     sql.push_str(
         " ON CONFLICT (entity_key) DO UPDATE SET event_time = EXCLUDED.event_time, updated_at = now(), deleted = true",
@@ -150,14 +218,19 @@ pub(crate) fn delete(view: &FeatureView, rows: usize) -> String {
 }
 
 pub(crate) fn upsert_chunk_rows(view: &FeatureView) -> usize {
-    (MAX_PARAMS / (view.features.len() + 2)).clamp(1, MAX_ROWS_PER_STATEMENT)
+    (MAX_PARAMS / (view.features.len() + key_columns(view).len() + 2)).clamp(1, MAX_ROWS_PER_STATEMENT)
 }
 
 /// An upsert of `rows` rows that applies a row only when its event time is
 /// not older than the stored one, and returns the keys it applied.
 pub(crate) fn upsert(view: &FeatureView, rows: usize) -> String {
-    let width = view.features.len() + 2;
-    let mut sql = format!("INSERT INTO {} AS t (entity_key, event_time{}) VALUES ", table(view), feature_columns(view));
+    let width = view.features.len() + key_columns(view).len() + 2;
+    let mut sql = format!(
+        "INSERT INTO {} AS t (entity_key{}, event_time{}) VALUES ",
+        table(view),
+        key_column_list(view),
+        feature_columns(view)
+    );
     for r in 0..rows {
         sql.push_str(if r == 0 { "(" } else { ", (" });
         for c in 0..width {
@@ -179,15 +252,19 @@ static NULL_FLOAT_LIST: Option<Vec<f32>> = None;
 static NULL_INT64_LIST: Option<Vec<i64>> = None;
 
 /// The bind parameters of [`upsert`], borrowing from the rows. `times` holds
-/// each row's event time, converted once by the caller.
+/// each row's event time, converted once by the caller, and `keys` each
+/// row's join key values ([`key_values`]).
 pub(crate) fn upsert_params<'a>(
     view: &FeatureView,
     rows: &'a [&'a (String, Row)],
     times: &'a [SystemTime],
+    keys: &'a [Vec<OwnedKeyValue>],
 ) -> Vec<&'a (dyn ToSql + Sync)> {
-    let mut params: Vec<&(dyn ToSql + Sync)> = Vec::with_capacity(rows.len() * (view.features.len() + 2));
-    for ((key, row), time) in rows.iter().map(|r| (&r.0, &r.1)).zip(times) {
+    let width = view.features.len() + key_columns(view).len() + 2;
+    let mut params: Vec<&(dyn ToSql + Sync)> = Vec::with_capacity(rows.len() * width);
+    for (i, ((key, row), time)) in rows.iter().map(|r| (&r.0, &r.1)).zip(times).enumerate() {
         params.push(key);
+        params.extend(key_params(view, keys.get(i)));
         params.push(time);
         for (feature, value) in view.features.iter().zip(&row.values) {
             params.push(param(feature.ty, value));

@@ -33,6 +33,7 @@ fn write_row(key: &str, seconds: i64, features: Vec<(&str, v1::Value)>) -> v1::W
         entity_key: key.into(),
         features: features.into_iter().map(|(n, v)| (n.to_owned(), v)).collect::<HashMap<_, _>>(),
         event_time: Some(prost_types::Timestamp { seconds, nanos: 0 }),
+        join_keys: Default::default(),
     }
 }
 
