@@ -39,6 +39,46 @@ macro_rules! integration_tests {
 /// Feature views the tests use besides the shipped `user_features`; each
 /// test that reads metrics has a view of its own, so counts do not mix.
 pub const TEST_VIEWS: &str = r#"
+[[entities]]
+name = "t_user"
+join_keys = [{ name = "uid", type = "int64" }]
+
+[[entities]]
+name = "t_pair"
+join_keys = [{ name = "uid", type = "int64" }, { name = "sku", type = "string" }]
+
+[[entities]]
+name = "t_sku"
+join_keys = [{ name = "sku", type = "string" }]
+
+[[views]]
+name = "mv_user"
+entity = "t_user"
+l1_ttl = "5m"
+l2_ttl = "10m"
+features = [{ name = "age", type = "int64" }, { name = "score", type = "double" }]
+
+[[views]]
+name = "mv_pair"
+entity = "t_pair"
+l1_ttl = "5m"
+l2_ttl = "10m"
+features = [{ name = "clicks", type = "int64" }, { name = "note", type = "string" }]
+
+[[views]]
+name = "mv_sku"
+entity = "t_sku"
+l1_ttl = "5m"
+l2_ttl = "10m"
+features = [{ name = "age", type = "int64" }]
+
+[[feature_services]]
+name = "t_ranker"
+projections = [
+  { view = "mv_pair", features = ["note", "clicks"] },
+  { view = "mv_user", features = ["score"], alias = "u" },
+]
+
 [[views]]
 name = "typed"
 l1_ttl = "5m"

@@ -60,6 +60,17 @@ async fn serve_on(stack: &mut Stack, file: &mut FileConfig, options: &DevOptions
             started.elapsed(),
             demo::demo_key(options.demo_entities)
         );
+        if let (Some(items), Some(pairs)) = (registry.get("item_features"), registry.get("user_item_features")) {
+            let started = Instant::now();
+            let (items_written, pairs_written) =
+                demo::load_items(server.tiers(), view, items, pairs, options.demo_entities)
+                    .await
+                    .context("demo data")?;
+            println!(
+                "demo data: {items_written} item_features and {pairs_written} user_item_features rows written in {:.1?}",
+                started.elapsed()
+            );
+        }
     }
 
     println!();
@@ -71,6 +82,11 @@ async fn serve_on(stack: &mut Stack, file: &mut FileConfig, options: &DevOptions
     println!("  grpcurl -plaintext {} list", server.grpc_addr());
     println!(
         "  grpcurl -plaintext -d '{{\"feature_view\":\"user_features\",\"entity_keys\":[\"user_000001\",\"user_000002\"]}}' {} strata.v1.FeatureStore/GetFeatures",
+        server.grpc_addr()
+    );
+    println!(
+        "  grpcurl -plaintext -d '{}' {} strata.v1.FeatureStore/GetFeatureVectors",
+        demo::RANKER_EXAMPLE,
         server.grpc_addr()
     );
     println!();
