@@ -179,7 +179,7 @@ async fn write_all(tiers: &Tiers, view: &Arc<FeatureView>, rows: Vec<(String, Ro
     let mut written = 0u64;
     let mut done = 0u64;
     let mut stream = futures::stream::iter(rows.chunks(BATCH).map(|rows| async move {
-        (rows.len(), tiers.write(view, &rows, tokio::time::Instant::now() + std::time::Duration::from_secs(60)).await)
+        (rows.len(), tiers.write(view, rows, tokio::time::Instant::now() + std::time::Duration::from_secs(60)).await)
     }))
     .buffer_unordered(IN_FLIGHT);
     while let Some((n, outcome)) = stream.next().await {
