@@ -17,6 +17,8 @@ use tonic::{Request, Response, Status};
 struct Floor {
     /// Canned answers by number of keys asked for.
     canned: Arc<HashMap<usize, v1::GetFeaturesResponse>>,
+    /// The canned GetFeatureVectors answer, if any.
+    vectors: Option<Arc<v1::GetFeatureVectorsResponse>>,
 }
 
 #[tonic::async_trait]
@@ -58,7 +60,8 @@ impl FeatureStore for Floor {
         &self,
         _: Request<v1::GetFeatureVectorsRequest>,
     ) -> Result<Response<v1::GetFeatureVectorsResponse>, Status> {
-        Err(Status::unimplemented("the floor only answers GetFeatures"))
+        let canned = self.vectors.as_ref().ok_or_else(|| Status::unimplemented("no canned vectors"))?;
+        Ok(Response::new(canned.as_ref().clone()))
     }
 }
 
@@ -68,7 +71,19 @@ pub async fn start(canned: HashMap<usize, v1::GetFeaturesResponse>) -> Result<So
     let incoming =
         TcpIncoming::bind("127.0.0.1:0".parse()?).context("cannot bind the floor server")?.with_nodelay(Some(true));
     let addr = incoming.local_addr()?;
-    let service = FeatureStoreServer::new(Floor { canned: Arc::new(canned) });
+    let service = FeatureStoreServer::new(Floor { canned: Arc::new(canned), vectors: None });
+    tokio::spawn(Server::builder().add_service(service).serve_with_incoming(incoming));
+    Ok(addr)
+}
+
+/// A floor that answers every GetFeatureVectors call with `canned`.
+pub async fn start_vectors(canned: v1::GetFeatureVectorsResponse) -> Result<SocketAddr> {
+    let incoming =
+        TcpIncoming::bind("127.0.0.1:0".parse()?).context("cannot bind the floor server")?.with_nodelay(Some(true));
+    let addr = incoming.local_addr()?;
+    let floor = Floor { canned: Arc::new(HashMap::new()), vectors: Some(Arc::new(canned)) };
+    let service =
+        FeatureStoreServer::new(floor).max_decoding_message_size(64 << 20).max_encoding_message_size(64 << 20);
     tokio::spawn(Server::builder().add_service(service).serve_with_incoming(incoming));
     Ok(addr)
 }

@@ -10,6 +10,7 @@
 //! | `l1-1`, `l1-10`, `l1-100`: L1 hits, 1/10/100 keys of 10 features | `floor-N`: a tonic server answering a canned response of the same bytes |
 //! | `l2-100`: L2 hits, on a server with L1 off (`l1.max_bytes = 0`) | `redis-100`: the same GETs pipelined with fred |
 //! | `l3-100`: cold keys (1 ms TTLs), 100 keys over 2 shards | `postgres-100`: the same `= ANY` queries through the pool (`ShardRouter::fetch`) |
+//! | `vectors-500`: GetFeatureVectors, 1 user + 500 items over two views (the ranking shape), all in L1 | `two-calls-500`: the same rows with two GetFeatures calls at once; `floor-vectors-500`: a canned answer of the same bytes |
 //! | `mixed-10`: one call in ten writes 10 rows, the rest read 10 keys | `reads-10`: the same reads without the writes |
 //! | `stampede`: 64 callers on 10 hot keys with 1 s/2 s TTLs over two instances, protections on | `stampede-off`: the same with them off; PostgreSQL lookups per key per TTL period for both |
 //! | `zipf`: Zipf(0.99) over 1M bulk-loaded keys, L1 for a tenth | itself: max load (closed loop), then half of it (open loop), with the L1+L2 hit share |
@@ -41,7 +42,7 @@ use tonic::transport::Channel;
 #[command(name = "strata-bench", about = "Strata's read path under load, against same-run baselines")]
 struct Args {
     /// Scenarios to run (with their baselines): l1-1, l1-10, l1-100, l2-100,
-    /// l3-100, mixed-10, stampede, zipf, or all.
+    /// l3-100, vectors-500, mixed-10, stampede, zipf, or all.
     #[arg(long, value_delimiter = ',', default_value = "all")]
     scenarios: Vec<String>,
     /// Measured seconds per run.
@@ -89,8 +90,20 @@ fn views() -> String {
     .map(|(name, l1, l2)| {
         format!("\n[[views]]\nname = \"{name}\"\nl1_ttl = \"{l1}\"\nl2_ttl = \"{l2}\"\njitter = 0.0\n{FEATURES}\n")
     })
+    .chain(
+        // The ranking shape (vectors-500): a user view and an item view, by
+        // the shipped `user` (string) and `item` (int64) entities.
+        [("bench_vuser", "user"), ("bench_vitem", "item")].iter().map(|(name, entity)| {
+            format!(
+                "\n[[views]]\nname = \"{name}\"\nentity = \"{entity}\"\nl1_ttl = \"10m\"\nl2_ttl = \"10m\"\njitter = 0.0\n{FEATURES}\n"
+            )
+        }),
+    )
     .collect()
 }
+
+/// Candidate items per call in vectors-500.
+const CANDIDATES: usize = 500;
 
 /// [`ten_feature_row`] `i` as a row to write under `key`.
 fn row(key: String, i: usize) -> v1::WriteRow {
@@ -302,6 +315,13 @@ async fn main() -> Result<()> {
         let postgres = raw_postgres(&setup, &server, view, setup.mode).await?;
         let strata = setup.grpc("l3-100", endpoint.clone(), "bench_cold", 100, Pick::Sequential).await?;
         pairs.push((strata, postgres));
+    }
+
+    if wants("vectors-500") {
+        let (one, two, floor_report, note) = vectors(&setup, &bench, &server, &endpoint).await?;
+        pairs.push((one.clone(), two));
+        pairs.push((one, floor_report));
+        notes.push(note);
     }
 
     if wants("mixed-10") {
@@ -614,6 +634,147 @@ async fn raw_redis(setup: &Setup, bench: &Bench, server: &strata_server::Running
     })
     .await;
     Ok(report)
+}
+
+/// The ranking shape: one user and [`CANDIDATES`] items over two views.
+/// `vectors-500` asks GetFeatureVectors for both in one call; its baselines
+/// are the same rows through two GetFeatures calls at once (the user's, the
+/// items'), and a canned-response floor of the one call's size. Every row is
+/// in L1.
+async fn vectors(
+    setup: &Setup,
+    bench: &Bench,
+    server: &strata_server::RunningServer,
+    endpoint: &str,
+) -> Result<(Report, Report, Report, String)> {
+    use rand::{Rng as _, SeedableRng as _};
+    use strata_core::KeyValue;
+    let config = bench.config(&views())?.validate()?;
+    let items_view = config.registry.get("bench_vitem").context("view bench_vitem")?.clone();
+    let items = setup.keys.len();
+    let mut client = FeatureStoreClient::connect(endpoint.to_owned()).await?;
+    let keyed = |join_key: &str, value: v1::Value, i: usize| {
+        let mut row = row(String::new(), i);
+        row.join_keys = [(join_key.to_owned(), value)].into();
+        row
+    };
+    let user = v1::Value { kind: Some(v1::value::Kind::StringValue("u0".into())) };
+    let item = |i: usize| v1::Value { kind: Some(v1::value::Kind::Int64Value(i as i64)) };
+    client
+        .write_features(v1::WriteFeaturesRequest {
+            feature_view: "bench_vuser".into(),
+            rows: vec![keyed("user_id", user.clone(), 0)],
+        })
+        .await?;
+    for chunk in (0..items).collect::<Vec<_>>().chunks(1_000) {
+        let rows = chunk.iter().map(|&i| keyed("item_id", item(i), i)).collect();
+        let response =
+            client.write_features(v1::WriteFeaturesRequest { feature_view: "bench_vitem".into(), rows }).await?;
+        anyhow::ensure!(response.get_ref().rows_failed == 0, "writing bench_vitem failed");
+    }
+    let item_texts: Arc<Vec<String>> = Arc::new(
+        (0..items)
+            .map(|i| {
+                let encoded = items_view.entity.encode([("item_id", KeyValue::Int64(i as i64))], 256)?;
+                Ok(items_view.entity.key_text(&encoded))
+            })
+            .collect::<Result<_>>()?,
+    );
+    let features: Vec<String> =
+        ["bench_vuser", "bench_vitem"].iter().flat_map(|v| (0..10).map(move |f| format!("{v}:f{f}"))).collect();
+    let request = move |picked: &[usize]| v1::GetFeatureVectorsRequest {
+        features: features.clone(),
+        feature_service: String::new(),
+        entities: [
+            ("user_id".to_owned(), v1::JoinKeyColumn { values: vec![user.clone(); picked.len()] }),
+            ("item_id".to_owned(), v1::JoinKeyColumn { values: picked.iter().map(|&i| item(i)).collect() }),
+        ]
+        .into(),
+        full_feature_names: true,
+    };
+    // Every item in L1.
+    for chunk in (0..items).collect::<Vec<_>>().chunks(CANDIDATES) {
+        client.get_feature_vectors(request(chunk)).await?;
+    }
+    let canned = client.get_feature_vectors(request(&(0..CANDIDATES).collect::<Vec<_>>())).await?.into_inner();
+    let floor = format!("http://{}", strata_benches::floor::start_vectors(canned).await?);
+    let _ = server;
+
+    let pick = move |i: u64| -> Vec<usize> {
+        let mut rng = rand::rngs::StdRng::seed_from_u64(i);
+        (0..CANDIDATES).map(|_| rng.random_range(0..items)).collect()
+    };
+    let run_vectors = |name: &'static str, endpoint: String| {
+        let request = request.clone();
+        async move {
+            let clients = connect_all(setup, &endpoint).await?;
+            Ok::<_, anyhow::Error>(
+                loadgen::run(name, setup.mode, setup.warmup, setup.duration, move |i| {
+                    let mut client = clients[i as usize % clients.len()].clone();
+                    let request = request(&pick(i));
+                    async move {
+                        match client.get_feature_vectors(request).await {
+                            Ok(answer) => {
+                                let mut sample = Sample { keys: CANDIDATES as u64 + 1, sources: [0; 4] };
+                                for vector in &answer.get_ref().vectors {
+                                    let column = match vector.sources.last().map(|&s| v1::Source::try_from(s)) {
+                                        Some(Ok(v1::Source::L1)) => 0,
+                                        Some(Ok(v1::Source::L2)) => 1,
+                                        Some(Ok(v1::Source::L3)) => 2,
+                                        _ => 3,
+                                    };
+                                    sample.sources[column] += 1;
+                                }
+                                Ok(sample)
+                            }
+                            Err(status) if status.code() == tonic::Code::ResourceExhausted => Err(Failure::Shed),
+                            Err(_) => Err(Failure::Error),
+                        }
+                    }
+                })
+                .await,
+            )
+        }
+    };
+    let floor_report = run_vectors("floor-vectors-500", floor).await?;
+    let one = run_vectors("vectors-500", endpoint.to_owned()).await?;
+    let clients = connect_all(setup, endpoint).await?;
+    let two = loadgen::run("two-calls-500", setup.mode, setup.warmup, setup.duration, move |i| {
+        let (mut users, mut items) =
+            (clients[i as usize % clients.len()].clone(), clients[i as usize % clients.len()].clone());
+        let batch: Vec<String> = pick(i).into_iter().map(|k| item_texts[k].clone()).collect();
+        async move {
+            let (user, items) = tokio::join!(
+                get(&mut users, "bench_vuser", vec!["u0".to_owned()]),
+                get(&mut items, "bench_vitem", batch)
+            );
+            let (user, items) = (user?, items?);
+            let mut sources = items.sources;
+            for (s, u) in sources.iter_mut().zip(user.sources) {
+                *s += u;
+            }
+            Ok(Sample { keys: user.keys + items.keys, sources })
+        }
+    })
+    .await;
+    let note = format!(
+        "vectors-500: one GetFeatureVectors call for 1 user + {CANDIDATES} items over two views, {:.2} of two GetFeatures calls at once and {:.2} of a canned answer of its size",
+        one.calls_per_sec() / two.calls_per_sec(),
+        one.calls_per_sec() / floor_report.calls_per_sec(),
+    );
+    Ok((one, two, floor_report, note))
+}
+
+async fn connect_all(setup: &Setup, endpoint: &str) -> Result<Arc<Vec<FeatureStoreClient<Channel>>>> {
+    let callers = match setup.mode {
+        Mode::Closed { callers } => callers,
+        Mode::Open { .. } => setup.args.concurrency,
+    };
+    let mut clients = Vec::with_capacity(callers);
+    for _ in 0..callers {
+        clients.push(FeatureStoreClient::connect(endpoint.to_owned()).await?);
+    }
+    Ok(Arc::new(clients))
 }
 
 /// The L3 baseline: the same 100-key batches as `l3-100`, read straight from

@@ -1,7 +1,8 @@
 //! Many views in one call (GetFeatureVectors) against the real stack:
 //! typed and composite entity keys over both shards and every tier,
 //! feature services, per-view degradation, routing of string keys, and bad
-//! input.
+//! input. Every test holds `Env::exclusive`: one of them stops a shard, and
+//! the others read the shards directly or expect every row served.
 
 use std::time::Duration;
 
@@ -99,6 +100,7 @@ async fn seed(
 }
 
 async fn composite_keys_read_back_across_views_shards_and_tiers_in_one_call(env: &'static Env) -> Result<()> {
+    let _exclusive = env.exclusive().await;
     let server = env.server().await?;
     let mut c = client(&server).await?;
     let registry = env.registry()?;
@@ -194,6 +196,7 @@ fn key_text(registry: &strata_core::Registry, view: &str, values: &[(&str, KeyVa
 }
 
 async fn a_feature_service_answers_exactly_its_features_in_its_order(env: &'static Env) -> Result<()> {
+    let _exclusive = env.exclusive().await;
     let server = env.server().await?;
     let mut c = client(&server).await?;
     seed(&mut c, &[2_000, 2_001]).await?;
@@ -284,6 +287,7 @@ async fn a_view_whose_shard_is_down_degrades_alone(env: &'static Env) -> Result<
 async fn string_join_keys_route_and_store_as_bare_strings_and_typed_keys_have_typed_columns(
     env: &'static Env,
 ) -> Result<()> {
+    let _exclusive = env.exclusive().await;
     let server = env.server().await?;
     let mut c = client(&server).await?;
     let skus: Vec<String> = (0..40).map(|i| format!("sku-{i}")).collect();
@@ -316,6 +320,7 @@ async fn string_join_keys_route_and_store_as_bare_strings_and_typed_keys_have_ty
 }
 
 async fn bad_vector_requests_are_invalid_argument_naming_the_culprit(env: &'static Env) -> Result<()> {
+    let _exclusive = env.exclusive().await;
     let server = env.server().await?;
     let mut c = client(&server).await?;
     let ok = || vectors(&["mv_user:age", "mv_pair:clicks"], vec![("uid", vec![int(1)]), ("sku", vec![text("a")])]);
