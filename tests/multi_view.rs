@@ -161,7 +161,7 @@ async fn composite_keys_read_back_across_views_shards_and_tiers_in_one_call(env:
         let want = vec![text("seen"), int(u), int(u * 10 + 1), v(Kind::DoubleValue(u as f64 / 2.0))];
         ensure!(vector.values == want, "row {i} (user {u}): {:?}", vector.values);
         ensure!(statuses(vector) == [Present; 4], "row {i}: {:?}", statuses(vector));
-        let times: Vec<i64> = vector.event_times.iter().map(|t| t.seconds).collect();
+        let times: Vec<i64> = vector.event_time_micros.iter().map(|t| t / 1_000_000).collect();
         ensure!(times == [200 + u, 100 + u, 200 + u, 100 + u], "row {i}: event times {times:?}");
         let tier = match i {
             0..10 => v1::Source::L1,
@@ -177,7 +177,7 @@ async fn composite_keys_read_back_across_views_shards_and_tiers_in_one_call(env:
     ensure!(statuses(none) == [EntityNotFound, Present, EntityNotFound, Present], "no pair: {:?}", statuses(none));
     let unknown = &answer.vectors[42];
     ensure!(statuses(unknown) == [EntityNotFound; 4], "unknown user: {:?}", statuses(unknown));
-    ensure!(unknown.event_times.iter().all(|t| t.seconds == 0), "no event time for what is not there");
+    ensure!(unknown.event_time_micros.iter().all(|&t| t == 0), "no event time for what is not there");
 
     // Qualified names on request.
     let mut qualified =

@@ -8,12 +8,12 @@ use std::time::SystemTime;
 
 use strata_core::{EventTime, Value};
 use strata_engine::{Served, Tiers};
-use strata_proto::{VectorsRead, event_time_to_wire, prost_types, v1, value_to_wire};
+use strata_proto::{VectorsRead, v1, value_to_wire};
 
 use crate::service::{ServiceError, source_label, status_label, status_of};
 
 /// Status, event time, source and framing of one value in a vector.
-const VALUE_OVERHEAD: usize = 32;
+const VALUE_OVERHEAD: usize = 16;
 
 /// Reads every view of `read` and builds the answer, refusing it before it
 /// is built if it would exceed `max_response_bytes`.
@@ -43,7 +43,7 @@ pub(crate) async fn feature_vectors(
         .map(|_| v1::FeatureVector {
             values: vec![v1::Value::default(); width],
             statuses: vec![0; width],
-            event_times: vec![prost_types::Timestamp::default(); width],
+            event_time_micros: vec![0; width],
             sources: vec![0; width],
         })
         .collect();
@@ -75,14 +75,14 @@ pub(crate) async fn feature_vectors(
                         } else {
                             v1::FeatureStatus::Present
                         };
-                        (value_to_wire(value), status, Some(event_time_to_wire(row.event_time)))
+                        (value_to_wire(value), status, row.event_time.0)
                     }
-                    Served::NotFound { .. } => (value_to_wire(&Value::Null), v1::FeatureStatus::EntityNotFound, None),
-                    Served::Unavailable => (value_to_wire(&Value::Null), v1::FeatureStatus::ValueUnavailable, None),
+                    Served::NotFound { .. } => (value_to_wire(&Value::Null), v1::FeatureStatus::EntityNotFound, 0),
+                    Served::Unavailable => (value_to_wire(&Value::Null), v1::FeatureStatus::ValueUnavailable, 0),
                 };
                 vector.values[at] = value;
                 vector.statuses[at] = status as i32;
-                vector.event_times[at] = time.unwrap_or_default();
+                vector.event_time_micros[at] = time;
                 vector.sources[at] = source as i32;
             }
         }
