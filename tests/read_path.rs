@@ -279,6 +279,11 @@ async fn list_feature_views_returns_the_registry(env: &'static Env) -> Result<()
         names
             == [
                 "user_features",
+                "item_features",
+                "user_item_features",
+                "mv_user",
+                "mv_pair",
+                "mv_sku",
                 "typed",
                 "fallthrough",
                 "routing",
