@@ -447,6 +447,19 @@ async fn the_cli_looks_up_rows_views_shards_and_health_and_fails_in_one_line(env
     let json: serde_json::Value = serde_json::from_str(&json)?;
     ensure!(json["rows"][0]["features"]["n"] == 7 && json["rows"][0]["status"] == "FOUND", "{json}");
 
+    // get --service: join keys typed by the registry, one line per entity row.
+    let (ok, table, err) =
+        strata(&["get", "--addr", &addr, "--service", "t_ranker", "uid=8008", "sku=a,b"], &[]).await?;
+    ensure!(ok, "strata get --service failed: {err}");
+    let lines: Vec<&str> = table.lines().collect();
+    ensure!(lines.len() == 3 && lines[0].split_whitespace().eq(["uid", "sku", "note", "clicks", "score"]), "{table}");
+    ensure!(
+        lines[2].split_whitespace().eq(["8008", "b", "ENTITY_NOT_FOUND", "ENTITY_NOT_FOUND", "ENTITY_NOT_FOUND"]),
+        "{table}"
+    );
+    let (ok, _, err) = strata(&["get", "--addr", &addr, "--service", "t_ranker", "uid=x", "sku=a"], &[]).await?;
+    ensure!(!ok && err.contains("uid is an int64 join key"), "a join key of the wrong type: {err}");
+
     // views: the registry.
     let (ok, views, _) = strata(&["views", "--addr", &addr], &[]).await?;
     ensure!(ok && views.lines().any(|l| l.starts_with("cli ") && l.contains("n:int64")), "{views}");
@@ -571,6 +584,45 @@ async fn the_python_client_example_reads_typed_rows(env: &'static Env) -> Result
     ensure!(f["emb"] == serde_json::json!([0.5, -1.5]) && f["ids"] == serde_json::json!([1, 2, 3]), "{f}");
     ensure!(f["raw"].is_null(), "an unset feature is null: {f}");
     ensure!(rows[1]["status"] == "NOT_FOUND", "{}", rows[1]);
+
+    // Many views in one call, by feature service, with an int64 and a
+    // string join key.
+    let keyed =
+        |view: &str, join_keys: Vec<(&str, v1::Value)>, features: Vec<(&str, v1::Value)>| v1::WriteFeaturesRequest {
+            feature_view: view.into(),
+            rows: vec![v1::WriteRow {
+                entity_key: String::new(),
+                features: features.into_iter().map(|(n, v)| (n.to_owned(), v)).collect(),
+                event_time: Some(ts(1, 0)),
+                join_keys: join_keys.into_iter().map(|(n, v)| (n.to_owned(), v)).collect(),
+            }],
+        };
+    let uid = || ("uid", v(Kind::Int64Value(7_007)));
+    c.write_features(keyed("mv_user", vec![uid()], vec![("score", v(Kind::DoubleValue(0.5)))])).await?;
+    let sku = ("sku", v(Kind::StringValue("a".into())));
+    c.write_features(keyed("mv_pair", vec![uid(), sku], vec![("clicks", v(Kind::Int64Value(3)))])).await?;
+    let out = tokio::process::Command::new("python3")
+        .arg(&script)
+        .arg(server.grpc_addr().to_string())
+        .args(["--service", "t_ranker", "uid=7007", "sku=a,b"])
+        .output()
+        .await
+        .context("python3")?;
+    ensure!(
+        out.status.success(),
+        "the Python example's service lookup failed: {}",
+        String::from_utf8_lossy(&out.stderr)
+    );
+    let rows: Vec<serde_json::Value> =
+        String::from_utf8(out.stdout)?.lines().map(serde_json::from_str).collect::<Result<_, _>>()?;
+    ensure!(rows.len() == 2, "{rows:?}");
+    ensure!(rows[0]["features"] == serde_json::json!({"note": null, "clicks": 3, "score": 0.5}), "{}", rows[0]);
+    ensure!(rows[0]["statuses"]["note"] == "NULL_VALUE" && rows[0]["statuses"]["clicks"] == "PRESENT", "{}", rows[0]);
+    ensure!(
+        rows[1]["statuses"]["clicks"] == "ENTITY_NOT_FOUND" && rows[1]["statuses"]["score"] == "PRESENT",
+        "{}",
+        rows[1]
+    );
     server.shutdown().await;
     Ok(())
 }

@@ -6,6 +6,7 @@ sends a deadline with every call, and turns rows into plain dicts.
 
     pip install grpcio grpcio-tools
     python examples/python/strata_client.py 127.0.0.1:50051 user_features user_000001 user_000002
+    python examples/python/strata_client.py 127.0.0.1:50051 --service ranker_v1 user_id=user_000001 item_id=8485,5676
 
 The test suite runs this file against a real stack (tests/operations.rs).
 """
@@ -103,6 +104,36 @@ class StrataClient:
             })
         return rows
 
+    def vectors(self, entities: dict[str, list], service: str | None = None,
+                features: list[str] | None = None, full_feature_names: bool = False) -> list[dict]:
+        """Features of many views in one call, by a feature service or by
+        `view:feature` references, for entity rows given column-wise: one list
+        per join key, all as long (ints are int64 join keys, str string ones,
+        bytes bytes ones). One dict per entity row, in order: `features`
+        (name -> value), `statuses` (name -> PRESENT, NULL_VALUE,
+        ENTITY_NOT_FOUND, STALE_VALUE, VALUE_UNAVAILABLE,
+        VALUE_OUTSIDE_MAX_AGE) and `sources` (name -> L1, L2, L3)."""
+        def key(value):
+            if isinstance(value, bool):
+                raise TypeError("a join key cannot be a bool")
+            if isinstance(value, int):
+                return pb.Value(int64_value=value)
+            if isinstance(value, bytes):
+                return pb.Value(bytes_value=value)
+            return pb.Value(string_value=str(value))
+
+        request = pb.GetFeatureVectorsRequest(
+            feature_service=service or "", features=features or [], full_feature_names=full_feature_names)
+        for name, values in entities.items():
+            request.entities[name].values.extend(key(v) for v in values)
+        response = self._stub.GetFeatureVectors(request, timeout=self._timeout, metadata=self._metadata)
+        names = list(response.feature_names)
+        return [{
+            "features": {n: _value(v) for n, v in zip(names, vector.values)},
+            "statuses": {n: pb.FeatureStatus.Name(s) for n, s in zip(names, vector.statuses)},
+            "sources": {n: pb.Source.Name(s) for n, s in zip(names, vector.sources)},
+        } for vector in response.vectors]
+
     def views(self) -> list[str]:
         response = self._stub.ListFeatureViews(pb.ListFeatureViewsRequest(), timeout=self._timeout)
         return [v.name for v in response.views]
@@ -111,13 +142,29 @@ class StrataClient:
         self._channel.close()
 
 
+def _join_keys(args: list[str]) -> dict[str, list]:
+    """`name=v,v,...` arguments as columns; digits are int64 values, and a
+    single value is used for every row."""
+    columns = {}
+    for arg in args:
+        name, _, values = arg.partition("=")
+        columns[name] = [int(v) if v.lstrip("-").isdigit() else v for v in values.split(",")]
+    rows = max(len(v) for v in columns.values())
+    return {name: v * rows if len(v) == 1 else v for name, v in columns.items()}
+
+
 def main(argv: list[str]) -> int:
     if len(argv) < 4:
-        print("usage: strata_client.py HOST:PORT VIEW KEY...", file=sys.stderr)
+        print("usage: strata_client.py HOST:PORT VIEW KEY...\n"
+              "       strata_client.py HOST:PORT --service NAME JOIN_KEY=VALUE[,VALUE...]...", file=sys.stderr)
         return 2
     client = StrataClient(argv[1], timeout=2.0, client_id="python-example")
     try:
-        for row in client.get(argv[2], argv[3:]):
+        if argv[2] == "--service":
+            rows = client.vectors(_join_keys(argv[4:]), service=argv[3])
+        else:
+            rows = client.get(argv[2], argv[3:])
+        for row in rows:
             print(json.dumps(row))
     except grpc.RpcError as error:
         print(f"error: {error.code().name}: {error.details()}", file=sys.stderr)

@@ -117,7 +117,9 @@ pub enum InvalidRequest {
     BadEventTime { field: String },
     #[error("{field}: expected {expected}, got {got}")]
     WrongType { field: String, expected: FeatureType, got: FeatureType },
-    #[error("{field}: not a key of entity {entity} (view {view} is keyed by {join_keys}; give them as join_keys)")]
+    #[error(
+        "{field}: not a key of entity {entity} (view {view} is keyed by {join_keys}: read it with GetFeatureVectors, write it with join_keys)"
+    )]
     BadEntityKey { field: String, view: String, entity: String, join_keys: String },
     #[error("{field}: {message}")]
     BadJoinKeys { field: String, message: String },

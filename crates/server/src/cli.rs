@@ -57,6 +57,117 @@ pub async fn get(addr: &str, view: &str, keys: Vec<String>, features: Vec<String
     Ok(if as_json { rows_json(&response).to_string() + "\n" } else { rows_table(&response) })
 }
 
+/// What `strata get --service` (or with `view:feature` references) asks.
+pub struct VectorsArgs {
+    pub service: Option<String>,
+    pub features: Vec<String>,
+    pub full_names: bool,
+    /// `NAME=VALUE,VALUE,...` each.
+    pub join_keys: Vec<String>,
+}
+
+/// `strata get --service NAME JOIN_KEY=VALUES...`: one line per entity row,
+/// its join keys, then each feature's value (or its status where it has
+/// none). Values are typed by the join keys' declared types, which the
+/// server's registry gives.
+pub async fn get_vectors(addr: &str, read: VectorsArgs, as_json: bool) -> Result<String> {
+    let mut client = FeatureStoreClient::new(channel(addr).await?);
+    let registry = client.list_feature_views(v1::ListFeatureViewsRequest {}).await.map_err(status_line)?.into_inner();
+    let types: std::collections::HashMap<&str, v1::JoinKeyType> =
+        registry.views.iter().flat_map(|v| v.join_keys.iter()).map(|k| (k.name.as_str(), k.r#type())).collect();
+    let mut columns: Vec<(String, Vec<String>)> = Vec::new();
+    for arg in &read.join_keys {
+        let Some((name, values)) = arg.split_once('=') else {
+            bail!("{arg:?} is not JOIN_KEY=VALUE[,VALUE...]");
+        };
+        columns.push((name.to_owned(), values.split(',').map(str::to_owned).collect()));
+    }
+    let rows = columns.iter().map(|(_, v)| v.len()).max().context("no join keys given")?;
+    let mut entities = std::collections::HashMap::new();
+    for (name, values) in &columns {
+        if values.len() != rows && values.len() != 1 {
+            bail!("{name} has {} values, another join key {rows}: give one value or {rows}", values.len());
+        }
+        let ty = types.get(name.as_str()).copied().unwrap_or(v1::JoinKeyType::JoinKeyString);
+        let mut wire = Vec::with_capacity(rows);
+        for row in 0..rows {
+            let text = &values[if values.len() == 1 { 0 } else { row }];
+            wire.push(join_key_value(name, ty, text)?);
+        }
+        entities.insert(name.clone(), v1::JoinKeyColumn { values: wire });
+    }
+    let request = v1::GetFeatureVectorsRequest {
+        features: read.features,
+        feature_service: read.service.unwrap_or_default(),
+        entities,
+        full_feature_names: read.full_names,
+    };
+    let response = client.get_feature_vectors(request).await.map_err(status_line)?.into_inner();
+    let key_of = |row: usize| -> Vec<(String, String)> {
+        columns
+            .iter()
+            .map(|(name, values)| (name.clone(), values[if values.len() == 1 { 0 } else { row }].clone()))
+            .collect()
+    };
+    if as_json {
+        let vectors: Vec<Json> = response
+            .vectors
+            .iter()
+            .enumerate()
+            .map(|(row, vector)| {
+                let keys: serde_json::Map<String, Json> = key_of(row).into_iter().map(|(k, v)| (k, json!(v))).collect();
+                let features: serde_json::Map<String, Json> = response
+                    .feature_names
+                    .iter()
+                    .enumerate()
+                    .map(|(i, name)| {
+                        let status = v1::FeatureStatus::try_from(vector.statuses[i]).unwrap_or_default();
+                        let source = v1::Source::try_from(vector.sources[i]).unwrap_or_default();
+                        (
+                            name.clone(),
+                            json!({ "value": value_json(&vector.values[i]), "status": status.as_str_name(), "source": source.as_str_name() }),
+                        )
+                    })
+                    .collect();
+                json!({ "join_keys": keys, "features": features })
+            })
+            .collect();
+        return Ok(json!({ "features": response.feature_names, "vectors": vectors }).to_string() + "\n");
+    }
+    let mut header: Vec<String> = columns.iter().map(|(name, _)| name.clone()).collect();
+    header.extend(response.feature_names.iter().cloned());
+    let lines = response.vectors.iter().enumerate().map(|(row, vector)| {
+        let mut cells: Vec<String> = key_of(row).into_iter().map(|(_, v)| v).collect();
+        cells.extend(vector.values.iter().zip(&vector.statuses).map(|(value, &status)| {
+            match v1::FeatureStatus::try_from(status).unwrap_or_default() {
+                v1::FeatureStatus::Present | v1::FeatureStatus::NullValue => value_text(value),
+                other => other.as_str_name().to_owned(),
+            }
+        }));
+        cells
+    });
+    Ok(table(&header, lines, WIDEST))
+}
+
+/// A join key's value from the command line, by its declared type (bytes
+/// as base64).
+fn join_key_value(name: &str, ty: v1::JoinKeyType, text: &str) -> Result<v1::Value> {
+    use base64::Engine as _;
+    use v1::value::Kind;
+    let kind = match ty {
+        v1::JoinKeyType::JoinKeyInt64 => {
+            Kind::Int64Value(text.parse().with_context(|| format!("{name}={text:?}: {name} is an int64 join key"))?)
+        }
+        v1::JoinKeyType::JoinKeyBytes => Kind::BytesValue(
+            base64::engine::general_purpose::STANDARD
+                .decode(text)
+                .with_context(|| format!("{name}={text:?}: {name} is a bytes join key (give base64)"))?,
+        ),
+        v1::JoinKeyType::JoinKeyString | v1::JoinKeyType::Unspecified => Kind::StringValue(text.to_owned()),
+    };
+    Ok(v1::Value { kind: Some(kind) })
+}
+
 /// The row's status as the proto names it (FOUND, NOT_FOUND, …).
 fn status_name(row: &v1::FeatureRow) -> &'static str {
     row.status().as_str_name()

@@ -7,7 +7,7 @@ static GLOBAL: mimalloc::MiMalloc = mimalloc::MiMalloc;
 
 use std::path::PathBuf;
 
-use anyhow::Result;
+use anyhow::{Context as _, Result};
 use clap::{Parser, Subcommand};
 use strata_server::RunningServer;
 use strata_server::cli;
@@ -91,16 +91,30 @@ enum Command {
     },
     /// Look up entities of a feature view on a running server, as a table
     /// (or JSON).
+    ///
+    /// `strata get VIEW KEY...` reads keys of one view. With `--service NAME`
+    /// (or `--features view:feature,...` naming several views), the arguments
+    /// are join keys instead, `NAME=VALUE,VALUE,...`, one value per entity
+    /// row; a single value is used for every row:
+    /// `strata get --service ranker_v1 user_id=user_000001 item_id=8485,5676`.
     Get {
         /// The server's gRPC address.
         #[arg(long, default_value = DEFAULT_ADDR, env = "STRATA_ADDR")]
         addr: String,
-        view: String,
+        /// VIEW KEY..., or JOIN_KEY=VALUES... with --service or view:feature
+        /// references.
         #[arg(required = true)]
-        keys: Vec<String>,
-        /// Only these features, in this order (comma-separated).
+        args: Vec<String>,
+        /// Only these features, in this order (comma-separated); `view:feature`
+        /// references read several views in one call.
         #[arg(long, value_delimiter = ',')]
         features: Vec<String>,
+        /// A feature service: its features, for the join keys given.
+        #[arg(long)]
+        service: Option<String>,
+        /// Output names as view__feature.
+        #[arg(long)]
+        full_names: bool,
         #[arg(long)]
         json: bool,
     },
@@ -213,8 +227,16 @@ async fn run(cli: Cli) -> Result<()> {
             warm::print_report(&warm::run(&config, &WarmOptions { view, keys, top }).await?);
             Ok(())
         }
-        Command::Get { addr, view, keys, features, json } => {
-            print!("{}", cli::get(&addr, &view, keys, features, json).await?);
+        Command::Get { addr, args, features, service, full_names, json } => {
+            let vectors = service.is_some() || features.iter().any(|f| f.contains(':'));
+            let out = if vectors {
+                let read = cli::VectorsArgs { service, features, full_names, join_keys: args };
+                cli::get_vectors(&addr, read, json).await?
+            } else {
+                let (view, keys) = args.split_first().context("no view given")?;
+                cli::get(&addr, view, keys.to_vec(), features, json).await?
+            };
+            print!("{out}");
             Ok(())
         }
         Command::Views { addr, json } => {

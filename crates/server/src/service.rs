@@ -106,7 +106,7 @@ fn parse_grpc_timeout(value: &str) -> Option<Duration> {
 }
 
 /// Metric label values of a row status.
-pub(crate) fn status_label(status: v1::RowStatus) -> &'static str {
+fn status_label(status: v1::RowStatus) -> &'static str {
     match status {
         v1::RowStatus::Found => "found",
         v1::RowStatus::NotFound => "not_found",
@@ -117,12 +117,25 @@ pub(crate) fn status_label(status: v1::RowStatus) -> &'static str {
     }
 }
 
-pub(crate) fn source_label(source: v1::Source) -> &'static str {
+fn source_label(source: v1::Source) -> &'static str {
     match source {
         v1::Source::L1 => "l1",
         v1::Source::L2 => "l2",
         v1::Source::L3 => "l3",
         v1::Source::Unspecified => "none",
+    }
+}
+
+/// Counts answered rows of a view by the tier that answered and status.
+pub(crate) fn count_served(view: &str, tally: HashMap<(v1::Source, v1::RowStatus), u64>) {
+    for ((source, status), n) in tally {
+        metrics::counter!(
+            "strata_rows_served_total",
+            "view" => view.to_owned(),
+            "source" => source_label(source),
+            "status" => status_label(status)
+        )
+        .increment(n);
     }
 }
 
@@ -215,15 +228,7 @@ impl FeatureStore for FeatureStoreService {
                 }
             })
             .collect();
-        for ((source, status), n) in tally {
-            metrics::counter!(
-                "strata_rows_served_total",
-                "view" => view.name.clone(),
-                "source" => source_label(source),
-                "status" => status_label(status)
-            )
-            .increment(n);
-        }
+        count_served(&view.name, tally);
 
         Ok(Response::new(v1::GetFeaturesResponse {
             features: read.columns.iter().map(|&c| view.features[c].name.clone()).collect(),

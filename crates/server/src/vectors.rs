@@ -10,7 +10,7 @@ use strata_core::{EventTime, Value};
 use strata_engine::{Served, Tiers};
 use strata_proto::{VectorsRead, v1, value_to_wire};
 
-use crate::service::{ServiceError, source_label, status_label, status_of};
+use crate::service::{ServiceError, count_served, status_of};
 
 /// Status, event time, source and framing of one value in a vector.
 const VALUE_OVERHEAD: usize = 16;
@@ -86,15 +86,7 @@ pub(crate) async fn feature_vectors(
                 vector.sources[at] = source as i32;
             }
         }
-        for ((source, status), n) in tally {
-            metrics::counter!(
-                "strata_rows_served_total",
-                "view" => view.name.clone(),
-                "source" => source_label(source),
-                "status" => status_label(status)
-            )
-            .increment(n);
-        }
+        count_served(&view.name, tally);
     }
     Ok(v1::GetFeatureVectorsResponse { feature_names: read.names, vectors })
 }
