@@ -20,6 +20,7 @@ integration_tests!(
     a_view_whose_shard_is_down_degrades_alone,
     string_join_keys_route_and_store_as_bare_strings_and_typed_keys_have_typed_columns,
     bad_vector_requests_are_invalid_argument_naming_the_culprit,
+    views_with_typed_join_keys_bulk_load_from_join_key_columns,
 );
 
 fn int(n: i64) -> v1::Value {
@@ -395,6 +396,55 @@ async fn bad_vector_requests_are_invalid_argument_naming_the_culprit(env: &'stat
     }
     // The server still serves.
     c.get_feature_vectors(ok()).await?;
+    server.shutdown().await;
+    Ok(())
+}
+
+async fn views_with_typed_join_keys_bulk_load_from_join_key_columns(env: &'static Env) -> Result<()> {
+    use strata_server::load::{Format, LoadOptions};
+    let _exclusive = env.exclusive().await;
+    let dir = tempfile::tempdir()?;
+    let csv = dir.path().join("pairs.csv");
+    // Join keys in any column order; a bad uid is rejected by its line.
+    let mut body = String::from("sku,event_time,uid,clicks\n");
+    for u in 6_000..6_050 {
+        body.push_str(&format!("x,2026-01-01T00:00:00Z,{u},{}\n", u - 6_000));
+    }
+    body.push_str("x,2026-01-01T00:00:00Z,not-a-number,1\n");
+    std::fs::write(&csv, body)?;
+    let jsonl = dir.path().join("users.jsonl");
+    std::fs::write(
+        &jsonl,
+        "{\"uid\": 6000, \"event_time\": 1767225600, \"age\": 33}\n{\"uid\": \"6001\", \"event_time\": 1767225600}\n",
+    )?;
+    let config = env.config()?.validate()?;
+    let report = strata_server::load::run(&config, &LoadOptions::new("mv_pair", &csv, Format::Csv)).await?;
+    ensure!(report.written == 50 && report.failed == 0, "{report:?}");
+    ensure!(
+        report.rejected.len() == 1 && report.rejected[0].line == 52 && report.rejected[0].reason.contains("uid"),
+        "{:?}",
+        report.rejected
+    );
+    let report = strata_server::load::run(&config, &LoadOptions::new("mv_user", &jsonl, Format::Jsonl)).await?;
+    ensure!(report.written == 2 && report.rejected.is_empty(), "{report:?}");
+
+    let server = env.server().await?;
+    let mut c = client(&server).await?;
+    let uids: Vec<i64> = (6_000..6_050).collect();
+    let answer = c
+        .get_feature_vectors(vectors(
+            &["mv_pair:clicks", "mv_user:age"],
+            vec![("uid", uids.iter().map(|&u| int(u)).collect()), ("sku", vec![text("x"); uids.len()])],
+        ))
+        .await?
+        .into_inner();
+    for (i, &u) in uids.iter().enumerate() {
+        ensure!(answer.vectors[i].values[0] == int(u - 6_000), "pair {u}: {:?}", answer.vectors[i].values);
+    }
+    ensure!(answer.vectors[0].values[1] == int(33), "{:?}", answer.vectors[0].values);
+    use v1::FeatureStatus::{EntityNotFound, NullValue, Present};
+    ensure!(statuses(&answer.vectors[1]) == [Present, NullValue], "{:?}", statuses(&answer.vectors[1]));
+    ensure!(statuses(&answer.vectors[2]) == [Present, EntityNotFound], "{:?}", statuses(&answer.vectors[2]));
     server.shutdown().await;
     Ok(())
 }

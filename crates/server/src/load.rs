@@ -26,7 +26,7 @@ use base64::Engine as _;
 use futures::StreamExt as _;
 use indicatif::{ProgressBar, ProgressDrawTarget, ProgressStyle};
 use strata_cache_tiers::L2Cache;
-use strata_core::{EventTime, FeatureType, FeatureView, Row, Value};
+use strata_core::{EventTime, FeatureType, FeatureView, KeyType, OwnedKeyValue, Row, Value};
 use strata_proto::Limits;
 use strata_shard_router::ShardRouter;
 use tokio::sync::mpsc;
@@ -183,14 +183,6 @@ pub async fn load(
     view: Arc<FeatureView>,
     options: &LoadOptions,
 ) -> Result<LoadReport> {
-    if !view.entity.is_single_string() {
-        bail!(
-            "view {} is keyed by entity {}, whose join keys are typed: bulk loading such views is not supported yet; \
-             write them with WriteFeatures",
-            view.name,
-            view.entity.name
-        );
-    }
     let started = Instant::now();
     let file = File::open(&options.file).with_context(|| format!("cannot open {}", options.file.display()))?;
     let size = file.metadata().map(|m| m.len()).unwrap_or(0);
@@ -409,8 +401,78 @@ pub fn parse(
 #[derive(Clone, Copy, Debug)]
 enum Column {
     Key,
+    /// A join key of the view's entity, by its index in `join_keys()`.
+    JoinKey(usize),
     Time,
     Feature(usize),
+}
+
+/// A record's key: given as `entity_key` (the key's text), or join key by
+/// join key (`user_id`, `item_id`), in the entity's join key order.
+#[derive(Default)]
+struct KeyParts {
+    text: Option<String>,
+    join_keys: Vec<Option<OwnedKeyValue>>,
+}
+
+impl KeyParts {
+    fn new(view: &FeatureView) -> KeyParts {
+        KeyParts { text: None, join_keys: vec![None; view.entity.join_keys().len()] }
+    }
+
+    /// The key's text, checked against the view's entity.
+    fn finish(self, view: &FeatureView) -> Result<Option<String>, String> {
+        let entity = &view.entity;
+        if self.join_keys.iter().all(Option::is_none) {
+            return match self.text {
+                Some(text) if !entity.is_single_string() && entity.parse_key_text(&text).is_none() => {
+                    Err(format!("entity_key is not a key of entity {}", entity.name))
+                }
+                text => Ok(text),
+            };
+        }
+        if self.text.is_some() {
+            return Err("give entity_key or the join keys, not both".into());
+        }
+        let mut values = Vec::with_capacity(self.join_keys.len());
+        for (key, value) in entity.join_keys().iter().zip(&self.join_keys) {
+            let value = value.as_ref().ok_or_else(|| format!("join key {} is missing", key.name))?;
+            values.push((key.name.as_str(), value.as_key_value()));
+        }
+        let encoded = entity.encode(values, usize::MAX).map_err(|e| e.to_string())?;
+        Ok(Some(entity.key_text(&encoded)))
+    }
+}
+
+/// The index of join key `name` of the view's entity, if it is one (the
+/// implicit entity's `entity_key` is read as the key's text instead).
+fn join_key_index(view: &FeatureView, name: &str) -> Option<usize> {
+    if view.entity.name == "entity_key" && name == "entity_key" {
+        return None;
+    }
+    view.entity.join_keys().iter().position(|k| k.name == name)
+}
+
+fn parse_join_key(cell: &str, ty: KeyType) -> Result<OwnedKeyValue, String> {
+    let bad = || format!("{cell:?} is not a valid {ty}");
+    Ok(match ty {
+        KeyType::Int64 => OwnedKeyValue::Int64(cell.trim().parse().map_err(|_| bad())?),
+        KeyType::String => OwnedKeyValue::String(cell.to_owned()),
+        KeyType::Bytes => {
+            OwnedKeyValue::Bytes(base64::engine::general_purpose::STANDARD.decode(cell).map_err(|_| bad())?)
+        }
+    })
+}
+
+fn json_join_key(value: serde_json::Value, ty: KeyType) -> Result<OwnedKeyValue, String> {
+    use serde_json::Value as J;
+    match (ty, value) {
+        (KeyType::Int64, J::Number(n)) => {
+            n.as_i64().map(OwnedKeyValue::Int64).ok_or_else(|| format!("{n} is not an int64"))
+        }
+        (_, J::String(s)) => parse_join_key(&s, ty),
+        (_, other) => Err(format!("{other} is not a valid {ty}")),
+    }
 }
 
 fn read_csv(
@@ -423,19 +485,27 @@ fn read_csv(
     let headers = reader.headers().context("cannot read the CSV header")?.clone();
     let mut columns = Vec::with_capacity(headers.len());
     for name in headers.iter() {
-        columns.push(match name.trim() {
-            "entity_key" => Column::Key,
-            "event_time" => Column::Time,
-            feature => Column::Feature(
-                view.position(feature)
-                    .with_context(|| format!("column {feature:?} is not a feature of view {:?}", view.name))?,
-            ),
+        let name = name.trim();
+        columns.push(match (name, join_key_index(view, name)) {
+            (_, Some(i)) => Column::JoinKey(i),
+            ("entity_key", None) => Column::Key,
+            ("event_time", None) => Column::Time,
+            (feature, None) => Column::Feature(view.position(feature).with_context(|| {
+                format!("column {feature:?} is neither a feature nor a join key of view {:?}", view.name)
+            })?),
         });
     }
-    for required in ["entity_key", "event_time"] {
-        if !headers.iter().any(|h| h.trim() == required) {
-            bail!("the CSV header has no {required} column");
-        }
+    let keyed_by_join_keys = view
+        .entity
+        .join_keys()
+        .iter()
+        .all(|k| headers.iter().any(|h| h.trim() == k.name && join_key_index(view, &k.name).is_some()));
+    if !keyed_by_join_keys && !headers.iter().any(|h| h.trim() == "entity_key") {
+        let keys: Vec<&str> = view.entity.join_keys().iter().map(|k| k.name.as_str()).collect();
+        bail!("the CSV header has no entity_key column, nor every join key ({})", keys.join(", "));
+    }
+    if !headers.iter().any(|h| h.trim() == "event_time") {
+        bail!("the CSV header has no event_time column");
     }
     let mut record = csv::StringRecord::new();
     loop {
@@ -460,12 +530,17 @@ fn csv_row(record: &csv::StringRecord, columns: &[Column], view: &FeatureView, l
     if record.len() != columns.len() {
         return Err(format!("{} fields, the header has {}", record.len(), columns.len()));
     }
-    let mut key = None;
+    let mut key = KeyParts::new(view);
     let mut time = None;
     let mut values = vec![Value::Null; view.features.len()];
     for (cell, column) in record.iter().zip(columns) {
         match *column {
-            Column::Key => key = Some(cell.to_owned()),
+            Column::Key => key.text = Some(cell.to_owned()),
+            Column::JoinKey(i) => {
+                let join_key = &view.entity.join_keys()[i];
+                key.join_keys[i] =
+                    Some(parse_join_key(cell, join_key.ty).map_err(|e| format!("{}: {e}", join_key.name))?);
+            }
             Column::Time => time = Some(parse_time(cell)?),
             Column::Feature(i) => {
                 let feature = &view.features[i];
@@ -473,7 +548,7 @@ fn csv_row(record: &csv::StringRecord, columns: &[Column], view: &FeatureView, l
             }
         }
     }
-    finish_row(key, time, values, limits)
+    finish_row(key.finish(view)?, time, values, limits)
 }
 
 fn read_jsonl(
@@ -497,13 +572,18 @@ fn read_jsonl(
 fn json_row(line: &[u8], view: &FeatureView, limits: &Limits) -> Parsed {
     let object: serde_json::Map<String, serde_json::Value> =
         serde_json::from_slice(line).map_err(|e| format!("not a JSON object: {e}"))?;
-    let mut key = None;
+    let mut key = KeyParts::new(view);
     let mut time = None;
     let mut values = vec![Value::Null; view.features.len()];
     for (name, value) in object {
+        if let Some(i) = join_key_index(view, &name) {
+            let join_key = &view.entity.join_keys()[i];
+            key.join_keys[i] = Some(json_join_key(value, join_key.ty).map_err(|e| format!("{name}: {e}"))?);
+            continue;
+        }
         match name.as_str() {
             "entity_key" => match value {
-                serde_json::Value::String(s) => key = Some(s),
+                serde_json::Value::String(s) => key.text = Some(s),
                 other => return Err(format!("entity_key: expected a string, got {other}")),
             },
             "event_time" => {
@@ -520,14 +600,14 @@ fn json_row(line: &[u8], view: &FeatureView, limits: &Limits) -> Parsed {
             }
         }
     }
-    finish_row(key, time, values, limits)
+    finish_row(key.finish(view)?, time, values, limits)
 }
 
 /// Checks the row as the API would (`limits`: key and value sizes, event
 /// times not too far ahead), so every loaded row can be read back and
 /// none blocks later writes of its key.
 fn finish_row(key: Option<String>, time: Option<EventTime>, values: Vec<Value>, limits: &Limits) -> Parsed {
-    let key = key.ok_or("entity_key is missing")?;
+    let key = key.ok_or("entity_key (or the join keys) is missing")?;
     if key.is_empty() {
         return Err("entity_key is empty".into());
     }
@@ -702,7 +782,7 @@ mod tests {
     #[test]
     fn a_csv_column_that_is_not_a_feature_stops_the_load_before_anything_is_written() {
         let err = collect(Format::Csv, "entity_key,event_time,height\n").unwrap_err().to_string();
-        assert_eq!(err, "column \"height\" is not a feature of view \"v\"");
+        assert_eq!(err, "column \"height\" is neither a feature nor a join key of view \"v\"");
         let err = collect(Format::Csv, "entity_key,n\n").unwrap_err().to_string();
         assert_eq!(err, "the CSV header has no event_time column");
     }

@@ -90,8 +90,6 @@ pub enum ShardError {
     Timeout { shard: String },
     #[error("no shards are configured")]
     NoShards,
-    #[error("view {view}: {what} is not supported yet")]
-    Unsupported { view: String, what: &'static str },
 }
 
 impl ShardError {
@@ -138,8 +136,7 @@ impl ShardError {
             | ShardError::Pool { .. }
             | ShardError::Schema { .. }
             | ShardError::Decode { .. }
-            | ShardError::NoShards
-            | ShardError::Unsupported { .. } => false,
+            | ShardError::NoShards => false,
         }
     }
 
@@ -178,7 +175,6 @@ impl ShardError {
                 format!("shard {shard} did not answer within the deadline; the write may still land; retrying is safe")
             }
             ShardError::NoShards => "no shards are configured".into(),
-            ShardError::Unsupported { .. } => self.to_string(),
         }
     }
 
@@ -557,12 +553,6 @@ impl ShardRouter {
         rows: &[(String, Row)],
         deadline: tokio::time::Instant,
     ) -> Result<Vec<(String, EventTime)>, ShardError> {
-        if !sql::key_columns(view).is_empty() {
-            return Err(ShardError::Unsupported {
-                view: view.name.clone(),
-                what: "bulk loading a view whose entity has typed join keys",
-            });
-        }
         let shard = &self.shards[shard];
         self.with_conflict_retries(shard, "copy", deadline, || shard.copy_upsert(view, rows)).await
     }
@@ -717,13 +707,15 @@ impl Shard {
         let tx = client.transaction().await.map_err(|e| self.query_error(e))?;
         tx.batch_execute(&sql::create_staging(view)).await.map_err(|e| self.query_error(e))?;
         let sink = tx.copy_in(&sql::copy_into_staging(view)).await.map_err(|e| self.query_error(e))?;
-        let types: Vec<Type> = [Type::TEXT, Type::TIMESTAMPTZ]
-            .into_iter()
+        let types: Vec<Type> = std::iter::once(Type::TEXT)
+            .chain(sql::key_columns(view).iter().map(|k| sql::key_pg_type(k.ty)))
+            .chain([Type::TIMESTAMPTZ])
             .chain(view.features.iter().map(|f| sql::pg_type(f.ty)))
             .collect();
+        let join_keys = sql::key_values(view, rows.iter().map(|(key, _)| key));
         let writer = BinaryCopyInWriter::new(sink, &types);
         futures::pin_mut!(writer);
-        for (key, row) in rows {
+        for (i, (key, row)) in rows.iter().enumerate() {
             if row.values.len() != view.features.len() {
                 return Err(ShardError::Decode {
                     shard: self.name.clone(),
@@ -738,6 +730,7 @@ impl Shard {
             let time = row.event_time.to_system_time();
             let mut values: Vec<&(dyn ToSql + Sync)> = Vec::with_capacity(types.len());
             values.push(key);
+            values.extend(sql::key_params(view, join_keys.get(i)));
             values.push(&time);
             for (feature, value) in view.features.iter().zip(&row.values) {
                 values.push(sql::param(feature.ty, value));

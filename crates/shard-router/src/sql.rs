@@ -46,6 +46,15 @@ pub(crate) fn key_column_type(ty: KeyType) -> &'static str {
     }
 }
 
+/// The PostgreSQL type of a join key's column, for binary COPY.
+pub(crate) fn key_pg_type(ty: KeyType) -> Type {
+    match ty {
+        KeyType::Int64 => Type::INT8,
+        KeyType::String => Type::TEXT,
+        KeyType::Bytes => Type::BYTEA,
+    }
+}
+
 /// The join keys that have columns of their own: none for an entity of one
 /// string join key (`entity_key` is that string).
 pub(crate) fn key_columns(view: &FeatureView) -> &[JoinKey] {
@@ -171,7 +180,11 @@ pub(crate) fn create_staging(view: &FeatureView) -> String {
 }
 
 pub(crate) fn copy_into_staging(view: &FeatureView) -> String {
-    format!("COPY {STAGING} (entity_key, event_time{}) FROM STDIN BINARY", feature_columns(view))
+    format!(
+        "COPY {STAGING} (entity_key{}, event_time{}) FROM STDIN BINARY",
+        key_column_list(view),
+        feature_columns(view)
+    )
 }
 
 /// Moves a copied batch into the view's table: of several rows of one key
@@ -182,9 +195,10 @@ pub(crate) fn copy_into_staging(view: &FeatureView) -> String {
 /// keys applied with their event times.
 pub(crate) fn merge_staging(view: &FeatureView) -> String {
     let cols = feature_columns(view);
+    let keys = key_column_list(view);
     format!(
-        "INSERT INTO {table} AS t (entity_key, event_time{cols}) \
-         SELECT DISTINCT ON (entity_key COLLATE \"C\") entity_key, event_time{cols} FROM {STAGING} \
+        "INSERT INTO {table} AS t (entity_key{keys}, event_time{cols}) \
+         SELECT DISTINCT ON (entity_key COLLATE \"C\") entity_key{keys}, event_time{cols} FROM {STAGING} \
          ORDER BY entity_key COLLATE \"C\", event_time DESC, strata_ord DESC{conflict} \
          RETURNING entity_key, event_time",
         table = table(view),
