@@ -10,7 +10,7 @@
 //! | `l1-1`, `l1-10`, `l1-100`: L1 hits, 1/10/100 keys of 10 features | `floor-N`: a tonic server answering a canned response of the same bytes |
 //! | `l2-100`: L2 hits, on a server with L1 off (`l1.max_bytes = 0`) | `redis-100`: the same GETs pipelined with fred |
 //! | `l3-100`: cold keys (1 ms TTLs), 100 keys over 2 shards | `postgres-100`: the same `= ANY` queries through the pool (`ShardRouter::fetch`) |
-//! | `vectors-500`: GetFeatureVectors, 1 user + 500 items over two views (the ranking shape), all in L1 | `two-calls-500`: the same rows with two GetFeatures calls at once; `floor-vectors-500`: a canned answer of the same bytes |
+//! | `vectors-500`: GetFeatureVectors, 1 user + 500 items over two views (the ranking shape), all in L1 | `two-calls-500`: the same rows with two GetFeatures calls at once (the user once; `-rows`: once per candidate); `floor-vectors-500`: a canned answer of the same bytes |
 //! | `mixed-10`: one call in ten writes 10 rows, the rest read 10 keys | `reads-10`: the same reads without the writes |
 //! | `stampede`: 64 callers on 10 hot keys with 1 s/2 s TTLs over two instances, protections on | `stampede-off`: the same with them off; PostgreSQL lookups per key per TTL period for both |
 //! | `zipf`: Zipf(0.99) over 1M bulk-loaded keys, L1 for a tenth | itself: max load (closed loop), then half of it (open loop), with the L1+L2 hit share |
@@ -318,8 +318,9 @@ async fn main() -> Result<()> {
     }
 
     if wants("vectors-500") {
-        let (one, two, floor_report, note) = vectors(&setup, &bench, &server, &endpoint).await?;
+        let (one, two, two_rows, floor_report, note) = vectors(&setup, &bench, &server, &endpoint).await?;
         pairs.push((one.clone(), two));
+        pairs.push((one.clone(), two_rows));
         pairs.push((one, floor_report));
         notes.push(note);
     }
@@ -646,7 +647,7 @@ async fn vectors(
     bench: &Bench,
     server: &strata_server::RunningServer,
     endpoint: &str,
-) -> Result<(Report, Report, Report, String)> {
+) -> Result<(Report, Report, Report, Report, String)> {
     use rand::{Rng as _, SeedableRng as _};
     use strata_core::KeyValue;
     let config = bench.config(&views())?.validate()?;
@@ -739,30 +740,37 @@ async fn vectors(
     let floor_report = run_vectors("floor-vectors-500", floor).await?;
     let one = run_vectors("vectors-500", endpoint.to_owned()).await?;
     let clients = connect_all(setup, endpoint).await?;
-    let two = loadgen::run("two-calls-500", setup.mode, setup.warmup, setup.duration, move |i| {
-        let (mut users, mut items) =
-            (clients[i as usize % clients.len()].clone(), clients[i as usize % clients.len()].clone());
-        let batch: Vec<String> = pick(i).into_iter().map(|k| item_texts[k].clone()).collect();
-        async move {
-            let (user, items) = tokio::join!(
-                get(&mut users, "bench_vuser", vec!["u0".to_owned()]),
-                get(&mut items, "bench_vitem", batch)
-            );
-            let (user, items) = (user?, items?);
-            let mut sources = items.sources;
-            for (s, u) in sources.iter_mut().zip(user.sources) {
-                *s += u;
+    // Two GetFeatures calls at once: the user once (the client joins), or
+    // once per candidate row (the same rows as the one call's answer).
+    let two_calls = |name: &'static str, user_keys: usize, clients: Arc<Vec<FeatureStoreClient<Channel>>>| {
+        let item_texts = item_texts.clone();
+        loadgen::run(name, setup.mode, setup.warmup, setup.duration, move |i| {
+            let (mut users, mut items) =
+                (clients[i as usize % clients.len()].clone(), clients[i as usize % clients.len()].clone());
+            let batch: Vec<String> = pick(i).into_iter().map(|k| item_texts[k].clone()).collect();
+            async move {
+                let (user, items) = tokio::join!(
+                    get(&mut users, "bench_vuser", vec!["u0".to_owned(); user_keys]),
+                    get(&mut items, "bench_vitem", batch)
+                );
+                let (user, items) = (user?, items?);
+                let mut sources = items.sources;
+                for (s, u) in sources.iter_mut().zip(user.sources) {
+                    *s += u;
+                }
+                Ok(Sample { keys: user.keys + items.keys, sources })
             }
-            Ok(Sample { keys: user.keys + items.keys, sources })
-        }
-    })
-    .await;
+        })
+    };
+    let two = two_calls("two-calls-500", 1, clients.clone()).await;
+    let two_rows = two_calls("two-calls-500-rows", CANDIDATES, clients).await;
     let note = format!(
-        "vectors-500: one GetFeatureVectors call for 1 user + {CANDIDATES} items over two views, {:.2} of two GetFeatures calls at once and {:.2} of a canned answer of its size",
+        "vectors-500: one GetFeatureVectors call for 1 user + {CANDIDATES} items over two views, {:.2} of two GetFeatures calls at once (the user once), {:.2} of two calls with the user once per row, and {:.2} of a canned answer of its size",
         one.calls_per_sec() / two.calls_per_sec(),
+        one.calls_per_sec() / two_rows.calls_per_sec(),
         one.calls_per_sec() / floor_report.calls_per_sec(),
     );
-    Ok((one, two, floor_report, note))
+    Ok((one, two, two_rows, floor_report, note))
 }
 
 async fn connect_all(setup: &Setup, endpoint: &str) -> Result<Arc<Vec<FeatureStoreClient<Channel>>>> {

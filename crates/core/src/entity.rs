@@ -162,7 +162,13 @@ impl Entity {
         if self.is_single_string() {
             return String::from_utf8_lossy(encoded).into_owned();
         }
-        encoded.iter().map(|b| format!("{b:02x}")).collect()
+        const HEX: &[u8; 16] = b"0123456789abcdef";
+        let mut text = String::with_capacity(encoded.len() * 2);
+        for &b in encoded {
+            text.push(char::from(HEX[usize::from(b >> 4)]));
+            text.push(char::from(HEX[usize::from(b & 0xf)]));
+        }
+        text
     }
 
     /// The canonical encoding of a key's text ([`Entity::key_text`]): what
