@@ -135,6 +135,7 @@ fn micros(seconds: i64) -> EventTime {
 }
 
 async fn a_write_through_one_instance_is_served_by_another_once_announced(env: &'static Env) -> Result<()> {
+    let _exclusive = env.exclusive().await;
     const ROUNDS: usize = 50;
     let (a, b) = (env.server().await?, env.server().await?);
     let mut ca = client(&a).await?;
@@ -176,6 +177,7 @@ async fn a_write_through_one_instance_is_served_by_another_once_announced(env: &
 }
 
 async fn out_of_order_writes_and_deletes_leave_the_newer_state_at_every_tier(env: &'static Env) -> Result<()> {
+    let _exclusive = env.exclusive().await;
     let (a, b) = (env.server().await?, env.server().await?);
     let mut ca = client(&a).await?;
     let key = "ord:1";
@@ -274,6 +276,7 @@ async fn out_of_order_writes_and_deletes_leave_the_newer_state_at_every_tier(env
 }
 
 async fn a_delayed_cache_fill_carrying_an_old_value_loses_at_l2_and_l1(env: &'static Env) -> Result<()> {
+    let _exclusive = env.exclusive().await;
     let (a, b) = (env.server().await?, env.server().await?);
     let mut ca = client(&a).await?;
     let key = "race:1";
@@ -345,6 +348,7 @@ async fn a_delayed_cache_fill_carrying_an_old_value_loses_at_l2_and_l1(env: &'st
 }
 
 async fn a_killed_subscription_clears_l1_and_fresh_data_is_served(env: &'static Env) -> Result<()> {
+    let _exclusive = env.exclusive().await;
     let key = "resub:1";
     let (a, b, mut ca) = b_caches(env, "resubscribe", key).await?;
 
@@ -381,6 +385,7 @@ async fn a_killed_subscription_clears_l1_and_fresh_data_is_served(env: &'static 
 }
 
 async fn a_quietly_ended_subscription_is_noticed_by_its_heartbeat(env: &'static Env) -> Result<()> {
+    let _exclusive = env.exclusive().await;
     let key = "quiet:1";
     let (a, b, mut ca) = b_caches(env, "resubscribe", key).await?;
 
@@ -413,6 +418,7 @@ async fn a_quietly_ended_subscription_is_noticed_by_its_heartbeat(env: &'static 
 }
 
 async fn a_write_whose_cache_step_failed_is_repaired_on_every_instance(env: &'static Env) -> Result<()> {
+    let _exclusive = env.exclusive().await;
     let key = "repair:1";
     let (a, b, mut ca) = b_caches(env, "repair", key).await?;
 
@@ -448,6 +454,9 @@ async fn load(env: &Env, options: &LoadOptions) -> Result<LoadReport> {
 async fn a_million_rows_bulk_loaded_into_two_shards_are_all_readable_and_replace_cached_copies(
     env: &'static Env,
 ) -> Result<()> {
+    // Announces a million keys: a listener that falls behind clears its
+    // whole L1, which the tests that hold this too rely on keeping.
+    let _exclusive = env.exclusive().await;
     const ROWS: usize = 1_000_000;
     const CACHED: usize = 1_000;
     let (a, b) = (env.server().await?, env.server().await?);
