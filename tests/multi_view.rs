@@ -10,7 +10,7 @@ use anyhow::{Context, Result, bail, ensure};
 use strata_core::KeyValue;
 use strata_proto::v1::{self, value::Kind};
 use strata_shard_router::{shard_for, shard_for_key};
-use strata_tests::wire::{ts, v};
+use strata_tests::wire::{keyed_row, ts, v};
 use strata_tests::{Env, client, integration_tests, sample, scrape};
 use tonic::Code;
 
@@ -36,12 +36,7 @@ fn column(values: Vec<v1::Value>) -> v1::JoinKeyColumn {
 }
 
 fn keyed(join_keys: Vec<(&str, v1::Value)>, features: Vec<(&str, v1::Value)>, seconds: i64) -> v1::WriteRow {
-    v1::WriteRow {
-        entity_key: String::new(),
-        features: features.into_iter().map(|(n, v)| (n.to_owned(), v)).collect(),
-        event_time: Some(ts(seconds, 0)),
-        join_keys: join_keys.into_iter().map(|(n, v)| (n.to_owned(), v)).collect(),
-    }
+    keyed_row(join_keys, ts(seconds, 0), features)
 }
 
 fn vectors(features: &[&str], entities: Vec<(&str, Vec<v1::Value>)>) -> v1::GetFeatureVectorsRequest {

@@ -12,7 +12,7 @@ use anyhow::{Context, Result, bail, ensure};
 use strata_proto::v1::{self, value::Kind};
 use strata_server::config::{Config, FileConfig};
 use strata_server::metrics::{Kind as MetricKind, METRICS};
-use strata_tests::wire::{row, ts, v, write};
+use strata_tests::wire::{keyed_row, row, ts, v, write};
 use strata_tests::{Env, TEST_VIEWS, client, integration_tests, repo_root, sample, scrape, strata_binary};
 use yaml_rust2::{Yaml, YamlLoader};
 
@@ -587,16 +587,9 @@ async fn the_python_client_example_reads_typed_rows(env: &'static Env) -> Result
 
     // Many views in one call, by feature service, with an int64 and a
     // string join key.
-    let keyed =
-        |view: &str, join_keys: Vec<(&str, v1::Value)>, features: Vec<(&str, v1::Value)>| v1::WriteFeaturesRequest {
-            feature_view: view.into(),
-            rows: vec![v1::WriteRow {
-                entity_key: String::new(),
-                features: features.into_iter().map(|(n, v)| (n.to_owned(), v)).collect(),
-                event_time: Some(ts(1, 0)),
-                join_keys: join_keys.into_iter().map(|(n, v)| (n.to_owned(), v)).collect(),
-            }],
-        };
+    let keyed = |view: &str, join_keys: Vec<(&str, v1::Value)>, features: Vec<(&str, v1::Value)>| {
+        write(view, vec![keyed_row(join_keys, ts(1, 0), features)])
+    };
     let uid = || ("uid", v(Kind::Int64Value(7_007)));
     c.write_features(keyed("mv_user", vec![uid()], vec![("score", v(Kind::DoubleValue(0.5)))])).await?;
     let sku = ("sku", v(Kind::StringValue("a".into())));

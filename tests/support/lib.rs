@@ -655,6 +655,18 @@ pub mod wire {
         }
     }
 
+    /// A row of a view whose entity declares join keys, keyed by them.
+    pub fn keyed_row(
+        join_keys: Vec<(&str, v1::Value)>,
+        time: Timestamp,
+        features: Vec<(&str, v1::Value)>,
+    ) -> v1::WriteRow {
+        v1::WriteRow {
+            join_keys: join_keys.into_iter().map(|(n, v)| (n.to_owned(), v)).collect(),
+            ..row("", time, features)
+        }
+    }
+
     pub fn write(view: &str, rows: Vec<v1::WriteRow>) -> v1::WriteFeaturesRequest {
         v1::WriteFeaturesRequest { feature_view: view.into(), rows }
     }
