@@ -11,6 +11,6 @@ COPY config /etc/strata
 WORKDIR /etc/strata
 # Strata writes no files: run as nobody (the Kubernetes manifests do too).
 USER 65534:65534
-EXPOSE 50051 9090
+EXPOSE 50051 9090 6566
 ENTRYPOINT ["strata"]
 CMD ["serve", "-c", "/etc/strata/strata.toml", "-c", "/etc/strata/docker.toml"]

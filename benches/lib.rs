@@ -40,6 +40,7 @@ impl Bench {
         strata_server::dev::use_stack(&mut file, &self.stack);
         file.server.grpc_addr = "127.0.0.1:0".into();
         file.server.metrics_addr = "127.0.0.1:0".into();
+        file.server.feast_http_addr = "127.0.0.1:0".into();
         Ok(file)
     }
 

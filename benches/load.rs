@@ -10,7 +10,7 @@
 //! | `l1-1`, `l1-10`, `l1-100`: L1 hits, 1/10/100 keys of 10 features | `floor-N`: a tonic server answering a canned response of the same bytes |
 //! | `l2-100`: L2 hits, on a server with L1 off (`l1.max_bytes = 0`) | `redis-100`: the same GETs pipelined with fred |
 //! | `l3-100`: cold keys (1 ms TTLs), 100 keys over 2 shards | `postgres-100`: the same `= ANY` queries through the pool (`ShardRouter::fetch`) |
-//! | `vectors-500`: GetFeatureVectors, 1 user + 500 items over two views (the ranking shape), all in L1 | `two-calls-500`: the same rows with two GetFeatures calls at once (the user once; `-rows`: once per candidate); `floor-vectors-500`: a canned answer of the same bytes |
+//! | `vectors-500`: GetFeatureVectors, 1 user + 500 items over two views (the ranking shape), all in L1; `vectors-500-grouped`: the same with the user given once and the answer grouped (each view's values once per distinct key) | `two-calls-500`: the same rows with two GetFeatures calls at once (the user once; `-rows`: once per candidate); `floor-vectors-500`: a canned answer of the same bytes |
 //! | `mixed-10`: one call in ten writes 10 rows, the rest read 10 keys | `reads-10`: the same reads without the writes |
 //! | `stampede`: 64 callers on 10 hot keys with 1 s/2 s TTLs over two instances, protections on | `stampede-off`: the same with them off; PostgreSQL lookups per key per TTL period for both |
 //! | `zipf`: Zipf(0.99) over 1M bulk-loaded keys, L1 for a tenth | itself: max load (closed loop), then half of it (open loop), with the L1+L2 hit share |
@@ -318,10 +318,11 @@ async fn main() -> Result<()> {
     }
 
     if wants("vectors-500") {
-        let (one, two, two_rows, floor_report, note) = vectors(&setup, &bench, &server, &endpoint).await?;
-        pairs.push((one.clone(), two));
+        let Vectors { one, grouped, two, two_rows, floor, note } = vectors(&setup, &bench, &server, &endpoint).await?;
+        pairs.push((one.clone(), two.clone()));
         pairs.push((one.clone(), two_rows));
-        pairs.push((one, floor_report));
+        pairs.push((one, floor));
+        pairs.push((grouped, two));
         notes.push(note);
     }
 
@@ -637,6 +638,16 @@ async fn raw_redis(setup: &Setup, bench: &Bench, server: &strata_server::Running
     Ok(report)
 }
 
+/// The runs of the vectors-500 scenario.
+struct Vectors {
+    one: Report,
+    grouped: Report,
+    two: Report,
+    two_rows: Report,
+    floor: Report,
+    note: String,
+}
+
 /// The ranking shape: one user and [`CANDIDATES`] items over two views.
 /// `vectors-500` asks GetFeatureVectors for both in one call; its baselines
 /// are the same rows through two GetFeatures calls at once (the user's, the
@@ -647,7 +658,7 @@ async fn vectors(
     bench: &Bench,
     server: &strata_server::RunningServer,
     endpoint: &str,
-) -> Result<(Report, Report, Report, Report, String)> {
+) -> Result<Vectors> {
     use rand::{Rng as _, SeedableRng as _};
     use strata_core::KeyValue;
     let config = bench.config(&views())?.validate()?;
@@ -683,21 +694,24 @@ async fn vectors(
     );
     let features: Vec<String> =
         ["bench_vuser", "bench_vitem"].iter().flat_map(|v| (0..10).map(move |f| format!("{v}:f{f}"))).collect();
-    let request = move |picked: &[usize]| v1::GetFeatureVectorsRequest {
+    // The user once per row (the column-wise rule), or once for every row.
+    let request = move |picked: &[usize], users: usize| v1::GetFeatureVectorsRequest {
         features: features.clone(),
         feature_service: String::new(),
         entities: [
-            ("user_id".to_owned(), v1::JoinKeyColumn { values: vec![user.clone(); picked.len()] }),
+            ("user_id".to_owned(), v1::JoinKeyColumn { values: vec![user.clone(); users] }),
             ("item_id".to_owned(), v1::JoinKeyColumn { values: picked.iter().map(|&i| item(i)).collect() }),
         ]
         .into(),
         full_feature_names: true,
+        grouped: false,
     };
     // Every item in L1.
     for chunk in (0..items).collect::<Vec<_>>().chunks(CANDIDATES) {
-        client.get_feature_vectors(request(chunk)).await?;
+        client.get_feature_vectors(request(chunk, chunk.len())).await?;
     }
-    let canned = client.get_feature_vectors(request(&(0..CANDIDATES).collect::<Vec<_>>())).await?.into_inner();
+    let canned =
+        client.get_feature_vectors(request(&(0..CANDIDATES).collect::<Vec<_>>(), CANDIDATES)).await?.into_inner();
     let floor = format!("http://{}", strata_benches::floor::start_vectors(canned).await?);
     let _ = server;
 
@@ -705,26 +719,38 @@ async fn vectors(
         let mut rng = rand::rngs::StdRng::seed_from_u64(i);
         (0..CANDIDATES).map(|_| rng.random_range(0..items)).collect()
     };
-    let run_vectors = |name: &'static str, endpoint: String| {
+    let run_vectors = |name: &'static str, endpoint: String, grouped: bool| {
         let request = request.clone();
         async move {
             let clients = connect_all(setup, &endpoint).await?;
             Ok::<_, anyhow::Error>(
                 loadgen::run(name, setup.mode, setup.warmup, setup.duration, move |i| {
                     let mut client = clients[i as usize % clients.len()].clone();
-                    let request = request(&pick(i));
+                    // Grouped, the user is given once, as it is answered.
+                    let users = if grouped { 1 } else { CANDIDATES };
+                    let request = v1::GetFeatureVectorsRequest { grouped, ..request(&pick(i), users) };
                     async move {
                         match client.get_feature_vectors(request).await {
                             Ok(answer) => {
+                                let answer = answer.get_ref();
                                 let mut sample = Sample { keys: CANDIDATES as u64 + 1, sources: [0; 4] };
-                                for vector in &answer.get_ref().vectors {
-                                    let column = match vector.sources.last().map(|&s| v1::Source::try_from(s)) {
+                                // Each row's item (the last view) source.
+                                let mut count = |source: Option<&i32>| {
+                                    let column = match source.map(|&s| v1::Source::try_from(s)) {
                                         Some(Ok(v1::Source::L1)) => 0,
                                         Some(Ok(v1::Source::L2)) => 1,
                                         Some(Ok(v1::Source::L3)) => 2,
                                         _ => 3,
                                     };
                                     sample.sources[column] += 1;
+                                };
+                                for vector in &answer.vectors {
+                                    count(vector.sources.last());
+                                }
+                                if let Some(items) = answer.groups.last() {
+                                    for &index in &items.row_keys {
+                                        count(items.keys.get(index as usize).map(|k| &k.source));
+                                    }
                                 }
                                 Ok(sample)
                             }
@@ -737,8 +763,9 @@ async fn vectors(
             )
         }
     };
-    let floor_report = run_vectors("floor-vectors-500", floor).await?;
-    let one = run_vectors("vectors-500", endpoint.to_owned()).await?;
+    let floor_report = run_vectors("floor-vectors-500", floor, false).await?;
+    let one = run_vectors("vectors-500", endpoint.to_owned(), false).await?;
+    let grouped = run_vectors("vectors-500-grouped", endpoint.to_owned(), true).await?;
     let clients = connect_all(setup, endpoint).await?;
     // Two GetFeatures calls at once: the user once (the client joins), or
     // once per candidate row (the same rows as the one call's answer).
@@ -765,12 +792,13 @@ async fn vectors(
     let two = two_calls("two-calls-500", 1, clients.clone()).await;
     let two_rows = two_calls("two-calls-500-rows", CANDIDATES, clients).await;
     let note = format!(
-        "vectors-500: one GetFeatureVectors call for 1 user + {CANDIDATES} items over two views, {:.2} of two GetFeatures calls at once (the user once), {:.2} of two calls with the user once per row, and {:.2} of a canned answer of its size",
+        "vectors-500: one GetFeatureVectors call for 1 user + {CANDIDATES} items over two views, {:.2} of two GetFeatures calls at once (the user once), {:.2} of two calls with the user once per row, and {:.2} of a canned answer of its size; grouped (the user asked and answered once), {:.2} of the two calls",
         one.calls_per_sec() / two.calls_per_sec(),
         one.calls_per_sec() / two_rows.calls_per_sec(),
         one.calls_per_sec() / floor_report.calls_per_sec(),
+        grouped.calls_per_sec() / two.calls_per_sec(),
     );
-    Ok((one, two, two_rows, floor_report, note))
+    Ok(Vectors { one, grouped, two, two_rows, floor: floor_report, note })
 }
 
 async fn connect_all(setup: &Setup, endpoint: &str) -> Result<Arc<Vec<FeatureStoreClient<Channel>>>> {

@@ -321,7 +321,7 @@ async fn serve(env: &Env, overlay: &str) -> Result<Served> {
         .map(|s| format!("[[postgres.shards]]\nname = {:?}\nurl = {:?}\n\n", s.name, s.url))
         .collect();
     let stack = format!(
-        "[server]\ngrpc_addr = \"127.0.0.1:0\"\nmetrics_addr = \"127.0.0.1:0\"\n{overlay}\n[redis]\nnodes = {:?}\n\n{shards}",
+        "[server]\ngrpc_addr = \"127.0.0.1:0\"\nmetrics_addr = \"127.0.0.1:0\"\nfeast_http_addr = \"127.0.0.1:0\"\n{overlay}\n[redis]\nnodes = {:?}\n\n{shards}",
         config.redis.nodes
     );
     let (base_path, stack_path) = (dir.path().join("strata.toml"), dir.path().join("stack.toml"));

@@ -45,7 +45,41 @@ fn vectors(features: &[&str], entities: Vec<(&str, Vec<v1::Value>)>) -> v1::GetF
         feature_service: String::new(),
         entities: entities.into_iter().map(|(k, values)| (k.to_owned(), column(values))).collect(),
         full_feature_names: false,
+        grouped: false,
     }
+}
+
+/// The rows of a grouped answer, as an ungrouped answer carries them.
+fn expand(answer: &v1::GetFeatureVectorsResponse, rows: usize) -> Result<Vec<v1::FeatureVector>> {
+    let width = answer.feature_names.len();
+    let mut vectors = vec![
+        v1::FeatureVector {
+            values: vec![v1::Value::default(); width],
+            statuses: vec![0; width],
+            event_time_micros: vec![0; width],
+            sources: vec![0; width],
+        };
+        rows
+    ];
+    for group in &answer.groups {
+        ensure!(
+            group.row_keys.len() == rows,
+            "group {}: {} row indices for {rows} rows",
+            group.view,
+            group.row_keys.len()
+        );
+        for (vector, &index) in vectors.iter_mut().zip(&group.row_keys) {
+            let key = group.keys.get(index as usize).context("row index past the group's keys")?;
+            for (i, &at) in group.features.iter().enumerate() {
+                let at = at as usize;
+                vector.values[at] = key.values[i].clone();
+                vector.statuses[at] = key.statuses[i];
+                vector.event_time_micros[at] = key.event_time_micros;
+                vector.sources[at] = key.source;
+            }
+        }
+    }
+    Ok(vectors)
 }
 
 fn statuses(vector: &v1::FeatureVector) -> Vec<v1::FeatureStatus> {
@@ -137,13 +171,11 @@ async fn composite_keys_read_back_across_views_shards_and_tiers_in_one_call(env:
         sample(page, "strata_cache_hits_total", &[("tier", tier), ("view", "mv_user")])
             + sample(page, "strata_cache_misses_total", &[("tier", tier), ("view", "mv_user")])
     };
-    let answer = c
-        .get_feature_vectors(vectors(
-            &["mv_pair:note", "mv_user:age", "mv_pair:clicks", "mv_user:score"],
-            vec![("uid", uid_column), ("sku", sku_column)],
-        ))
-        .await?
-        .into_inner();
+    let request = vectors(
+        &["mv_pair:note", "mv_user:age", "mv_pair:clicks", "mv_user:score"],
+        vec![("uid", uid_column), ("sku", sku_column)],
+    );
+    let answer = c.get_feature_vectors(request.clone()).await?.into_inner();
     let after = scrape(&server).await?;
     ensure!(answer.feature_names == ["note", "age", "clicks", "score"], "{:?}", answer.feature_names);
     ensure!(answer.vectors.len() == 43, "one vector per entity row: {}", answer.vectors.len());
@@ -174,6 +206,23 @@ async fn composite_keys_read_back_across_views_shards_and_tiers_in_one_call(env:
     let unknown = &answer.vectors[42];
     ensure!(statuses(unknown) == [EntityNotFound; 4], "unknown user: {:?}", statuses(unknown));
     ensure!(unknown.event_time_micros.iter().all(|&t| t == 0), "no event time for what is not there");
+
+    // Grouped, the same answer carries each view's distinct keys once (the
+    // rows found now all from L1, as the first read filled it).
+    let grouped = c.get_feature_vectors(v1::GetFeatureVectorsRequest { grouped: true, ..request }).await?.into_inner();
+    ensure!(grouped.vectors.is_empty(), "a grouped answer has no per-row vectors");
+    let shape: Vec<(&str, &[u32], usize)> =
+        grouped.groups.iter().map(|g| (g.view.as_str(), g.features.as_slice(), g.keys.len())).collect();
+    ensure!(shape == [("mv_pair", &[0, 2][..], 43), ("mv_user", &[1, 3][..], 41)], "groups: {shape:?}");
+    let expanded = expand(&grouped, 43)?;
+    for (i, (row, want)) in expanded.iter().zip(&answer.vectors).enumerate() {
+        ensure!(row.values == want.values, "grouped row {i}: {:?} against {:?}", row.values, want.values);
+        ensure!(row.statuses == want.statuses, "grouped row {i}: {:?}", statuses(row));
+        ensure!(row.event_time_micros == want.event_time_micros, "grouped row {i}: event times");
+        if i < 41 {
+            ensure!(sources(row) == [v1::Source::L1; 4], "grouped row {i}: {:?}", sources(row));
+        }
+    }
 
     // Qualified names on request.
     let mut qualified =
@@ -213,6 +262,18 @@ async fn a_feature_service_answers_exactly_its_features_in_its_order(env: &'stat
         "aliased: {:?}",
         answer.feature_names
     );
+
+    // One user for several items: a one-value list applies to every row.
+    let mut one_user = vectors(&[], vec![("uid", vec![int(2_000)]), ("sku", vec![text("a"), text("b"), text("zzz")])]);
+    one_user.feature_service = "t_ranker".into();
+    let answer = c.get_feature_vectors(one_user).await?.into_inner();
+    let clicks: Vec<&v1::Value> = answer.vectors.iter().map(|vector| &vector.values[1]).collect();
+    let scores: Vec<&v1::Value> = answer.vectors.iter().map(|vector| &vector.values[2]).collect();
+    ensure!(
+        clicks == [&int(20_001), &int(20_002), &v1::Value { kind: Some(Kind::NullValue(v1::Null {})) }],
+        "{clicks:?}"
+    );
+    ensure!(scores == [&v(Kind::DoubleValue(1_000.0)); 3], "the user's score on every row: {scores:?}");
 
     // The registry lists entities and services.
     let registry = c.list_feature_views(v1::ListFeatureViewsRequest {}).await?.into_inner();
@@ -341,8 +402,11 @@ async fn bad_vector_requests_are_invalid_argument_naming_the_culprit(env: &'stat
         ("null key", vectors(&["mv_user:age"], vec![("uid", vec![v(Kind::NullValue(v1::Null {}))])]), "is null"),
         (
             "ragged",
-            vectors(&["mv_pair:clicks"], vec![("uid", vec![int(1), int(2)]), ("sku", vec![text("a")])]),
-            "every list must be as long",
+            vectors(
+                &["mv_pair:clicks"],
+                vec![("uid", vec![int(1), int(2), int(3)]), ("sku", vec![text("a"), text("b")])],
+            ),
+            "every list must be as long, or hold one value for every row",
         ),
         ("no rows", vectors(&["mv_user:age"], vec![]), "entities is empty"),
         (
@@ -362,7 +426,11 @@ async fn bad_vector_requests_are_invalid_argument_naming_the_culprit(env: &'stat
     cases.push(("both", both, "not both"));
     let mut unknown_service = vectors(&[], vec![("uid", vec![int(1)])]);
     unknown_service.feature_service = "nope".into();
-    cases.push(("unknown service", unknown_service, "unknown feature_service \"nope\" (known: ranker_v1, t_ranker)"));
+    cases.push((
+        "unknown service",
+        unknown_service,
+        "unknown feature_service \"nope\" (known: ranker_v1, t_ranker, fe_ranker)",
+    ));
     for (what, request, says) in cases {
         match c.get_feature_vectors(request).await {
             Err(status) if status.code() == Code::InvalidArgument && status.message().contains(says) => {}

@@ -127,7 +127,8 @@ async fn the_compose_file_matches_the_docker_config_and_the_monitoring_files(_en
     }
     ensure!(config.grpc_addr.ip().is_unspecified() && config.metrics_addr.ip().is_unspecified());
     let published = texts(&strata["ports"]);
-    for addr in [config.grpc_addr, config.metrics_addr] {
+    let feast = config.feast_http_addr.context("config/docker.toml serves Feast's HTTP API")?;
+    for addr in [config.grpc_addr, config.metrics_addr, feast] {
         let mapping = format!("{0}:{0}", port(&addr));
         ensure!(published.contains(&mapping), "strata does not publish {mapping}: {published:?}");
     }
@@ -244,6 +245,8 @@ async fn the_kubernetes_manifests_agree_with_each_other_and_the_server(_env: &'s
     };
     ensure!(container_port("grpc") == Some(i64::from(config.grpc_addr.port())));
     ensure!(container_port("metrics") == Some(i64::from(config.metrics_addr.port())));
+    let feast = config.feast_http_addr.context("the ConfigMap serves Feast's HTTP API")?;
+    ensure!(container_port("feast-http") == Some(i64::from(feast.port())), "feast-http container port");
     let annotations = &pod["metadata"]["annotations"];
     ensure!(text(&annotations["prometheus.io/port"]) == Some(port(&config.metrics_addr)), "scrape annotation port");
     for (probe, service) in [("startupProbe", "liveness"), ("livenessProbe", "liveness"), ("readinessProbe", "")] {

@@ -122,17 +122,29 @@ class StrataClient:
                 return pb.Value(bytes_value=value)
             return pb.Value(string_value=str(value))
 
+        # Grouped: each view's values come once per distinct key (a user's
+        # once, not once per candidate item), and are spread over the rows here.
         request = pb.GetFeatureVectorsRequest(
-            feature_service=service or "", features=features or [], full_feature_names=full_feature_names)
+            feature_service=service or "", features=features or [], full_feature_names=full_feature_names,
+            grouped=True)
         for name, values in entities.items():
             request.entities[name].values.extend(key(v) for v in values)
         response = self._stub.GetFeatureVectors(request, timeout=self._timeout, metadata=self._metadata)
+        rows = len(next(iter(entities.values()), []))
+        out = [{"features": {}, "statuses": {}, "sources": {}} for _ in range(rows)]
         names = list(response.feature_names)
-        return [{
-            "features": {n: _value(v) for n, v in zip(names, vector.values)},
-            "statuses": {n: pb.FeatureStatus.Name(s) for n, s in zip(names, vector.statuses)},
-            "sources": {n: pb.Source.Name(s) for n, s in zip(names, vector.sources)},
-        } for vector in response.vectors]
+        for group in response.groups:
+            keys = [{
+                "features": [_value(v) for v in key.values],
+                "statuses": [pb.FeatureStatus.Name(s) for s in key.statuses],
+                "sources": [pb.Source.Name(key.source)] * len(key.values),
+            } for key in group.keys]
+            for row, index in zip(out, group.row_keys):
+                for i, at in enumerate(group.features):
+                    for part in ("features", "statuses", "sources"):
+                        row[part][names[at]] = keys[index][part][i]
+        # In answer order, whatever the groups' order.
+        return [{part: {n: row[part][n] for n in names} for part in row} for row in out]
 
     def views(self) -> list[str]:
         response = self._stub.ListFeatureViews(pb.ListFeatureViewsRequest(), timeout=self._timeout)

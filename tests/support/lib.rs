@@ -79,6 +79,57 @@ projections = [
   { view = "mv_user", features = ["score"], alias = "u" },
 ]
 
+# The Feast repo of tests/feast (tests/feast/repo/features.py).
+[[entities]]
+name = "fe_driver"
+join_keys = [{ name = "driver_id", type = "int64" }]
+
+[[entities]]
+name = "fe_customer"
+join_keys = [{ name = "customer_id", type = "string" }]
+
+[[entities]]
+name = "fe_driver_customer"
+join_keys = [{ name = "driver_id", type = "int64" }, { name = "customer_id", type = "string" }]
+
+[[views]]
+name = "fe_driver"
+entity = "fe_driver"
+l1_ttl = "5m"
+l2_ttl = "10m"
+push_sources = ["fe_driver_push"]
+features = [
+  { name = "conv_rate", type = "double" },
+  { name = "trips", type = "int64" },
+  { name = "name", type = "string" },
+  { name = "active", type = "bool" },
+  { name = "raw", type = "bytes" },
+  { name = "emb", type = "float_list" },
+  { name = "ids", type = "int64_list" },
+]
+
+[[views]]
+name = "fe_customer"
+entity = "fe_customer"
+l1_ttl = "5m"
+l2_ttl = "10m"
+features = [{ name = "tier", type = "string" }, { name = "spend", type = "double" }]
+
+[[views]]
+name = "fe_pair"
+entity = "fe_driver_customer"
+l1_ttl = "5m"
+l2_ttl = "10m"
+features = [{ name = "orders", type = "int64" }]
+
+[[feature_services]]
+name = "fe_ranker"
+projections = [
+  { view = "fe_driver", features = ["conv_rate", "trips"] },
+  { view = "fe_pair", features = ["orders"] },
+  { view = "fe_customer", features = ["tier"] },
+]
+
 [[views]]
 name = "typed"
 l1_ttl = "5m"
@@ -314,6 +365,7 @@ impl Env {
         let mut file = FileConfig::from_toml(&format!("{shipped}\n{TEST_VIEWS}"))?;
         file.server.grpc_addr = "127.0.0.1:0".into();
         file.server.metrics_addr = "127.0.0.1:0".into();
+        file.server.feast_http_addr = "127.0.0.1:0".into();
         // Tests fire a thousand concurrent reads on a debug build: neither
         // shedding nor the default deadline is what they test.
         file.server.max_in_flight = 100_000;

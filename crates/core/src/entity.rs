@@ -234,6 +234,9 @@ impl Entity {
         values: impl IntoIterator<Item = (&'a str, KeyValue<'a>)>,
         max_len: usize,
     ) -> Result<Vec<u8>, EntityKeyError> {
+        if let [key] = self.join_keys.as_slice() {
+            return self.encode_one(key, values, max_len);
+        }
         let mut given: Vec<Option<KeyValue<'a>>> = vec![None; self.join_keys.len()];
         for (name, value) in values {
             let Ok(i) = self.join_keys.binary_search_by(|k| k.name.as_bytes().cmp(name.as_bytes())) else {
@@ -280,6 +283,62 @@ impl Entity {
             }
         }
         Ok(out)
+    }
+}
+
+impl Entity {
+    /// [`Entity::encode`] for an entity of one join key, without the
+    /// bookkeeping of several (a batch of 500 item ids encodes 500 keys).
+    fn encode_one<'a>(
+        &self,
+        key: &JoinKey,
+        values: impl IntoIterator<Item = (&'a str, KeyValue<'a>)>,
+        max_len: usize,
+    ) -> Result<Vec<u8>, EntityKeyError> {
+        let mut values = values.into_iter();
+        let Some((name, value)) = values.next() else {
+            return Err(EntityKeyError::Missing { entity: self.name.clone(), join_key: key.name.clone() });
+        };
+        if name != key.name {
+            return Err(EntityKeyError::Unknown { entity: self.name.clone(), join_key: name.to_owned() });
+        }
+        if let Some((name, _)) = values.next() {
+            return Err(if name == key.name {
+                EntityKeyError::Duplicate { join_key: key.name.clone() }
+            } else {
+                EntityKeyError::Unknown { entity: self.name.clone(), join_key: name.to_owned() }
+            });
+        }
+        if value.key_type() != key.ty {
+            return Err(EntityKeyError::WrongType { join_key: key.name.clone(), want: key.ty, got: value.key_type() });
+        }
+        let len = match value {
+            KeyValue::Int64(_) => 8,
+            KeyValue::String(s) => s.len(),
+            KeyValue::Bytes(b) => b.len(),
+        };
+        if len > max_len {
+            return Err(EntityKeyError::TooLong { join_key: key.name.clone(), len, max: max_len });
+        }
+        Ok(match value {
+            KeyValue::String(s) if self.is_single_string() => s.as_bytes().to_vec(),
+            KeyValue::Int64(n) => {
+                let mut out = Vec::with_capacity(10);
+                out.extend_from_slice(&[COMPOSITE, value.key_type().tag()]);
+                out.extend_from_slice(&((n as u64) ^ (1 << 63)).to_be_bytes());
+                out
+            }
+            KeyValue::String(s) => {
+                let mut out = vec![COMPOSITE, value.key_type().tag()];
+                push_sized(&mut out, s.as_bytes());
+                out
+            }
+            KeyValue::Bytes(b) => {
+                let mut out = vec![COMPOSITE, value.key_type().tag()];
+                push_sized(&mut out, b);
+                out
+            }
+        })
     }
 }
 

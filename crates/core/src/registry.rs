@@ -93,6 +93,9 @@ pub struct FeatureViewSpec {
     /// OUTSIDE_MAX_AGE. None: no limit.
     #[serde(default, with = "humantime_serde")]
     pub max_age: Option<Duration>,
+    /// Feast push sources whose pushes (`POST /push`) write into this view.
+    #[serde(default)]
+    pub push_sources: Vec<String>,
 }
 
 fn default_jitter() -> f64 {
@@ -132,6 +135,8 @@ pub struct FeatureView {
     pub refresh_ahead: f64,
     pub negative_ttl: Duration,
     pub max_age: Option<Duration>,
+    /// Feast push sources that write into this view.
+    pub push_sources: Vec<String>,
     /// Hash of the feature names and types, in order. A cached row encoded
     /// under another fingerprint belongs to an older shape of the view and
     /// is treated as a miss.
@@ -231,6 +236,7 @@ impl FeatureViewSpec {
             refresh_ahead: default_refresh_ahead(),
             negative_ttl: default_negative_ttl(),
             max_age: None,
+            push_sources: Vec::new(),
         }
     }
 
@@ -246,6 +252,7 @@ impl FeatureViewSpec {
             refresh_ahead,
             negative_ttl,
             max_age,
+            push_sources,
         } = self;
         if !is_identifier(&name) {
             return Err(RegistryError::BadViewName(name));
@@ -295,6 +302,7 @@ impl FeatureViewSpec {
             refresh_ahead,
             negative_ttl,
             max_age,
+            push_sources,
             fingerprint,
             positions,
         })

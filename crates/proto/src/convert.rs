@@ -137,7 +137,9 @@ pub enum InvalidRequest {
     DuplicateOutput(String),
     #[error("entities is empty: give one list of values per join key")]
     NoEntities,
-    #[error("entities: join key {join_key} has {len} values, {first} has {first_len}: every list must be as long")]
+    #[error(
+        "entities: join key {join_key} has {len} values, {first} has {first_len}: every list must be as long, or hold one value for every row"
+    )]
     RaggedEntities { join_key: String, len: usize, first: String, first_len: usize },
     #[error("entities: {count} rows, over the limit of {limit} per request")]
     TooManyEntityRows { count: usize, limit: usize },
@@ -212,6 +214,17 @@ pub(crate) fn encode_key<'a>(
     field: impl Fn() -> String,
     limits: &Limits,
 ) -> Result<String, InvalidRequest> {
+    let encoded = encode_key_bytes(view, values, &field, limits)?;
+    key_text_of(view, &encoded, field, limits)
+}
+
+/// The canonical encoding of a key of the view's entity, checked.
+pub(crate) fn encode_key_bytes<'a>(
+    view: &FeatureView,
+    values: impl IntoIterator<Item = (&'a str, KeyValue<'a>)>,
+    field: impl Fn() -> String,
+    limits: &Limits,
+) -> Result<Vec<u8>, InvalidRequest> {
     let mut nul = false;
     let values = values.into_iter().inspect(|(_, v)| nul |= matches!(v, KeyValue::String(s) if s.contains('\0')));
     let encoded = view
@@ -221,7 +234,17 @@ pub(crate) fn encode_key<'a>(
     if nul {
         return Err(InvalidRequest::NulCharacter { field: field() });
     }
-    let text = view.entity.key_text(&encoded);
+    Ok(encoded)
+}
+
+/// The text of an encoded key, as the tiers and results name it, checked.
+pub(crate) fn key_text_of(
+    view: &FeatureView,
+    encoded: &[u8],
+    field: impl Fn() -> String,
+    limits: &Limits,
+) -> Result<String, InvalidRequest> {
+    let text = view.entity.key_text(encoded);
     check_key(&text, field, limits)?;
     Ok(text)
 }

@@ -3,11 +3,14 @@
 //! per view.
 
 use std::collections::HashMap;
+use std::collections::hash_map::Entry;
 use std::sync::Arc;
 
 use strata_core::{FeatureView, KeyValue, Registry};
 
-use crate::convert::{InvalidRequest, Limits, echo, encode_key, join_key_list, key_value_from_wire, view};
+use crate::convert::{
+    InvalidRequest, Limits, echo, encode_key_bytes, join_key_list, key_text_of, key_value_from_wire, view,
+};
 use crate::v1;
 
 /// Feature references per request at most.
@@ -22,6 +25,9 @@ pub struct VectorsRead {
     pub rows: usize,
     /// One read per view, in order of first reference.
     pub views: Vec<ViewRead>,
+    /// Answer one group per view (values once per distinct key) rather
+    /// than one vector per row.
+    pub grouped: bool,
 }
 
 /// What one view contributes to a GetFeatureVectors answer.
@@ -43,7 +49,7 @@ pub fn vectors_request(
     registry: &Registry,
     limits: &Limits,
 ) -> Result<VectorsRead, InvalidRequest> {
-    let v1::GetFeatureVectorsRequest { features, feature_service, entities, full_feature_names } = request;
+    let v1::GetFeatureVectorsRequest { features, feature_service, entities, full_feature_names, grouped } = request;
     // (view, column, qualified prefix)
     let wanted = resolve(registry, features, &feature_service)?;
     if wanted.len() > MAX_FEATURES_PER_REQUEST {
@@ -71,7 +77,7 @@ pub fn vectors_request(
     for read in &mut views {
         keys_of(read, &entities, rows, limits)?;
     }
-    Ok(VectorsRead { names, rows, views })
+    Ok(VectorsRead { names, rows, views, grouped })
 }
 
 type Wanted = Vec<(Arc<FeatureView>, usize, String)>;
@@ -114,18 +120,21 @@ fn resolve(registry: &Registry, features: Vec<String>, service: &str) -> Result<
     Ok(wanted)
 }
 
-/// The number of entity rows: every list as long as the first, some rows,
-/// at most the per-request limit.
+/// The number of entity rows: the length of the longest list, which every
+/// other list has too, or one value that applies to every row (one user
+/// for 500 items); some rows, at most the per-request limit.
 fn check_columns(entities: &HashMap<String, v1::JoinKeyColumn>, limits: &Limits) -> Result<usize, InvalidRequest> {
     // Sorted, so the message names the same pair whatever the map's order.
     let mut columns: Vec<(&String, usize)> = entities.iter().map(|(k, c)| (k, c.values.len())).collect();
     columns.sort();
-    let Some(&(first, rows)) = columns.first() else { return Err(InvalidRequest::NoEntities) };
-    if let Some(&(join_key, len)) = columns.iter().find(|(_, len)| *len != rows) {
+    let Some(&(longest, rows)) = columns.iter().max_by_key(|&&(name, len)| (len, std::cmp::Reverse(name))) else {
+        return Err(InvalidRequest::NoEntities);
+    };
+    if let Some(&(join_key, len)) = columns.iter().find(|&&(_, len)| len != rows && len != 1) {
         return Err(InvalidRequest::RaggedEntities {
             join_key: echo(join_key),
             len,
-            first: echo(first),
+            first: echo(longest),
             first_len: rows,
         });
     }
@@ -157,12 +166,18 @@ fn keys_of(
         };
         columns.push((key, &column.values));
     }
-    let mut index: HashMap<String, usize> = HashMap::with_capacity(rows);
+    // A view whose join keys each hold one value has one key for every row.
+    let once = columns.iter().all(|(_, column)| column.len() == 1);
+    let distinct_rows = if once { 1 } else { rows };
+    // By canonical encoding: a key's text is built once, for its first row.
+    let mut index: HashMap<Vec<u8>, usize> = HashMap::with_capacity(distinct_rows);
+    let mut values: Vec<(&str, KeyValue<'_>)> = Vec::with_capacity(columns.len());
     read.slot_of.reserve(rows);
-    for row in 0..rows {
-        let mut values: Vec<(&str, KeyValue<'_>)> = Vec::with_capacity(columns.len());
+    for row in 0..distinct_rows {
         for (key, column) in &columns {
-            let value = key_value_from_wire(&column[row]).map_err(|got| InvalidRequest::JoinKeyType {
+            // A one-value list applies to every row.
+            let value = &column[if column.len() == 1 { 0 } else { row }];
+            let value = key_value_from_wire(value).map_err(|got| InvalidRequest::JoinKeyType {
                 join_key: key.name.clone(),
                 row,
                 want: key.ty,
@@ -179,13 +194,18 @@ fn keys_of(
             values.push((key.name.as_str(), value));
         }
         let field = || format!("entities (row {row}, view {}: {})", view.name, join_key_list(&view));
-        let text = encode_key(&view, values, field, limits)?;
-        let next = read.keys.len();
-        let slot = *index.entry(text).or_insert_with_key(|text| {
-            read.keys.push(text.clone());
-            next
-        });
+        let encoded = encode_key_bytes(&view, values.drain(..), field, limits)?;
+        let slot = match index.entry(encoded) {
+            Entry::Occupied(entry) => *entry.get(),
+            Entry::Vacant(entry) => {
+                read.keys.push(key_text_of(&view, entry.key(), field, limits)?);
+                *entry.insert(read.keys.len() - 1)
+            }
+        };
         read.slot_of.push(slot);
+    }
+    if once {
+        read.slot_of.resize(rows, 0);
     }
     Ok(())
 }

@@ -108,6 +108,11 @@ impl Admission {
         self.draining.store(true, Ordering::SeqCst);
     }
 
+    /// Whether [`Admission::drain`] was called.
+    pub fn is_draining(&self) -> bool {
+        self.draining.load(Ordering::SeqCst)
+    }
+
     /// Requests being served now.
     pub fn in_flight(&self) -> usize {
         self.max_in_flight - self.in_flight.available_permits()

@@ -101,6 +101,7 @@ pub async fn get_vectors(addr: &str, read: VectorsArgs, as_json: bool) -> Result
         feature_service: read.service.unwrap_or_default(),
         entities,
         full_feature_names: read.full_names,
+        grouped: false,
     };
     let response = client.get_feature_vectors(request).await.map_err(status_line)?.into_inner();
     let key_of = |row: usize| -> Vec<(String, String)> {

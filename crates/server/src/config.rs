@@ -180,6 +180,8 @@ impl Default for StampedeSection {
 pub struct ServerSection {
     pub grpc_addr: String,
     pub metrics_addr: String,
+    /// Feast's HTTP API (`feast serve`'s endpoints); empty: not served.
+    pub feast_http_addr: String,
     /// The budget of a request whose client sent no `grpc-timeout`.
     #[serde(with = "humantime_serde")]
     pub default_deadline: Duration,
@@ -275,6 +277,7 @@ impl Default for ServerSection {
         ServerSection {
             grpc_addr: "127.0.0.1:50051".into(),
             metrics_addr: "127.0.0.1:9090".into(),
+            feast_http_addr: "127.0.0.1:6566".into(),
             default_deadline: Duration::from_secs(1),
             max_deadline: Duration::from_secs(30),
             max_in_flight: 256,
@@ -390,6 +393,7 @@ pub struct Config {
     pub max_response_bytes: usize,
     pub grpc_addr: SocketAddr,
     pub metrics_addr: SocketAddr,
+    pub feast_http_addr: Option<SocketAddr>,
     pub deadlines: Deadlines,
     pub max_in_flight: usize,
     pub drain_timeout: Duration,
@@ -450,6 +454,7 @@ impl FileConfig {
         let ServerSection {
             grpc_addr,
             metrics_addr,
+            feast_http_addr,
             default_deadline,
             max_deadline,
             max_in_flight,
@@ -464,6 +469,13 @@ impl FileConfig {
             grpc_addr.parse().with_context(|| format!("server.grpc_addr: {grpc_addr:?} is not an address"))?;
         let metrics_addr =
             metrics_addr.parse().with_context(|| format!("server.metrics_addr: {metrics_addr:?} is not an address"))?;
+        let feast_http_addr = match feast_http_addr.trim() {
+            "" => None,
+            addr => Some(
+                addr.parse()
+                    .with_context(|| format!("server.feast_http_addr: {feast_http_addr:?} is not an address"))?,
+            ),
+        };
 
         for (name, value) in [
             ("server.default_deadline", default_deadline),
@@ -645,6 +657,7 @@ impl FileConfig {
         Ok(Config {
             grpc_addr,
             metrics_addr,
+            feast_http_addr,
             deadlines: Deadlines { default: default_deadline, max: max_deadline },
             max_in_flight,
             drain_timeout,

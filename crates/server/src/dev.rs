@@ -51,6 +51,9 @@ async fn serve_on(stack: &mut Stack, file: &mut FileConfig, options: &DevOptions
     let server = RunningServer::start(config).await?;
     stack.add_service("grpc", server.grpc_addr().to_string())?;
     stack.add_service("metrics", format!("http://{}/metrics", server.metrics_addr()))?;
+    if let Some(feast) = server.feast_http_addr() {
+        stack.add_service("feast-http", format!("http://{feast}"))?;
+    }
 
     if let Some(view) = registry.get("user_features") {
         let started = Instant::now();
@@ -76,6 +79,9 @@ async fn serve_on(stack: &mut Stack, file: &mut FileConfig, options: &DevOptions
     println!();
     println!("Strata is serving gRPC on {}", server.grpc_addr());
     println!("metrics:      http://{}/metrics", server.metrics_addr());
+    if let Some(feast) = server.feast_http_addr() {
+        println!("Feast's HTTP API: http://{feast} (online_store: {{type: remote, path: http://{feast}}})");
+    }
     println!("stack:        {}", stack.description_path().display());
     println!();
     println!("try:");

@@ -464,7 +464,7 @@ fn parse_join_key(cell: &str, ty: KeyType) -> Result<OwnedKeyValue, String> {
     })
 }
 
-fn json_join_key(value: serde_json::Value, ty: KeyType) -> Result<OwnedKeyValue, String> {
+pub(crate) fn json_join_key(value: serde_json::Value, ty: KeyType) -> Result<OwnedKeyValue, String> {
     use serde_json::Value as J;
     match (ty, value) {
         (KeyType::Int64, J::Number(n)) => {
@@ -679,7 +679,7 @@ fn parse_cell(cell: &str, ty: FeatureType) -> Result<Value, String> {
     })
 }
 
-fn json_value(value: serde_json::Value, ty: FeatureType) -> Result<Value, String> {
+pub(crate) fn json_value(value: serde_json::Value, ty: FeatureType) -> Result<Value, String> {
     use serde_json::Value as J;
     let bad = |v: &J| format!("{v} is not a valid {ty}");
     Ok(match (ty, value) {

@@ -41,6 +41,7 @@ const MIGRATE_RETRY: Duration = Duration::from_secs(2);
 pub struct RunningServer {
     grpc_addr: SocketAddr,
     metrics_addr: SocketAddr,
+    feast_http_addr: Option<SocketAddr>,
     tiers: Tiers,
     invalidations: InvalidationListener,
     health: HealthReporter,
@@ -50,6 +51,7 @@ pub struct RunningServer {
     stop: watch::Sender<bool>,
     grpc: JoinHandle<Result<(), tonic::transport::Error>>,
     metrics: JoinHandle<std::io::Result<()>>,
+    feast: Option<JoinHandle<std::io::Result<()>>>,
 }
 
 impl RunningServer {
@@ -101,13 +103,13 @@ impl RunningServer {
         // rate limit, or over the in-flight cap (load shedding: no queue
         // builds up in front of a busy server).
         let admission = Admission::new(config.max_in_flight, &config.rate_limits);
-        let service = FeatureStoreService::new(
+        let service = Arc::new(FeatureStoreService::new(
             config.registry.clone(),
             config.limits.clone(),
             config.max_response_bytes,
             config.deadlines,
             tiers.clone(),
-        );
+        ));
 
         let transport = config.transport;
         let (grpc_addr, incoming) = crate::listener::bind(config.grpc_addr, transport.max_connections)
@@ -117,6 +119,15 @@ impl RunningServer {
             .await
             .with_context(|| format!("cannot listen for metrics on {}", config.metrics_addr))?;
         let metrics_addr = metrics_listener.local_addr()?;
+        let feast_listener = match config.feast_http_addr {
+            Some(addr) => Some(
+                tokio::net::TcpListener::bind(addr)
+                    .await
+                    .with_context(|| format!("cannot listen for Feast's HTTP API on {addr}"))?,
+            ),
+            None => None,
+        };
+        let feast_http_addr = feast_listener.as_ref().map(|l| l.local_addr()).transpose()?;
 
         let (stop, stopped) = watch::channel(false);
         let signal = |mut rx: watch::Receiver<bool>| async move {
@@ -149,15 +160,27 @@ impl RunningServer {
             // grpcurl 1.8 speaks reflection v1alpha; newer tools speak v1.
             .add_service(reflection().build_v1alpha()?)
             .add_service(reflection().build_v1()?)
-            .add_service(FeatureStoreServer::new(service).max_decoding_message_size(config.max_request_bytes));
+            .add_service(
+                FeatureStoreServer::from_arc(service.clone()).max_decoding_message_size(config.max_request_bytes),
+            );
         let grpc = tokio::spawn(router.serve_with_incoming_shutdown(incoming, signal(stopped.clone())));
+        let feast = feast_listener.map(|listener| {
+            let api = Arc::new(crate::feast::FeastApi {
+                service,
+                registry: config.registry.clone(),
+                admission: admission.clone(),
+            });
+            let app = crate::feast::router(api, config.max_request_bytes);
+            tokio::spawn(axum::serve(listener, app).with_graceful_shutdown(signal(stopped.clone())).into_future())
+        });
         let metrics = tokio::spawn(metrics::serve(metrics_listener, signal(stopped)));
         health.set_service_status("", ServingStatus::Serving).await;
         let monitor = tokio::spawn(monitor(tiers.clone(), health.clone(), admission.clone()));
-        tracing::info!(%grpc_addr, %metrics_addr, views = config.registry.views().len(), shards = config.shards.len(), "serving");
+        tracing::info!(%grpc_addr, %metrics_addr, feast_http_addr = ?feast_http_addr, views = config.registry.views().len(), shards = config.shards.len(), "serving");
         Ok(RunningServer {
             grpc_addr,
             metrics_addr,
+            feast_http_addr,
             tiers,
             invalidations,
             health,
@@ -167,6 +190,7 @@ impl RunningServer {
             stop,
             grpc,
             metrics,
+            feast,
         })
     }
 
@@ -176,6 +200,12 @@ impl RunningServer {
 
     pub fn metrics_addr(&self) -> SocketAddr {
         self.metrics_addr
+    }
+
+    /// Where Feast's HTTP API is served, unless `server.feast_http_addr`
+    /// is empty.
+    pub fn feast_http_addr(&self) -> Option<SocketAddr> {
+        self.feast_http_addr
     }
 
     /// The server's tiers, for tools running in the same process (the demo
@@ -222,6 +252,12 @@ impl RunningServer {
                     "in-flight requests did not finish within the drain timeout"
                 );
                 grpc.abort();
+            }
+        }
+        // Feast calls in flight end within what is left of the drain time.
+        if let Some(mut feast) = self.feast {
+            if tokio::time::timeout_at(deadline, &mut feast).await.is_err() {
+                feast.abort();
             }
         }
         // Closing connections is quick, but never worth overrunning the

@@ -9,8 +9,8 @@ use std::time::{Duration, SystemTime};
 use strata_core::{EventTime, Registry, Value};
 use strata_proto::v1::feature_store_server::FeatureStore;
 use strata_proto::{
-    InvalidRequest, Limits, delete_request, entity_to_wire, event_time_to_wire, read_request, service_to_wire, v1,
-    value_to_wire, vectors_request, view_to_wire, write_request,
+    FeatureWrite, InvalidRequest, Limits, delete_request, entity_to_wire, event_time_to_wire, read_request,
+    service_to_wire, v1, value_to_wire, vectors_request, view_to_wire, write_request,
 };
 use strata_shard_router::UpsertOutcome;
 use tokio::time::Instant;
@@ -76,6 +76,54 @@ impl FeatureStoreService {
         let asked = request.metadata().get("grpc-timeout").and_then(|v| v.to_str().ok()).and_then(parse_grpc_timeout);
         let budget = asked.unwrap_or(self.deadlines.default).min(self.deadlines.max);
         now + budget - reserve(budget)
+    }
+
+    /// The deadline of a call that came without a budget of its own (the
+    /// Feast HTTP API's): the default budget from now, less the reserve.
+    pub(crate) fn default_deadline(&self) -> Instant {
+        let budget = self.deadlines.default;
+        Instant::now() + budget - reserve(budget)
+    }
+
+    /// The longest deadline a client may ask for, from now: for writes
+    /// from a client that sends no budget and would rather wait than fail
+    /// (a Feast materialization job).
+    pub(crate) fn longest_deadline(&self) -> Instant {
+        let budget = self.deadlines.max;
+        Instant::now() + budget - reserve(budget)
+    }
+
+    /// Rows per write call at most (`limits.max_rows_per_write`).
+    pub(crate) fn max_rows_per_write(&self) -> usize {
+        self.limits.max_rows_per_write
+    }
+
+    /// GetFeatureVectors, for every front end.
+    pub(crate) async fn vectors(
+        &self,
+        request: v1::GetFeatureVectorsRequest,
+        deadline: Instant,
+    ) -> Result<v1::GetFeatureVectorsResponse, ServiceError> {
+        let read = vectors_request(request, &self.registry, &self.limits)?;
+        crate::vectors::feature_vectors(&self.tiers, read, self.max_response_bytes, deadline).await
+    }
+
+    /// Validates a write without running it, so a front end can check every
+    /// part of a large write before it stores any.
+    pub(crate) fn check_write(&self, request: v1::WriteFeaturesRequest) -> Result<FeatureWrite, ServiceError> {
+        Ok(write_request(request, &self.registry, &self.limits)?)
+    }
+
+    /// Runs a validated write: per-row results, or an error if no row could
+    /// be stored.
+    pub(crate) async fn write(
+        &self,
+        write: FeatureWrite,
+        deadline: Instant,
+    ) -> Result<v1::WriteFeaturesResponse, ServiceError> {
+        let outcome = self.tiers.write(&write.view, &write.rows, deadline).await;
+        let requested = write.requested.iter().map(|&(at, kept)| (write.rows[at].0.as_str(), kept));
+        write_response(&write.view.name, "write", &outcome, requested)
     }
 }
 
@@ -241,10 +289,8 @@ impl FeatureStore for FeatureStoreService {
         request: Request<v1::WriteFeaturesRequest>,
     ) -> Result<Response<v1::WriteFeaturesResponse>, Status> {
         let deadline = self.deadline(&request);
-        let write = write_request(request.into_inner(), &self.registry, &self.limits).map_err(ServiceError::from)?;
-        let outcome = self.tiers.write(&write.view, &write.rows, deadline).await;
-        let requested = write.requested.iter().map(|&(at, kept)| (write.rows[at].0.as_str(), kept));
-        Ok(Response::new(write_response(&write.view.name, "write", &outcome, requested)?))
+        let write = self.check_write(request.into_inner())?;
+        Ok(Response::new(self.write(write, deadline).await?))
     }
 
     async fn delete_features(
@@ -274,9 +320,7 @@ impl FeatureStore for FeatureStoreService {
         request: Request<v1::GetFeatureVectorsRequest>,
     ) -> Result<Response<v1::GetFeatureVectorsResponse>, Status> {
         let deadline = self.deadline(&request);
-        let read = vectors_request(request.into_inner(), &self.registry, &self.limits).map_err(ServiceError::from)?;
-        let answer = crate::vectors::feature_vectors(&self.tiers, read, self.max_response_bytes, deadline).await?;
-        Ok(Response::new(answer))
+        Ok(Response::new(self.vectors(request.into_inner(), deadline).await?))
     }
 }
 

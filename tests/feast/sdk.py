@@ -1,0 +1,106 @@
+"""Drives Feast's own SDK (the pinned feast package) for tests/feast.rs.
+
+usage: sdk.py REPO STEPS
+
+STEPS is a JSON list of steps, each {"cmd": COMMAND, ...}; the script runs
+them in order with one FeatureStore (importing feast takes seconds) and
+prints a JSON list of their results:
+  seed         {"files": {NAME: rows}}: writes REPO/data/NAME.parquet
+  read         {"features": [...] | "service": NAME, "entities": {...}, "full": bool}:
+               get_online_features(): {"dict": to_dict(), "statuses": {name: [status, ...]}}
+  write        {"view": NAME, "rows": {...}}: write_to_online_store
+  push         {"source": NAME, "rows": {...}}: push to the online store
+  materialize  {"start": ISO, "end": ISO}: materialize every view
+  post         {"path": "/push", "body": ...}: a raw POST to the online store; its status and body
+
+Rows are column-wise; "event_timestamp" columns are ISO 8601 in UTC.
+A step that raises gives {"error": CLASS, "message": TEXT} and the next
+steps still run, so the test can check which exception the SDK raised.
+"""
+
+import base64
+import json
+import sys
+from datetime import datetime
+
+import pandas as pd
+from feast import FeatureStore
+from feast.protos.feast.serving.ServingService_pb2 import FieldStatus
+
+
+def frame(rows):
+    df = pd.DataFrame(rows)
+    for column in ("event_timestamp", "created"):
+        if column in df:
+            df[column] = pd.to_datetime(df[column], utc=True)
+    if "raw" in df:
+        df["raw"] = [None if v is None else base64.b64decode(v) for v in df["raw"]]
+    return df
+
+
+def plain(value):
+    """A to_dict() value as JSON: bytes in base64, floats as they are."""
+    if isinstance(value, bytes):
+        return base64.b64encode(value).decode()
+    if isinstance(value, list):
+        return [plain(v) for v in value]
+    if isinstance(value, dict):
+        return {k: plain(v) for k, v in value.items()}
+    if hasattr(value, "tolist"):
+        return plain(value.tolist())
+    return value
+
+
+def step(store, repo, arg):
+    command = arg["cmd"]
+    if command == "seed":
+        for name, rows in arg["files"].items():
+            frame(rows).to_parquet(f"{repo}/data/{name}.parquet")
+        return {"ok": True}
+    if command == "read":
+        features = store.get_feature_service(arg["service"]) if arg.get("service") else arg["features"]
+        response = store.get_online_features(
+            features=features, entity_rows=arg["entities"], full_feature_names=arg.get("full", False))
+        names = list(response.proto.metadata.feature_names.val)
+        statuses = {
+            name: [FieldStatus.Name(s) for s in result.statuses]
+            for name, result in zip(names, response.proto.results)
+        }
+        return {"dict": plain(response.to_dict()), "statuses": statuses}
+    if command == "write":
+        store.write_to_online_store(feature_view_name=arg["view"], df=frame(arg["rows"]))
+        return {"ok": True}
+    if command == "push":
+        store.push(arg["source"], frame(arg["rows"]))
+        return {"ok": True}
+    if command == "materialize":
+        store.materialize(start_date=datetime.fromisoformat(arg["start"]),
+                          end_date=datetime.fromisoformat(arg["end"]))
+        return {"ok": True}
+    if command == "post":
+        import requests
+        body = arg["body"] if isinstance(arg["body"], str) else json.dumps(arg["body"])
+        response = requests.post(store.config.online_store.path + arg["path"], data=body,
+                                 headers=arg.get("headers", {}))
+        try:
+            answer = response.json()
+        except ValueError:
+            answer = response.text
+        return {"status": response.status_code, "body": answer}
+    raise SystemExit(f"unknown command {command}")
+
+
+def main():
+    repo, steps = sys.argv[1], json.loads(sys.argv[2])
+    store = FeatureStore(repo_path=repo)
+    results = []
+    for arg in steps:
+        try:
+            results.append(step(store, repo, arg))
+        except Exception as e:  # the SDK's own exception is what the test checks
+            results.append({"error": type(e).__name__, "message": str(e)})
+    print(json.dumps(results))
+
+
+if __name__ == "__main__":
+    main()
