@@ -97,6 +97,8 @@ name = "fe_driver"
 entity = "fe_driver"
 l1_ttl = "5m"
 l2_ttl = "10m"
+# Feast's TTL for the view (tests/feast/repo/features.py).
+max_age = "3650days"
 push_sources = ["fe_driver_push"]
 features = [
   { name = "conv_rate", type = "double" },

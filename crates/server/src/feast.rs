@@ -15,6 +15,7 @@ use std::time::Instant as StdInstant;
 
 use axum::Router;
 use axum::body::Bytes;
+use axum::extract::rejection::BytesRejection;
 use axum::extract::{DefaultBodyLimit, State};
 use axum::http::{HeaderMap, StatusCode, header};
 use axum::response::{IntoResponse, Response};
@@ -46,6 +47,8 @@ pub(crate) fn router(api: Arc<FeastApi>, max_request_bytes: usize) -> Router {
         .route("/write-to-online-store", post(write_to_online_store))
         .route("/push", post(push))
         .route("/health", get(health))
+        .route("/materialize", post(materialize))
+        .route("/materialize-incremental", post(materialize))
         .layer(DefaultBodyLimit::max(max_request_bytes))
         .with_state(api)
 }
@@ -59,6 +62,10 @@ pub(crate) enum FeastError {
     Refused(Refusal, String),
     /// No view takes pushes from this source (the name is cut short).
     PushSourceNotFound(String),
+    /// The body could not be read: too large (413), or cut off.
+    BodyUnreadable(StatusCode, String),
+    /// An endpoint of Feast's server that Strata does not serve.
+    Unsupported(&'static str),
     /// Some rows of a write were not stored; the rest were.
     PartlyWritten {
         failed: u64,
@@ -119,8 +126,13 @@ impl FeastError {
             FeastError::PushSourceNotFound(name) => (
                 StatusCode::UNPROCESSABLE_ENTITY,
                 "PushSourceNotFoundException",
-                format!("Unable to find push source '{name}' (no view lists it in push_sources)."),
+                format!("Unable to find push source {name} (no view lists it in push_sources)."),
             ),
+            FeastError::BodyUnreadable(code, message) => {
+                let limit = if *code == StatusCode::PAYLOAD_TOO_LARGE { " (limits.max_request_bytes)" } else { "" };
+                (*code, "FeastError", format!("the request body cannot be read: {message}{limit}"))
+            }
+            FeastError::Unsupported(message) => (StatusCode::NOT_IMPLEMENTED, "FeastError", (*message).to_owned()),
             // The SDK retries 503; rows already written are skipped then.
             FeastError::PartlyWritten { failed, total, errors } => (
                 StatusCode::SERVICE_UNAVAILABLE,
@@ -162,6 +174,16 @@ where
     response
 }
 
+/// A request body, or why it could not be read (over the size limit, say),
+/// which is answered in Feast's error shape like every other error.
+type Body = Result<Bytes, BytesRejection>;
+
+impl From<BytesRejection> for FeastError {
+    fn from(e: BytesRejection) -> FeastError {
+        FeastError::BodyUnreadable(e.status(), e.body_text())
+    }
+}
+
 /// Parses a JSON body whatever its Content-Type (Feast's SDKs up to 0.60
 /// sent none), naming what is wrong without echoing it.
 fn parse_body<T: serde::de::DeserializeOwned>(body: &[u8]) -> Result<T, FeastError> {
@@ -169,6 +191,18 @@ fn parse_body<T: serde::de::DeserializeOwned>(body: &[u8]) -> Result<T, FeastErr
         // serde_json's messages name the field and position, not the input.
         FeastError::BadRequest(format!("the request body is not a valid request: {}", echo(&e.to_string())))
     })
+}
+
+/// Feast 0.67's `store.materialize()` hands a remote online store's
+/// materialization to the server, which would read the offline store.
+/// Strata does not; it says what works instead.
+async fn materialize() -> Response {
+    FeastError::Unsupported(
+        "Strata does not read Feast's offline store, so it cannot run /materialize: run Feast's materialization \
+         engine where the offline store is reachable (see README, Coming from Feast); its batches reach Strata \
+         through /write-to-online-store",
+    )
+    .into_response()
 }
 
 async fn health(State(api): State<Arc<FeastApi>>) -> StatusCode {
@@ -220,8 +254,8 @@ struct OnlineFeaturesRequest {
     _include_versions: bool,
 }
 
-async fn get_online_features(State(api): State<Arc<FeastApi>>, headers: HeaderMap, body: Bytes) -> Response {
-    admitted(&api, "/get-online-features", &headers, read(&api, &body)).await
+async fn get_online_features(State(api): State<Arc<FeastApi>>, headers: HeaderMap, body: Body) -> Response {
+    admitted(&api, "/get-online-features", &headers, async { read(&api, &body?).await }).await
 }
 
 async fn read(api: &FeastApi, body: &[u8]) -> Answer {
@@ -397,9 +431,9 @@ fn online() -> String {
     "online".into()
 }
 
-async fn write_to_online_store(State(api): State<Arc<FeastApi>>, headers: HeaderMap, body: Bytes) -> Response {
+async fn write_to_online_store(State(api): State<Arc<FeastApi>>, headers: HeaderMap, body: Body) -> Response {
     admitted(&api, "/write-to-online-store", &headers, async {
-        let request: WriteRequest = parse_body(&body)?;
+        let request: WriteRequest = parse_body(&body?)?;
         let view = api.registry.get(&request.feature_view_name).ok_or_else(|| {
             FeastError::from(InvalidRequest::UnknownView {
                 name: echo(&request.feature_view_name),
@@ -413,9 +447,9 @@ async fn write_to_online_store(State(api): State<Arc<FeastApi>>, headers: Header
     .await
 }
 
-async fn push(State(api): State<Arc<FeastApi>>, headers: HeaderMap, body: Bytes) -> Response {
+async fn push(State(api): State<Arc<FeastApi>>, headers: HeaderMap, body: Body) -> Response {
     admitted(&api, "/push", &headers, async {
-        let request: PushRequest = parse_body(&body)?;
+        let request: PushRequest = parse_body(&body?)?;
         if request.to != "online" {
             return Err(FeastError::BadRequest(format!(
                 "to is {}: Strata is an online store and takes pushes \"online\" only; push to the offline store with Feast",

@@ -1,0 +1,455 @@
+//! Feast's own SDK (feast 0.67.0, installed by `scripts/install-deps` into
+//! `.feast-venv`) against Strata's Feast HTTP API on the real stack: reads
+//! by feature list and by feature service that give what Feast's own Redis
+//! online store gives for the same repo and data, materialization, writes
+//! and pushes read back through Strata's own API, and bad input answered in
+//! Feast's error shape with nothing stored.
+//!
+//! The Feast repo is `tests/feast/repo`; `tests/feast/sdk.py` runs the SDK
+//! calls of a test in one Python process and prints their results.
+
+use std::path::PathBuf;
+use std::time::{Duration, SystemTime};
+
+use anyhow::{Context, Result, ensure};
+use serde_json::{Value as Json, json};
+use strata_proto::v1::{self, value::Kind};
+use strata_tests::wire::v;
+use strata_tests::{Env, client, integration_tests, repo_root};
+
+integration_tests!(
+    the_feast_sdk_reads_by_list_and_by_service_what_feasts_own_redis_store_returns,
+    the_feast_sdk_writes_and_pushes_through_strata_and_strata_serves_them,
+    bad_input_through_the_feast_api_gets_feasts_error_shape_and_stores_nothing,
+);
+
+/// The pinned Feast SDK's Python.
+fn feast_python() -> Result<PathBuf> {
+    let python = repo_root().join(".feast-venv/bin/python");
+    ensure!(python.is_file(), "{} not found: scripts/install-deps installs the Feast SDK", python.display());
+    Ok(python)
+}
+
+/// A Feast repo (tests/feast/repo) in a folder of its own, applied.
+struct FeastRepo {
+    dir: tempfile::TempDir,
+}
+
+impl FeastRepo {
+    /// `online_store` is the YAML of feature_store.yaml's online_store.
+    async fn apply(online_store: &str) -> Result<FeastRepo> {
+        let dir = tempfile::tempdir()?;
+        std::fs::create_dir(dir.path().join("data"))?;
+        std::fs::copy(repo_root().join("tests/feast/repo/features.py"), dir.path().join("features.py"))?;
+        std::fs::write(
+            dir.path().join("feature_store.yaml"),
+            format!(
+                "project: strata_test\nregistry: data/registry.db\nprovider: local\nonline_store:\n{online_store}\n\
+                 offline_store:\n  type: file\nentity_key_serialization_version: 3\n"
+            ),
+        )?;
+        let feast = feast_python()?.with_file_name("feast");
+        let out = tokio::process::Command::new(feast)
+            .arg("-c")
+            .arg(dir.path())
+            .arg("apply")
+            .output()
+            .await
+            .context("feast apply")?;
+        ensure!(out.status.success(), "feast apply failed: {}", String::from_utf8_lossy(&out.stderr));
+        Ok(FeastRepo { dir })
+    }
+
+    /// A repo whose online store is Strata's Feast API at `addr`.
+    async fn on_strata(addr: std::net::SocketAddr) -> Result<FeastRepo> {
+        FeastRepo::apply(&format!("  type: remote\n  path: http://{addr}")).await
+    }
+
+    /// Runs SDK steps (see tests/feast/sdk.py) in one process.
+    async fn run(&self, steps: Json) -> Result<Vec<Json>> {
+        let out = tokio::process::Command::new(feast_python()?)
+            .arg(repo_root().join("tests/feast/sdk.py"))
+            .arg(self.dir.path())
+            .arg(steps.to_string())
+            .output()
+            .await
+            .context("python")?;
+        ensure!(out.status.success(), "sdk.py failed: {}", String::from_utf8_lossy(&out.stderr));
+        let results: Vec<Json> = serde_json::from_slice(&out.stdout)
+            .with_context(|| format!("sdk.py printed {}", String::from_utf8_lossy(&out.stdout)))?;
+        Ok(results)
+    }
+}
+
+/// `seconds` ago as naive UTC ISO 8601, as Feast's data frames carry times.
+fn ago(seconds: u64) -> String {
+    let at = SystemTime::now() - Duration::from_secs(seconds);
+    let unix = at.duration_since(SystemTime::UNIX_EPOCH).map(|d| d.as_secs() as i64).unwrap_or_default();
+    chrono::DateTime::from_timestamp(unix, 0).unwrap_or_default().format("%Y-%m-%dT%H:%M:%S").to_string()
+}
+
+fn ok(result: &Json, what: &str) -> Result<()> {
+    ensure!(result.get("ok") == Some(&Json::Bool(true)), "{what}: {result}");
+    Ok(())
+}
+
+/// Drivers 1-3 (3's row is older than the view's TTL, with a null name),
+/// customers a and b, pairs (1, a) and (2, b). No empty lists: Feast 0.67's
+/// remote client cannot type an empty list it reads back.
+fn seed_files() -> Json {
+    json!({
+        "driver": {
+            "driver_id": [1, 2, 3],
+            "event_timestamp": [ago(3_600), ago(7_200), "2014-01-01T00:00:00"],
+            "conv_rate": [0.5, 0.25, 0.1], "trips": [10, 20, 30], "name": ["ann", "bob", null],
+            "active": [true, false, true], "raw": [null, null, null],
+            "emb": [[0.1, 0.2], [1.5], [2.5, -1.0]], "ids": [[1, 2], [3], [4]]
+        },
+        "customer": {
+            "customer_id": ["a", "b"], "event_timestamp": [ago(3_600), ago(3_600)],
+            "tier": ["gold", "silver"], "spend": [10.5, 3.25]
+        },
+        "pair": {
+            "driver_id": [1, 2], "customer_id": ["a", "b"], "event_timestamp": [ago(3_600), ago(3_600)],
+            "orders": [7, 8]
+        }
+    })
+}
+
+const ALL_FEATURES: [&str; 9] = [
+    "fe_driver:conv_rate",
+    "fe_driver:trips",
+    "fe_driver:name",
+    "fe_driver:active",
+    "fe_driver:raw",
+    "fe_driver:emb",
+    "fe_driver:ids",
+    "fe_customer:tier",
+    "fe_pair:orders",
+];
+
+async fn the_feast_sdk_reads_by_list_and_by_service_what_feasts_own_redis_store_returns(
+    env: &'static Env,
+) -> Result<()> {
+    let server = env.server().await?;
+    let feast_addr = server.feast_http_addr().context("the Feast API is served")?;
+    let strata = FeastRepo::on_strata(feast_addr).await?;
+    // Feast's own Redis online store, on the test stack's Redis Cluster
+    // (its keys do not meet Strata's).
+    let redis = FeastRepo::apply(&format!(
+        "  type: redis\n  redis_type: redis_cluster\n  connection_string: \"{}\"",
+        env.redis_nodes().join(",")
+    ))
+    .await?;
+    let window =
+        json!({"cmd": "materialize", "start": "2010-01-01T00:00:00+00:00", "end": format!("{}+00:00", ago(0))});
+    let by_list = json!({
+        "cmd": "read", "features": ALL_FEATURES,
+        "entities": {"driver_id": [1, 2, 3, 99], "customer_id": ["a", "b", "a", "zzz"]}
+    });
+    let by_service = json!({
+        "cmd": "read", "service": "fe_ranker", "full": true,
+        "entities": {"driver_id": [1, 2], "customer_id": ["a", "a"]}
+    });
+    let unknown = json!({"cmd": "read", "features": ["nope:x"], "entities": {"driver_id": [1]}});
+    let steps = json!([{"cmd": "seed", "files": seed_files()}, window, by_list, by_service, unknown]);
+    let (ours, theirs) = tokio::try_join!(strata.run(steps.clone()), redis.run(steps))?;
+    for (i, what) in [(0, "seed"), (1, "materialize")] {
+        ok(&ours[i], &format!("{what} into Strata"))?;
+        ok(&theirs[i], &format!("{what} into Feast's Redis store"))?;
+    }
+
+    // Value for value, missing keys and the row past its TTL included.
+    for (i, what) in [(2, "by feature list"), (3, "by feature service")] {
+        ensure!(
+            ours[i]["dict"] == theirs[i]["dict"],
+            "{what}: Strata answered {}\nFeast's Redis store {}",
+            ours[i]["dict"],
+            theirs[i]["dict"]
+        );
+    }
+    let dict = &ours[2]["dict"];
+    ensure!(dict["trips"] == json!([10, 20, 30, null]), "{dict}");
+    ensure!(
+        dict["emb"][0] == json!([0.10000000149011612, 0.20000000298023224]),
+        "float32 widened as Feast does: {dict}"
+    );
+    ensure!(ours[3]["dict"]["fe_pair__orders"] == json!([7, null]), "{}", ours[3]["dict"]);
+
+    // Statuses: Strata's are what happened. (Feast's own store says PRESENT
+    // for every cell here, missing rows and the expired one included.)
+    let statuses = &ours[2]["statuses"];
+    let want = json!({
+        "driver_id": ["PRESENT", "PRESENT", "PRESENT", "PRESENT"],
+        "conv_rate": ["PRESENT", "PRESENT", "OUTSIDE_MAX_AGE", "NOT_FOUND"],
+        "raw": ["NULL_VALUE", "NULL_VALUE", "OUTSIDE_MAX_AGE", "NOT_FOUND"],
+        "tier": ["PRESENT", "PRESENT", "PRESENT", "NOT_FOUND"],
+        "orders": ["PRESENT", "PRESENT", "NOT_FOUND", "NOT_FOUND"],
+    });
+    for (name, want) in want.as_object().context("object")? {
+        ensure!(statuses[name] == *want, "{name}: {} (want {want})", statuses[name]);
+    }
+    ensure!(
+        ours[4]["error"] == "FeatureViewNotFoundException",
+        "an unknown view raises Feast's own exception: {}",
+        ours[4]
+    );
+
+    // The materialized rows are Strata's: its own API serves them.
+    let mut c = client(&server).await?;
+    let request = v1::GetFeatureVectorsRequest {
+        features: vec!["fe_driver:trips".into(), "fe_pair:orders".into()],
+        entities: [
+            ("driver_id".to_owned(), v1::JoinKeyColumn { values: vec![v(Kind::Int64Value(1))] }),
+            ("customer_id".to_owned(), v1::JoinKeyColumn { values: vec![v(Kind::StringValue("a".into()))] }),
+        ]
+        .into(),
+        ..Default::default()
+    };
+    let answer = c.get_feature_vectors(request).await?.into_inner();
+    ensure!(answer.vectors[0].values == [v(Kind::Int64Value(10)), v(Kind::Int64Value(7))], "{answer:?}");
+    server.shutdown().await;
+    Ok(())
+}
+
+async fn the_feast_sdk_writes_and_pushes_through_strata_and_strata_serves_them(env: &'static Env) -> Result<()> {
+    let server = env.server().await?;
+    let strata = FeastRepo::on_strata(server.feast_http_addr().context("Feast API")?).await?;
+    let driver = |id: i64, trips: i64, at: &str| {
+        json!({
+            "driver_id": [id], "event_timestamp": [at], "conv_rate": [0.75], "trips": [trips],
+            "name": ["p"], "active": [true], "raw": [null], "emb": [[0.5]], "ids": [[9]]
+        })
+    };
+    let (now, earlier) = (ago(60), ago(600));
+    let write_23 = |trips: i64, at: &str| {
+        json!({"cmd": "post", "path": "/write-to-online-store", "body": {
+            "feature_view_name": "fe_driver",
+            "df": {"driver_id": [23], "trips": [trips], "event_timestamp": [at], "created": [null]},
+            "allow_registry_cache": false
+        }})
+    };
+    let steps = json!([
+        {"cmd": "write", "view": "fe_customer", "rows": {
+            "customer_id": ["w1", "w2"], "event_timestamp": [now, now], "tier": ["gold", "silver"], "spend": [1.0, 2.0]
+        }},
+        // The SDK's push resolves the push source in its own registry and
+        // writes fe_driver through the remote store.
+        {"cmd": "push", "source": "fe_driver_push", "rows": driver(21, 5, &now)},
+        // /push itself, as a client without the SDK calls it; bytes in base64.
+        {"cmd": "post", "path": "/push", "body": {
+            "push_source_name": "fe_driver_push", "to": "online",
+            "df": {"driver_id": [22], "trips": [6], "raw": ["AP8="], "event_timestamp": [now]}
+        }},
+        // The SDK retries writes: the same write twice is one write, and an
+        // older one changes nothing.
+        write_23(1, &now),
+        write_23(1, &now),
+        write_23(999, &earlier),
+        {"cmd": "read", "features": ["fe_driver:trips", "fe_driver:raw", "fe_driver:name", "fe_customer:tier"],
+         "entities": {"driver_id": [21, 22, 23], "customer_id": ["w1", "w2", "w1"]}},
+    ]);
+    let results = strata.run(steps).await?;
+    ok(&results[0], "write_to_online_store")?;
+    ok(&results[1], "push")?;
+    for (i, what) in [(2, "/push"), (3, "a write"), (4, "the same write again"), (5, "an older write")] {
+        ensure!(results[i]["status"] == 200, "{what}: {}", results[i]);
+    }
+    let dict = &results[6]["dict"];
+    ensure!(dict["trips"] == json!([5, 6, 1]), "{dict}");
+    ensure!(dict["raw"] == json!([null, "AP8=", null]), "bytes come back in base64: {dict}");
+    ensure!(dict["name"] == json!(["p", null, null]), "a feature left out of a write is null: {dict}");
+    ensure!(dict["tier"] == json!(["gold", "silver", "gold"]), "{dict}");
+
+    // Strata's own API serves what the SDK wrote.
+    let mut c = client(&server).await?;
+    let ids: Vec<v1::Value> = [21, 22, 23].into_iter().map(|id| v(Kind::Int64Value(id))).collect();
+    let request = v1::GetFeatureVectorsRequest {
+        features: vec!["fe_driver:trips".into(), "fe_driver:emb".into()],
+        entities: [("driver_id".to_owned(), v1::JoinKeyColumn { values: ids })].into(),
+        ..Default::default()
+    };
+    let answer = c.get_feature_vectors(request).await?.into_inner();
+    let trips: Vec<&v1::Value> = answer.vectors.iter().map(|row| &row.values[0]).collect();
+    ensure!(trips == [&v(Kind::Int64Value(5)), &v(Kind::Int64Value(6)), &v(Kind::Int64Value(1))], "{trips:?}");
+    let emb = &answer.vectors[0].values[1];
+    ensure!(*emb == v(Kind::FloatListValue(v1::FloatList { values: vec![0.5] })), "{emb:?}");
+    server.shutdown().await;
+    Ok(())
+}
+
+/// One HTTP/1.1 POST: the status and the body.
+async fn post(addr: std::net::SocketAddr, path: &str, body: &[u8]) -> Result<(u16, String)> {
+    use tokio::io::{AsyncReadExt, AsyncWriteExt};
+    let mut stream = tokio::net::TcpStream::connect(addr).await?;
+    let head = format!(
+        "POST {path} HTTP/1.1\r\nhost: {addr}\r\ncontent-type: application/json\r\ncontent-length: {}\r\nconnection: close\r\n\r\n",
+        body.len()
+    );
+    stream.write_all(head.as_bytes()).await?;
+    // The server may answer (and close) before a refused body is sent whole.
+    let _ = stream.write_all(body).await;
+    let mut answer = Vec::new();
+    stream.read_to_end(&mut answer).await?;
+    let answer = String::from_utf8(answer)?;
+    let (head, body) = answer.split_once("\r\n\r\n").context("an HTTP answer")?;
+    let status = head.split(' ').nth(1).context("status")?.parse()?;
+    Ok((status, body.to_owned()))
+}
+
+/// Feast's error body: a JSON string holding `{module, class, message}`.
+fn feast_error(body: &str) -> Result<(String, String)> {
+    let outer: Json = serde_json::from_str(body).with_context(|| format!("not JSON: {body}"))?;
+    let inner: Json = serde_json::from_str(outer.as_str().with_context(|| format!("not a JSON string: {body}"))?)?;
+    ensure!(inner["module"] == "feast.errors", "{inner}");
+    Ok((inner["class"].as_str().context("class")?.to_owned(), inner["message"].as_str().context("message")?.to_owned()))
+}
+
+async fn bad_input_through_the_feast_api_gets_feasts_error_shape_and_stores_nothing(env: &'static Env) -> Result<()> {
+    let server = env.server().await?;
+    let addr = server.feast_http_addr().context("Feast API")?;
+    let write = |df: Json| json!({"feature_view_name": "fe_driver", "df": df}).to_string();
+    let at = ago(60);
+    let long_name = "v".repeat(100_000);
+    let cases: Vec<(&str, &str, String, u16, &str, &str)> = vec![
+        (
+            "unknown view",
+            "/get-online-features",
+            json!({"entities": {"driver_id": [1]}, "features": [format!("{long_name}:x")]}).to_string(),
+            404,
+            "FeatureViewNotFoundException",
+            "unknown feature_view",
+        ),
+        (
+            "unknown service",
+            "/get-online-features",
+            json!({"entities": {"driver_id": [1]}, "feature_service": "nope"}).to_string(),
+            404,
+            "FeatureServiceNotFoundException",
+            "unknown feature_service \"nope\"",
+        ),
+        (
+            "unknown feature",
+            "/get-online-features",
+            json!({"entities": {"driver_id": [1]}, "features": ["fe_driver:nope"]}).to_string(),
+            422,
+            "FeastError",
+            "has no feature \"nope\"",
+        ),
+        (
+            "a string for an int64 join key",
+            "/get-online-features",
+            json!({"entities": {"driver_id": ["x"]}, "features": ["fe_driver:trips"]}).to_string(),
+            422,
+            "FeastError",
+            "entities[\"driver_id\"][0]",
+        ),
+        ("not JSON", "/get-online-features", "features=all".into(), 422, "FeastError", "not a valid request"),
+        (
+            "a column that is no feature",
+            "/write-to-online-store",
+            write(json!({"driver_id": [31, 32], "trips": [1, 2], "tripz": [1, 2], "event_timestamp": [at, at]})),
+            422,
+            "FeastError",
+            "df has a column \"tripz\"",
+        ),
+        (
+            "a value of the wrong type in the second row",
+            "/write-to-online-store",
+            write(json!({"driver_id": [31, 32], "trips": [1, "two"], "event_timestamp": [at, at]})),
+            422,
+            "FeastError",
+            "df[\"trips\"][1]",
+        ),
+        (
+            "columns of different lengths",
+            "/write-to-online-store",
+            write(json!({"driver_id": [31, 32], "trips": [1], "event_timestamp": [at, at]})),
+            422,
+            "FeastError",
+            "every column must be as long",
+        ),
+        (
+            "no event_timestamp",
+            "/write-to-online-store",
+            write(json!({"driver_id": [31], "trips": [1]})),
+            422,
+            "FeastError",
+            "no event_timestamp",
+        ),
+        (
+            "an unknown view",
+            "/write-to-online-store",
+            json!({"feature_view_name": "nope", "df": {"driver_id": [31]}}).to_string(),
+            404,
+            "FeatureViewNotFoundException",
+            "unknown feature_view \"nope\"",
+        ),
+        (
+            "a push to the offline store",
+            "/push",
+            json!({"push_source_name": "fe_driver_push", "to": "offline", "df": {"driver_id": [31], "trips": [1], "event_timestamp": [at]}}).to_string(),
+            422,
+            "FeastError",
+            "takes pushes \"online\" only",
+        ),
+        (
+            "an unknown push source",
+            "/push",
+            json!({"push_source_name": "nope", "df": {"driver_id": [31], "trips": [1], "event_timestamp": [at]}}).to_string(),
+            422,
+            "PushSourceNotFoundException",
+            "Unable to find push source \"nope\"",
+        ),
+        (
+            "materialize",
+            "/materialize",
+            json!({"start_ts": "2024-01-01T00:00:00", "end_ts": "2024-01-02T00:00:00"}).to_string(),
+            501,
+            "FeastError",
+            "does not read Feast's offline store",
+        ),
+        (
+            "a body over the request limit",
+            "/write-to-online-store",
+            write(json!({"driver_id": [31], "name": ["x".repeat(5 << 20)], "event_timestamp": [at]})),
+            413,
+            "FeastError",
+            "limits.max_request_bytes",
+        ),
+    ];
+    for (what, path, body, status, class, message) in &cases {
+        let (got, answer) = post(addr, path, body.as_bytes()).await?;
+        ensure!(got == *status, "{what}: HTTP {got} (want {status}): {}", &answer[..answer.len().min(300)]);
+        let (got_class, got_message) = feast_error(&answer).with_context(|| format!("{what}"))?;
+        ensure!(got_class == *class, "{what}: class {got_class} (want {class}): {got_message}");
+        ensure!(got_message.contains(message), "{what}: {got_message:?} does not say {message:?}");
+        ensure!(answer.len() < 2_000, "{what}: a {}-byte error echoes the input", answer.len());
+    }
+
+    // Nothing of the refused writes was stored, and the server still serves.
+    let (status, answer) = post(
+        addr,
+        "/get-online-features",
+        json!({"entities": {"driver_id": [31, 32]}, "features": ["fe_driver:trips"]}).to_string().as_bytes(),
+    )
+    .await?;
+    ensure!(status == 200, "{status}: {answer}");
+    let answer: Json = serde_json::from_str(&answer)?;
+    ensure!(answer["results"][1]["statuses"] == json!(["NOT_FOUND", "NOT_FOUND"]), "{answer}");
+    let health = get_status(addr, "/health").await?;
+    ensure!(health == 200, "health answered {health}");
+    server.shutdown().await;
+    Ok(())
+}
+
+/// One HTTP/1.1 GET: the status.
+async fn get_status(addr: std::net::SocketAddr, path: &str) -> Result<u16> {
+    use tokio::io::{AsyncReadExt, AsyncWriteExt};
+    let mut stream = tokio::net::TcpStream::connect(addr).await?;
+    stream.write_all(format!("GET {path} HTTP/1.1\r\nhost: {addr}\r\nconnection: close\r\n\r\n").as_bytes()).await?;
+    let mut answer = Vec::new();
+    stream.read_to_end(&mut answer).await?;
+    let answer = String::from_utf8(answer)?;
+    Ok(answer.split(' ').nth(1).context("status")?.parse()?)
+}
