@@ -421,7 +421,7 @@ async fn bad_input_through_the_feast_api_gets_feasts_error_shape_and_stores_noth
     for (what, path, body, status, class, message) in &cases {
         let (got, answer) = post(addr, path, body.as_bytes()).await?;
         ensure!(got == *status, "{what}: HTTP {got} (want {status}): {}", &answer[..answer.len().min(300)]);
-        let (got_class, got_message) = feast_error(&answer).with_context(|| format!("{what}"))?;
+        let (got_class, got_message) = feast_error(&answer).with_context(|| what.to_string())?;
         ensure!(got_class == *class, "{what}: class {got_class} (want {class}): {got_message}");
         ensure!(got_message.contains(message), "{what}: {got_message:?} does not say {message:?}");
         ensure!(answer.len() < 2_000, "{what}: a {}-byte error echoes the input", answer.len());

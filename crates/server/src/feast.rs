@@ -460,7 +460,7 @@ async fn push(State(api): State<Arc<FeastApi>>, headers: HeaderMap, body: Body) 
             .registry
             .views()
             .iter()
-            .filter(|v| v.push_sources.iter().any(|s| *s == request.push_source_name))
+            .filter(|v| v.push_sources.contains(&request.push_source_name))
             .collect();
         if views.is_empty() {
             return Err(FeastError::PushSourceNotFound(echo(&request.push_source_name)));

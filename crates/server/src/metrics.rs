@@ -88,6 +88,16 @@ pub const METRICS: &[Metric] = &[
         help: "gRPC request duration, by method",
     },
     Metric {
+        name: "strata_feast_http_requests_total",
+        kind: Kind::Counter,
+        help: "Requests to Feast's HTTP API, by endpoint and HTTP status code",
+    },
+    Metric {
+        name: "strata_feast_http_request_duration_seconds",
+        kind: Kind::Histogram,
+        help: "Duration of requests to Feast's HTTP API, by endpoint",
+    },
+    Metric {
         name: "strata_cache_hits_total",
         kind: Kind::Counter,
         help: "Keys found in a cache tier, by tier and view",

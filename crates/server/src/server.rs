@@ -255,10 +255,10 @@ impl RunningServer {
             }
         }
         // Feast calls in flight end within what is left of the drain time.
-        if let Some(mut feast) = self.feast {
-            if tokio::time::timeout_at(deadline, &mut feast).await.is_err() {
-                feast.abort();
-            }
+        if let Some(mut feast) = self.feast
+            && tokio::time::timeout_at(deadline, &mut feast).await.is_err()
+        {
+            feast.abort();
         }
         // Closing connections is quick, but never worth overrunning the
         // drain time by more than a moment.
