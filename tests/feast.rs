@@ -21,6 +21,7 @@ integration_tests!(
     the_feast_sdk_reads_by_list_and_by_service_what_feasts_own_redis_store_returns,
     the_feast_sdk_writes_and_pushes_through_strata_and_strata_serves_them,
     bad_input_through_the_feast_api_gets_feasts_error_shape_and_stores_nothing,
+    feasts_generated_grpc_stubs_read_write_and_push_through_both_feast_services,
 );
 
 /// The pinned Feast SDK's Python.
@@ -248,6 +249,12 @@ async fn the_feast_sdk_writes_and_pushes_through_strata_and_strata_serves_them(e
         write_23(999, &earlier),
         {"cmd": "read", "features": ["fe_driver:trips", "fe_driver:raw", "fe_driver:name", "fe_customer:tier"],
          "entities": {"driver_id": [21, 22, 23], "customer_id": ["w1", "w2", "w1"]}},
+        // Strata's rule that a one-value list applies to every row holds
+        // here too, and the join-key column comes back whole.
+        {"cmd": "post", "path": "/get-online-features", "body": {
+            "features": ["fe_driver:trips", "fe_customer:tier"],
+            "entities": {"driver_id": [21, 22, 23], "customer_id": ["w2"]}
+        }},
     ]);
     let results = strata.run(steps).await?;
     ok(&results[0], "write_to_online_store")?;
@@ -260,6 +267,10 @@ async fn the_feast_sdk_writes_and_pushes_through_strata_and_strata_serves_them(e
     ensure!(dict["raw"] == json!([null, "AP8=", null]), "bytes come back in base64: {dict}");
     ensure!(dict["name"] == json!(["p", null, null]), "a feature left out of a write is null: {dict}");
     ensure!(dict["tier"] == json!(["gold", "silver", "gold"]), "{dict}");
+    // (serde_json writes the entities in name order: customer_id first.)
+    let one_customer = &results[7]["body"];
+    ensure!(one_customer["results"][0]["values"] == json!(["w2", "w2", "w2"]), "{one_customer}");
+    ensure!(one_customer["results"][3]["values"] == json!(["silver", "silver", "silver"]), "{one_customer}");
 
     // Strata's own API serves what the SDK wrote.
     let mut c = client(&server).await?;
@@ -452,4 +463,157 @@ async fn get_status(addr: std::net::SocketAddr, path: &str) -> Result<u16> {
     stream.read_to_end(&mut answer).await?;
     let answer = String::from_utf8(answer)?;
     Ok(answer.split(' ').nth(1).context("status")?.parse()?)
+}
+
+async fn feasts_generated_grpc_stubs_read_write_and_push_through_both_feast_services(env: &'static Env) -> Result<()> {
+    let server = env.server().await?;
+    let strata = FeastRepo::on_strata(server.feast_http_addr().context("Feast API")?).await?;
+    let now = SystemTime::now().duration_since(SystemTime::UNIX_EPOCH)?.as_secs();
+    let call =
+        |service: &str, method: &str, request: Json| json!({"service": service, "method": method, "request": request});
+    let read = |kind: Json, entities: Json| {
+        let mut request = json!({"entities": entities});
+        if let (Some(request), Some(kind)) = (request.as_object_mut(), kind.as_object()) {
+            request.extend(kind.clone());
+        }
+        request
+    };
+    let ids = |ids: &[i64]| json!({"val": ids.iter().map(|i| json!({"int64_val": i.to_string()})).collect::<Vec<_>>()});
+    let calls = vec![
+        call("ServingService", "GetFeastServingInfo", json!({})),
+        // A row as text, parsed by each column's type.
+        call(
+            "GrpcFeatureServer",
+            "WriteToOnlineStore",
+            json!({"feature_view_name": "fe_driver", "features": {
+                "driver_id": "41", "trips": "12", "conv_rate": "0.5", "name": "g", "active": "true",
+                "emb": "[0.5, 1.5]", "ids": "[1]", "event_timestamp": ago(60)
+            }}),
+        ),
+        // A typed row through the push source.
+        call(
+            "GrpcFeatureServer",
+            "Push",
+            json!({"stream_feature_view": "fe_driver_push", "to": "online", "typed_features": {
+                "driver_id": {"int64_val": "42"}, "trips": {"int32_val": 13}, "event_timestamp": {"unix_timestamp_val": now.to_string()}
+            }}),
+        ),
+        // An int32 join key finds its int64 row.
+        call(
+            "ServingService",
+            "GetOnlineFeatures",
+            read(
+                json!({"features": {"val": ["fe_driver:trips", "fe_driver:emb", "fe_driver:name"]}}),
+                json!({"driver_id": {"val": [{"int64_val": "41"}, {"int32_val": 42}, {"int64_val": "99"}]}}),
+            ),
+        ),
+        call(
+            "GrpcFeatureServer",
+            "GetOnlineFeatures",
+            read(
+                json!({"feature_service": "fe_ranker", "full_feature_names": true}),
+                json!({"driver_id": ids(&[41]), "customer_id": {"val": [{"string_val": "a"}]}}),
+            ),
+        ),
+        // Bad input: a type Strata does not have, a value that is not its
+        // column's type, an unknown view, a push to the offline store.
+        call(
+            "ServingService",
+            "GetOnlineFeatures",
+            read(json!({"features": {"val": ["fe_driver:trips"]}}), json!({"driver_id": {"val": [{"map_val": {}}]}})),
+        ),
+        call(
+            "GrpcFeatureServer",
+            "WriteToOnlineStore",
+            json!({"feature_view_name": "fe_driver", "features": {
+                "driver_id": "43", "trips": "twelve", "event_timestamp": ago(60)
+            }}),
+        ),
+        call(
+            "GrpcFeatureServer",
+            "WriteToOnlineStore",
+            json!({"feature_view_name": "fe_driver", "typed_features": {
+                "driver_id": {"int64_val": "43"}, "name": {"string_list_val": {"val": ["a"]}}, "event_timestamp": {"unix_timestamp_val": now.to_string()}
+            }}),
+        ),
+        call(
+            "GrpcFeatureServer",
+            "WriteToOnlineStore",
+            json!({"feature_view_name": "nope", "features": {"driver_id": "43"}}),
+        ),
+        call(
+            "GrpcFeatureServer",
+            "Push",
+            json!({"stream_feature_view": "fe_driver_push", "to": "offline", "features": {
+                "driver_id": "43", "trips": "1", "event_timestamp": ago(60)
+            }}),
+        ),
+        call(
+            "ServingService",
+            "GetOnlineFeatures",
+            read(json!({"features": {"val": ["fe_driver:trips"]}}), json!({"driver_id": ids(&[43])})),
+        ),
+    ];
+    let addr = server.grpc_addr().to_string();
+    let results = strata.run(json!([{"cmd": "grpc", "addr": addr, "calls": calls}])).await?;
+    let answers = results[0].as_array().with_context(|| format!("{}", results[0]))?;
+    let ok = |i: usize| -> Result<&Json> { answers[i].get("ok").with_context(|| format!("call {i}: {}", answers[i])) };
+    ensure!(ok(0)?["version"].as_str().is_some_and(|v| v.starts_with("strata ")), "{}", answers[0]);
+    ensure!(ok(1)?["status"] == true && ok(2)?["status"] == true, "{} {}", answers[1], answers[2]);
+
+    let answer = ok(3)?;
+    ensure!(answer["metadata"]["feature_names"]["val"] == json!(["driver_id", "trips", "emb", "name"]), "{answer}");
+    let results = &answer["results"];
+    ensure!(results[0]["values"][1] == json!({"int32_val": 42}), "join keys come back as given: {answer}");
+    ensure!(
+        results[1]["values"] == json!([{"int64_val": "12"}, {"int64_val": "13"}, {}]),
+        "trips: {}",
+        results[1]["values"]
+    );
+    ensure!(results[1]["statuses"] == json!(["PRESENT", "PRESENT", "NOT_FOUND"]), "{}", results[1]);
+    ensure!(results[2]["values"][0] == json!({"float_list_val": {"val": [0.5, 1.5]}}), "{}", results[2]);
+    ensure!(
+        results[3]["statuses"] == json!(["PRESENT", "NULL_VALUE", "NOT_FOUND"]),
+        "a push leaves name null: {}",
+        results[3]
+    );
+    let seconds = results[1]["event_timestamps"][1].as_str().unwrap_or_default();
+    ensure!(!seconds.starts_with("1970"), "the pushed row's event time: {seconds}");
+
+    let answer = ok(4)?;
+    ensure!(
+        answer["metadata"]["feature_names"]["val"]
+            == json!([
+                "customer_id",
+                "driver_id",
+                "fe_driver__conv_rate",
+                "fe_driver__trips",
+                "fe_pair__orders",
+                "fe_customer__tier"
+            ]),
+        "{answer}"
+    );
+    ensure!(answer["results"][3]["values"] == json!([{"int64_val": "12"}]), "{answer}");
+
+    for (i, code, says) in [
+        (5, "INVALID_ARGUMENT", "is map"),
+        (6, "INVALID_ARGUMENT", "is not an int64"),
+        (7, "INVALID_ARGUMENT", "string_list, which Strata does not store"),
+        (8, "INVALID_ARGUMENT", "unknown feature_view \"nope\""),
+        (9, "INVALID_ARGUMENT", "takes pushes \"online\" only"),
+    ] {
+        let details = answers[i]["details"].as_str().unwrap_or_default();
+        ensure!(
+            answers[i]["code"] == code && details.contains(says),
+            "call {i}: {} (want {code}, {says:?})",
+            answers[i]
+        );
+    }
+    ensure!(
+        ok(10)?["results"][1]["statuses"] == json!(["NOT_FOUND"]),
+        "nothing of the refused writes: {}",
+        answers[10]
+    );
+    server.shutdown().await;
+    Ok(())
 }

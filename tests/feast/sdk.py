@@ -13,6 +13,8 @@ prints a JSON list of their results:
   materialize  {"start": ISO, "end": ISO}: every view, by Feast's engine here
   feast_materialize  the same by store.materialize() (a remote store's server does it)
   post         {"path": "/push", "body": ...}: a raw POST to the online store; its status and body
+  grpc         {"addr": HOST:PORT, "calls": [{"service", "method", "request"}]}: Feast's generated
+               gRPC stubs; per call {"ok": answer} or {"code": STATUS, "details": TEXT}
 
 Rows are column-wise; "event_timestamp" columns are ISO 8601 in UTC.
 A step that raises gives {"error": CLASS, "message": TEXT} and the next
@@ -110,6 +112,35 @@ def step(store, repo, arg):
         except ValueError:
             answer = response.text
         return {"status": response.status_code, "body": answer}
+    if command == "grpc":
+        # Feast's generated stubs (in the feast package), each call's request
+        # written as JSON; the answers as JSON, errors as their status code.
+        import grpc
+        from google.protobuf import json_format
+        from feast.protos.feast.serving import GrpcServer_pb2, GrpcServer_pb2_grpc
+        from feast.protos.feast.serving import ServingService_pb2, ServingService_pb2_grpc
+        channel = grpc.insecure_channel(arg["addr"])
+        stubs = {
+            "ServingService": (ServingService_pb2_grpc.ServingServiceStub(channel), ServingService_pb2),
+            "GrpcFeatureServer": (GrpcServer_pb2_grpc.GrpcFeatureServerStub(channel), GrpcServer_pb2),
+        }
+        answers = []
+        for call in arg["calls"]:
+            stub, messages = stubs[call["service"]]
+            method = getattr(stub, call["method"])
+            request_type = {
+                "GetFeastServingInfo": ServingService_pb2.GetFeastServingInfoRequest,
+                "GetOnlineFeatures": ServingService_pb2.GetOnlineFeaturesRequest,
+                "Push": GrpcServer_pb2.PushRequest,
+                "WriteToOnlineStore": GrpcServer_pb2.WriteToOnlineStoreRequest,
+            }[call["method"]]
+            request = json_format.ParseDict(call["request"], request_type())
+            try:
+                answer = method(request, timeout=10)
+                answers.append({"ok": json_format.MessageToDict(answer, preserving_proto_field_name=True)})
+            except grpc.RpcError as e:
+                answers.append({"code": e.code().name, "details": e.details()})
+        return answers
     raise SystemExit(f"unknown command {command}")
 
 

@@ -24,6 +24,26 @@ pub mod v1 {
     #![allow(clippy::all, clippy::pedantic, clippy::unwrap_used, missing_docs)]
     tonic::include_proto!("strata.v1");
 
-    /// The encoded `FileDescriptorSet` of the API, for server reflection.
+    /// The encoded `FileDescriptorSet` of the API (and of Feast's APIs), for
+    /// server reflection.
     pub const FILE_DESCRIPTOR_SET: &[u8] = tonic::include_file_descriptor_set!("strata_descriptor");
+}
+
+/// Feast's gRPC APIs, generated from `proto/feast` (written from the
+/// descriptors of the feast package, so the wire is Feast's):
+/// `feast.serving.ServingService`, and `GrpcFeatureServer` with its
+/// messages, which have no proto package and so sit at this module's top.
+pub mod feast {
+    #![allow(clippy::all, clippy::pedantic, clippy::unwrap_used, missing_docs)]
+    /// Feast's packages, where the package-less file's paths lead.
+    pub mod feast {
+        pub mod types {
+            tonic::include_proto!("feast.types");
+        }
+        pub mod serving {
+            tonic::include_proto!("feast.serving");
+        }
+    }
+    pub use self::feast::{serving, types};
+    tonic::include_proto!("_");
 }

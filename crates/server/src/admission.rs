@@ -215,8 +215,10 @@ pub struct Admitted<S> {
     admission: Arc<Admission>,
 }
 
-/// The path prefix of the calls admission decides on.
-const ADMITTED_PREFIX: &str = "/strata.v1.FeatureStore/";
+/// The path prefixes of the calls admission decides on: Strata's API and
+/// Feast's gRPC services (health and reflection are always answered).
+const ADMITTED_PREFIXES: [&str; 3] =
+    ["/strata.v1.FeatureStore/", "/feast.serving.ServingService/", "/GrpcFeatureServer/"];
 
 impl<S, B, R> tower::Service<http::Request<B>> for Admitted<S>
 where
@@ -235,7 +237,7 @@ where
     }
 
     fn call(&mut self, request: http::Request<B>) -> Self::Future {
-        let permit = if request.uri().path().starts_with(ADMITTED_PREFIX) {
+        let permit = if ADMITTED_PREFIXES.iter().any(|prefix| request.uri().path().starts_with(prefix)) {
             let client = request.headers().get(CLIENT_ID_HEADER).map(|v| v.as_bytes());
             match self.admission.admit(client) {
                 Ok(permit) => Some(permit),

@@ -390,7 +390,16 @@ where
 /// The method name of a gRPC path, from a fixed set so that a client
 /// cannot grow the label space.
 fn method_label(path: &str) -> &'static str {
+    match path {
+        "/feast.serving.ServingService/GetOnlineFeatures" => return "feast.ServingService.GetOnlineFeatures",
+        "/feast.serving.ServingService/GetFeastServingInfo" => return "feast.ServingService.GetFeastServingInfo",
+        "/GrpcFeatureServer/GetOnlineFeatures" => return "feast.GrpcFeatureServer.GetOnlineFeatures",
+        "/GrpcFeatureServer/Push" => return "feast.GrpcFeatureServer.Push",
+        "/GrpcFeatureServer/WriteToOnlineStore" => return "feast.GrpcFeatureServer.WriteToOnlineStore",
+        _ => {}
+    }
     match path.rsplit('/').next() {
+        Some("GetFeatureVectors") => "GetFeatureVectors",
         Some("GetFeatures") => "GetFeatures",
         Some("WriteFeatures") => "WriteFeatures",
         Some("DeleteFeatures") => "DeleteFeatures",
@@ -428,6 +437,20 @@ fn code_name(code: i32) -> &'static str {
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    #[test]
+    fn every_served_rpc_has_a_method_label_of_its_own() {
+        for (path, label) in [
+            ("/strata.v1.FeatureStore/GetFeatures", "GetFeatures"),
+            ("/strata.v1.FeatureStore/GetFeatureVectors", "GetFeatureVectors"),
+            ("/feast.serving.ServingService/GetOnlineFeatures", "feast.ServingService.GetOnlineFeatures"),
+            ("/GrpcFeatureServer/GetOnlineFeatures", "feast.GrpcFeatureServer.GetOnlineFeatures"),
+            ("/GrpcFeatureServer/Push", "feast.GrpcFeatureServer.Push"),
+            ("/nope/Nope", "other"),
+        ] {
+            assert_eq!(method_label(path), label, "{path}");
+        }
+    }
 
     /// Metric names recorded (`counter!`, `gauge!`, `histogram!`) anywhere
     /// in the workspace's crates.

@@ -110,6 +110,14 @@ impl RunningServer {
             config.deadlines,
             tiers.clone(),
         ));
+        // Feast's APIs: its gRPC services beside Strata's, its HTTP API on a
+        // port of its own.
+        let feast = Arc::new(crate::feast::Feast {
+            service: service.clone(),
+            registry: config.registry.clone(),
+            admission: admission.clone(),
+        });
+        let (feast_serving, feast_server) = crate::feast::grpc::services(feast.clone(), config.max_request_bytes);
 
         let transport = config.transport;
         let (grpc_addr, incoming) = crate::listener::bind(config.grpc_addr, transport.max_connections)
@@ -160,17 +168,12 @@ impl RunningServer {
             // grpcurl 1.8 speaks reflection v1alpha; newer tools speak v1.
             .add_service(reflection().build_v1alpha()?)
             .add_service(reflection().build_v1()?)
-            .add_service(
-                FeatureStoreServer::from_arc(service.clone()).max_decoding_message_size(config.max_request_bytes),
-            );
+            .add_service(FeatureStoreServer::from_arc(service).max_decoding_message_size(config.max_request_bytes))
+            .add_service(feast_serving)
+            .add_service(feast_server);
         let grpc = tokio::spawn(router.serve_with_incoming_shutdown(incoming, signal(stopped.clone())));
         let feast = feast_listener.map(|listener| {
-            let api = Arc::new(crate::feast::FeastApi {
-                service,
-                registry: config.registry.clone(),
-                admission: admission.clone(),
-            });
-            let app = crate::feast::router(api, config.max_request_bytes);
+            let app = crate::feast::http::router(feast, config.max_request_bytes);
             tokio::spawn(axum::serve(listener, app).with_graceful_shutdown(signal(stopped.clone())).into_future())
         });
         let metrics = tokio::spawn(metrics::serve(metrics_listener, signal(stopped)));

@@ -71,7 +71,7 @@ impl FeatureStoreService {
     /// When the tiers must have answered a request: its budget (the
     /// client's `grpc-timeout`, else the default, at most the maximum)
     /// from now, less a reserve for building and sending the answer.
-    fn deadline<T>(&self, request: &Request<T>) -> Instant {
+    pub(crate) fn deadline_of<T>(&self, request: &Request<T>) -> Instant {
         let now = Instant::now();
         let asked = request.metadata().get("grpc-timeout").and_then(|v| v.to_str().ok()).and_then(parse_grpc_timeout);
         let budget = asked.unwrap_or(self.deadlines.default).min(self.deadlines.max);
@@ -207,7 +207,7 @@ impl FeatureStore for FeatureStoreService {
         &self,
         request: Request<v1::GetFeaturesRequest>,
     ) -> Result<Response<v1::GetFeaturesResponse>, Status> {
-        let deadline = self.deadline(&request);
+        let deadline = self.deadline_of(&request);
         let read = read_request(request.into_inner(), &self.registry, &self.limits).map_err(ServiceError::from)?;
         let view = &read.view;
 
@@ -288,7 +288,7 @@ impl FeatureStore for FeatureStoreService {
         &self,
         request: Request<v1::WriteFeaturesRequest>,
     ) -> Result<Response<v1::WriteFeaturesResponse>, Status> {
-        let deadline = self.deadline(&request);
+        let deadline = self.deadline_of(&request);
         let write = self.check_write(request.into_inner())?;
         Ok(Response::new(self.write(write, deadline).await?))
     }
@@ -297,7 +297,7 @@ impl FeatureStore for FeatureStoreService {
         &self,
         request: Request<v1::DeleteFeaturesRequest>,
     ) -> Result<Response<v1::WriteFeaturesResponse>, Status> {
-        let deadline = self.deadline(&request);
+        let deadline = self.deadline_of(&request);
         let delete = delete_request(request.into_inner(), &self.registry, &self.limits).map_err(ServiceError::from)?;
         let outcome = self.tiers.delete(&delete.view, &delete.keys, delete.at, deadline).await;
         let requested = delete.requested.iter().map(|&at| (delete.keys[at].as_str(), true));
@@ -319,7 +319,7 @@ impl FeatureStore for FeatureStoreService {
         &self,
         request: Request<v1::GetFeatureVectorsRequest>,
     ) -> Result<Response<v1::GetFeatureVectorsResponse>, Status> {
-        let deadline = self.deadline(&request);
+        let deadline = self.deadline_of(&request);
         Ok(Response::new(self.vectors(request.into_inner(), deadline).await?))
     }
 }

@@ -1,10 +1,6 @@
 //! Feast's HTTP API, as `feast serve` answers it, on its own port: a Feast
 //! SDK whose `feature_store.yaml` names Strata as its remote online store
-//! reads and writes through Strata without changing a call.
-//!
-//! Each endpoint translates Feast's JSON into the same requests the gRPC
-//! API validates and runs (`GetFeatureVectors`, `WriteFeatures`), so limits,
-//! deadlines, degradation and the event-time rule are the same; errors are
+//! reads and writes through Strata without changing a call. Errors are
 //! Feast's error body (a JSON string holding `{module, class, message}`,
 //! which the SDK raises as its own exception), in one mapping below.
 
@@ -24,24 +20,17 @@ use base64::Engine as _;
 use serde::Deserialize;
 use serde::de::{MapAccess, Visitor};
 use serde_json::{Value as Json, json};
-use strata_core::{EventTime, FeatureView, Registry, Value};
+use strata_core::{Registry, Value};
 use strata_proto::{InvalidRequest, echo, v1, value_from_wire};
 
-use crate::admission::{Admission, Refusal};
-use crate::load::{json_join_key, json_value};
-use crate::service::{FeatureStoreService, ServiceError};
-
-/// What the Feast endpoints share.
-pub(crate) struct FeastApi {
-    pub service: Arc<FeatureStoreService>,
-    pub registry: Arc<Registry>,
-    pub admission: Arc<Admission>,
-}
+use super::{Feast, FeastError, frame_rows, join_key_to_wire, push_views, view_of, write_rows};
+use crate::admission::Refusal;
+use crate::service::ServiceError;
 
 /// `POST /get-online-features`, `/write-to-online-store`, `/push`, and
 /// `GET /health`. Bodies over `max_request_bytes` are refused before they
 /// are read whole.
-pub(crate) fn router(api: Arc<FeastApi>, max_request_bytes: usize) -> Router {
+pub(crate) fn router(api: Arc<Feast>, max_request_bytes: usize) -> Router {
     Router::new()
         .route("/get-online-features", post(get_online_features))
         .route("/write-to-online-store", post(write_to_online_store))
@@ -53,99 +42,59 @@ pub(crate) fn router(api: Arc<FeastApi>, max_request_bytes: usize) -> Router {
         .with_state(api)
 }
 
-/// Every way a Feast call can fail, as Feast's error classes and HTTP codes.
-#[derive(Debug)]
-pub(crate) enum FeastError {
-    /// The request is not what the endpoint takes.
-    BadRequest(String),
-    Service(ServiceError),
-    Refused(Refusal, String),
-    /// No view takes pushes from this source (the name is cut short).
-    PushSourceNotFound(String),
-    /// The body could not be read: too large (413), or cut off.
-    BodyUnreadable(StatusCode, String),
-    /// An endpoint of Feast's server that Strata does not serve.
-    Unsupported(&'static str),
-    /// Some rows of a write were not stored; the rest were.
-    PartlyWritten {
-        failed: u64,
-        total: usize,
-        errors: Vec<String>,
-    },
-}
-
-impl From<ServiceError> for FeastError {
-    fn from(e: ServiceError) -> FeastError {
-        FeastError::Service(e)
-    }
-}
-
-impl From<InvalidRequest> for FeastError {
-    fn from(e: InvalidRequest) -> FeastError {
-        FeastError::Service(ServiceError::Invalid(e))
-    }
-}
-
-impl FeastError {
-    /// The HTTP code, the Feast exception class (in `feast.errors`) and
-    /// the message.
-    fn parts(&self) -> (StatusCode, &'static str, String) {
-        use InvalidRequest as I;
-        match self {
-            FeastError::BadRequest(message) => (StatusCode::UNPROCESSABLE_ENTITY, "FeastError", message.clone()),
-            FeastError::Service(ServiceError::Invalid(e @ (I::UnknownView { .. } | I::NoView))) => {
-                (StatusCode::NOT_FOUND, "FeatureViewNotFoundException", e.to_string())
-            }
-            FeastError::Service(ServiceError::Invalid(e @ I::UnknownService { .. })) => {
-                (StatusCode::NOT_FOUND, "FeatureServiceNotFoundException", e.to_string())
-            }
-            FeastError::Service(ServiceError::Invalid(e)) => {
-                (StatusCode::UNPROCESSABLE_ENTITY, "FeastError", e.to_string())
-            }
-            // Retrying the same call cannot make the answer smaller.
-            FeastError::Service(e @ ServiceError::AnswerTooLarge { .. }) => {
-                (StatusCode::PAYLOAD_TOO_LARGE, "FeastError", e.to_string())
-            }
-            // The SDK retries 503: safe, as a repeated write is skipped as
-            // not newer.
-            FeastError::Service(e @ ServiceError::WriteFailed { retry_may_help: true, .. }) => {
-                (StatusCode::SERVICE_UNAVAILABLE, "FeastError", e.to_string())
-            }
-            FeastError::Service(e @ ServiceError::WriteFailed { retry_may_help: false, .. }) => {
-                (StatusCode::INTERNAL_SERVER_ERROR, "FeastError", e.to_string())
-            }
-            FeastError::Refused(Refusal::Draining | Refusal::Overloaded, message) => {
-                (StatusCode::SERVICE_UNAVAILABLE, "FeastError", message.clone())
-            }
-            FeastError::Refused(Refusal::RateLimited, message) => {
-                (StatusCode::TOO_MANY_REQUESTS, "FeastError", message.clone())
-            }
-            FeastError::Refused(Refusal::BadClientId, message) => {
-                (StatusCode::UNPROCESSABLE_ENTITY, "FeastError", message.clone())
-            }
-            FeastError::PushSourceNotFound(name) => (
-                StatusCode::UNPROCESSABLE_ENTITY,
-                "PushSourceNotFoundException",
-                format!("Unable to find push source {name} (no view lists it in push_sources)."),
-            ),
-            FeastError::BodyUnreadable(code, message) => {
-                let limit = if *code == StatusCode::PAYLOAD_TOO_LARGE { " (limits.max_request_bytes)" } else { "" };
-                (*code, "FeastError", format!("the request body cannot be read: {message}{limit}"))
-            }
-            FeastError::Unsupported(message) => (StatusCode::NOT_IMPLEMENTED, "FeastError", (*message).to_owned()),
-            // The SDK retries 503; rows already written are skipped then.
-            FeastError::PartlyWritten { failed, total, errors } => (
-                StatusCode::SERVICE_UNAVAILABLE,
-                "FeastError",
-                format!("{failed} of {total} rows were not written ({}); retrying is safe", errors.join("; ")),
-            ),
+/// The HTTP code, the Feast exception class (in `feast.errors`) and the
+/// message of an error.
+fn parts(error: &FeastError) -> (StatusCode, &'static str, String) {
+    use InvalidRequest as I;
+    match error {
+        FeastError::BadRequest(message) => (StatusCode::UNPROCESSABLE_ENTITY, "FeastError", message.clone()),
+        FeastError::Service(ServiceError::Invalid(e @ (I::UnknownView { .. } | I::NoView))) => {
+            (StatusCode::NOT_FOUND, "FeatureViewNotFoundException", e.to_string())
         }
+        FeastError::Service(ServiceError::Invalid(e @ I::UnknownService { .. })) => {
+            (StatusCode::NOT_FOUND, "FeatureServiceNotFoundException", e.to_string())
+        }
+        FeastError::Service(ServiceError::Invalid(e)) => {
+            (StatusCode::UNPROCESSABLE_ENTITY, "FeastError", e.to_string())
+        }
+        // Retrying the same call cannot make the answer smaller.
+        FeastError::Service(e @ ServiceError::AnswerTooLarge { .. }) => {
+            (StatusCode::PAYLOAD_TOO_LARGE, "FeastError", e.to_string())
+        }
+        // The SDK retries 503: safe, as a repeated write is skipped as
+        // not newer.
+        FeastError::Service(e @ ServiceError::WriteFailed { retry_may_help: true, .. }) => {
+            (StatusCode::SERVICE_UNAVAILABLE, "FeastError", e.to_string())
+        }
+        FeastError::Service(e @ ServiceError::WriteFailed { retry_may_help: false, .. }) => {
+            (StatusCode::INTERNAL_SERVER_ERROR, "FeastError", e.to_string())
+        }
+        FeastError::Refused(Refusal::Draining | Refusal::Overloaded, message) => {
+            (StatusCode::SERVICE_UNAVAILABLE, "FeastError", message.clone())
+        }
+        FeastError::Refused(Refusal::RateLimited, message) => {
+            (StatusCode::TOO_MANY_REQUESTS, "FeastError", message.clone())
+        }
+        FeastError::Refused(Refusal::BadClientId, message) => {
+            (StatusCode::UNPROCESSABLE_ENTITY, "FeastError", message.clone())
+        }
+        e @ FeastError::PushSourceNotFound(_) => {
+            (StatusCode::UNPROCESSABLE_ENTITY, "PushSourceNotFoundException", e.message())
+        }
+        e @ FeastError::OnlineOnly(_) => (StatusCode::UNPROCESSABLE_ENTITY, "FeastError", e.message()),
+        FeastError::BodyUnreadable(code, message) => {
+            let limit = if *code == StatusCode::PAYLOAD_TOO_LARGE { " (limits.max_request_bytes)" } else { "" };
+            (*code, "FeastError", format!("the request body cannot be read: {message}{limit}"))
+        }
+        FeastError::Unsupported(message) => (StatusCode::NOT_IMPLEMENTED, "FeastError", (*message).to_owned()),
+        // The SDK retries 503; rows already written are skipped then.
+        e @ FeastError::PartlyWritten { .. } => (StatusCode::SERVICE_UNAVAILABLE, "FeastError", e.message()),
     }
 }
 
 impl IntoResponse for FeastError {
     fn into_response(self) -> Response {
-        let (code, class, message) = self.parts();
+        let (code, class, message) = parts(&self);
         // Feast's server sends `to_error_detail()`, a JSON document in a
         // JSON string; the SDK parses it twice.
         let detail = json!({ "module": "feast.errors", "class": class, "message": message }).to_string();
@@ -157,7 +106,7 @@ type Answer = Result<Response, FeastError>;
 
 /// Runs `call` under admission (drain, the in-flight cap, rate limits by
 /// `x-client-id`) and counts it by endpoint and HTTP code.
-async fn admitted<F>(api: &FeastApi, endpoint: &'static str, headers: &HeaderMap, call: F) -> Response
+async fn admitted<F>(api: &Feast, endpoint: &'static str, headers: &HeaderMap, call: F) -> Response
 where
     F: Future<Output = Answer>,
 {
@@ -205,7 +154,7 @@ async fn materialize() -> Response {
     .into_response()
 }
 
-async fn health(State(api): State<Arc<FeastApi>>) -> StatusCode {
+async fn health(State(api): State<Arc<Feast>>) -> StatusCode {
     if api.admission.is_draining() { StatusCode::SERVICE_UNAVAILABLE } else { StatusCode::OK }
 }
 
@@ -254,11 +203,11 @@ struct OnlineFeaturesRequest {
     _include_versions: bool,
 }
 
-async fn get_online_features(State(api): State<Arc<FeastApi>>, headers: HeaderMap, body: Body) -> Response {
+async fn get_online_features(State(api): State<Arc<Feast>>, headers: HeaderMap, body: Body) -> Response {
     admitted(&api, "/get-online-features", &headers, async { read(&api, &body?).await }).await
 }
 
-async fn read(api: &FeastApi, body: &[u8]) -> Answer {
+async fn read(api: &Feast, body: &[u8]) -> Answer {
     let request: OnlineFeaturesRequest = parse_body(body)?;
     let mut entities = HashMap::with_capacity(request.entities.0.len());
     for (name, values) in &request.entities.0 {
@@ -297,27 +246,18 @@ fn entity_error(join_key: &str, row: usize, message: &str) -> FeastError {
     FeastError::BadRequest(format!("entities[{}][{row}]: {message}", echo(join_key)))
 }
 
-fn join_key_to_wire(value: &Json, ty: strata_core::KeyType) -> Result<v1::Value, String> {
-    use strata_core::OwnedKeyValue as K;
-    use v1::value::Kind;
-    let kind = match json_join_key(value.clone(), ty)? {
-        K::Int64(n) => Kind::Int64Value(n),
-        K::String(s) => Kind::StringValue(s),
-        K::Bytes(b) => Kind::BytesValue(b),
-    };
-    Ok(v1::Value { kind: Some(kind) })
-}
-
 /// Feast's column-major answer: join-key columns first (as given,
 /// PRESENT), then one column per feature.
 fn online_response(entities: &[(String, Vec<Json>)], answer: &v1::GetFeatureVectorsResponse) -> String {
-    let rows = entities.first().map_or(0, |(_, v)| v.len());
+    // A one-value join-key list applies to every row (Strata's rule).
+    let rows = entities.iter().map(|(_, v)| v.len()).max().unwrap_or(0);
     let epoch = "1970-01-01T00:00:00Z";
     let mut names: Vec<&str> = entities.iter().map(|(n, _)| n.as_str()).collect();
     names.extend(answer.feature_names.iter().map(String::as_str));
     let mut results: Vec<Json> = entities
         .iter()
         .map(|(_, values)| {
+            let values = if values.len() == 1 { vec![values[0].clone(); rows] } else { values.clone() };
             json!({ "values": values, "statuses": vec!["PRESENT"; rows], "event_timestamps": vec![epoch; rows] })
         })
         .collect();
@@ -431,172 +371,35 @@ fn online() -> String {
     "online".into()
 }
 
-async fn write_to_online_store(State(api): State<Arc<FeastApi>>, headers: HeaderMap, body: Body) -> Response {
+async fn write_to_online_store(State(api): State<Arc<Feast>>, headers: HeaderMap, body: Body) -> Response {
     admitted(&api, "/write-to-online-store", &headers, async {
         let request: WriteRequest = parse_body(&body?)?;
-        let view = api.registry.get(&request.feature_view_name).ok_or_else(|| {
-            FeastError::from(InvalidRequest::UnknownView {
-                name: echo(&request.feature_view_name),
-                known: api.registry.views().iter().map(|v| v.name.as_str()).collect::<Vec<_>>().join(", "),
-            })
-        })?;
+        let view = view_of(&api.registry, &request.feature_view_name)?;
         let rows = frame_rows(view, &request.df.0)?;
-        write_rows(&api, view, rows).await?;
+        write_rows(&api, view, rows, None).await?;
         Ok(Json::Null.to_string().into_response())
     })
     .await
 }
 
-async fn push(State(api): State<Arc<FeastApi>>, headers: HeaderMap, body: Body) -> Response {
+async fn push(State(api): State<Arc<Feast>>, headers: HeaderMap, body: Body) -> Response {
     admitted(&api, "/push", &headers, async {
         let request: PushRequest = parse_body(&body?)?;
         if request.to != "online" {
-            return Err(FeastError::BadRequest(format!(
-                "to is {}: Strata is an online store and takes pushes \"online\" only; push to the offline store with Feast",
-                echo(&request.to)
-            )));
+            return Err(FeastError::OnlineOnly(echo(&request.to)));
         }
-        let views: Vec<&Arc<FeatureView>> = api
-            .registry
-            .views()
-            .iter()
-            .filter(|v| v.push_sources.contains(&request.push_source_name))
-            .collect();
-        if views.is_empty() {
-            return Err(FeastError::PushSourceNotFound(echo(&request.push_source_name)));
-        }
+        let views = push_views(&api.registry, &request.push_source_name)?;
         // Every view's rows are checked before any is written.
         let mut writes = Vec::with_capacity(views.len());
         for view in views {
             writes.push((view, frame_rows(view, &request.df.0)?));
         }
         for (view, rows) in writes {
-            write_rows(&api, view, rows).await?;
+            write_rows(&api, view, rows, None).await?;
         }
         Ok(Json::Null.to_string().into_response())
     })
     .await
-}
-
-/// Chunks of a frame written at once.
-const WRITES_AT_ONCE: usize = 4;
-
-/// Writes rows into `view` in chunks of `limits.max_rows_per_write` (a
-/// materialization batch may be larger), every chunk checked before any is
-/// written. Fails if any row was not stored: the SDK retries, and what was
-/// stored is skipped then as not newer.
-async fn write_rows(api: &FeastApi, view: &FeatureView, rows: Vec<v1::WriteRow>) -> Result<(), FeastError> {
-    use futures::StreamExt as _;
-    let total = rows.len();
-    let mut writes = Vec::new();
-    let mut rows = rows.into_iter().peekable();
-    while rows.peek().is_some() {
-        let chunk: Vec<v1::WriteRow> = rows.by_ref().take(api.service.max_rows_per_write()).collect();
-        writes
-            .push(api.service.check_write(v1::WriteFeaturesRequest { feature_view: view.name.clone(), rows: chunk })?);
-    }
-    let results: Vec<Result<v1::WriteFeaturesResponse, ServiceError>> = futures::stream::iter(writes)
-        .map(|write| api.service.write(write, api.service.longest_deadline()))
-        .buffer_unordered(WRITES_AT_ONCE)
-        .collect()
-        .await;
-    let (mut failed, mut errors) = (0, Vec::new());
-    for result in results {
-        match result {
-            Ok(response) => {
-                failed += response.rows_failed;
-                errors.extend(response.results.into_iter().filter(|r| !r.error.is_empty()).map(|r| r.error).take(1));
-            }
-            Err(ServiceError::WriteFailed { total, errors: chunk_errors, retry_may_help: true }) => {
-                failed += total as u64;
-                errors.extend(chunk_errors.into_iter().take(1));
-            }
-            Err(e) => return Err(e.into()),
-        }
-    }
-    if failed > 0 {
-        errors.dedup();
-        return Err(FeastError::PartlyWritten { failed, total, errors });
-    }
-    Ok(())
-}
-
-/// The rows of a data frame for `view`: its join keys, its features (one
-/// left out is null), `event_timestamp` (naive UTC ISO, as the SDK sends it,
-/// or RFC 3339) and `created` (ignored: the event time decides). Any other
-/// column is refused, so a misspelt feature is not dropped silently.
-fn frame_rows(view: &FeatureView, frame: &[(String, Vec<Json>)]) -> Result<Vec<v1::WriteRow>, FeastError> {
-    let rows = frame.first().map_or(0, |(_, v)| v.len());
-    if let Some((name, values)) = frame.iter().find(|(_, v)| v.len() != rows) {
-        return Err(FeastError::BadRequest(format!(
-            "df: column {} has {} values, {} has {rows}: every column must be as long",
-            echo(name),
-            values.len(),
-            echo(&frame[0].0)
-        )));
-    }
-    let mut out: Vec<v1::WriteRow> = (0..rows).map(|_| v1::WriteRow::default()).collect();
-    let mut has_time = false;
-    for (name, values) in frame {
-        let bad = |row: usize, message: String| {
-            FeastError::BadRequest(format!("df[{}][{row}]: {message} (view {})", echo(name), view.name))
-        };
-        if name == "event_timestamp" {
-            has_time = true;
-            for (row, value) in values.iter().enumerate() {
-                let time = frame_time(value).map_err(|e| bad(row, e))?;
-                out[row].event_time = Some(strata_proto::event_time_to_wire(time));
-            }
-        } else if name == "created" {
-        } else if let Some(key) = view.entity.join_keys().iter().find(|k| k.name == *name) {
-            for (row, value) in values.iter().enumerate() {
-                let value = join_key_to_wire(value, key.ty).map_err(|e| bad(row, e))?;
-                if view.entity.name == "entity_key" {
-                    out[row].entity_key = match value.kind {
-                        Some(v1::value::Kind::StringValue(s)) => s,
-                        _ => return Err(bad(row, "not a string".into())),
-                    };
-                } else {
-                    out[row].join_keys.insert(name.clone(), value);
-                }
-            }
-        } else if let Some(column) = view.position(name) {
-            let ty = view.features[column].ty;
-            for (row, value) in values.iter().enumerate() {
-                let value = json_value(value.clone(), ty).map_err(|e| bad(row, e))?;
-                out[row].features.insert(name.clone(), strata_proto::value_to_wire(&value));
-            }
-        } else {
-            return Err(FeastError::BadRequest(format!(
-                "df has a column {} that is neither a feature nor a join key of view {} ({})",
-                echo(name),
-                view.name,
-                view.features.iter().map(|f| f.name.as_str()).collect::<Vec<_>>().join(", ")
-            )));
-        }
-    }
-    if !has_time && rows > 0 {
-        return Err(FeastError::BadRequest("df has no event_timestamp column".into()));
-    }
-    Ok(out)
-}
-
-/// An event time as Feast's SDK sends it: naive ISO 8601 in UTC
-/// (`2024-01-01T00:00:00`, with or without a fraction), RFC 3339 with an
-/// offset, or Unix seconds.
-fn frame_time(value: &Json) -> Result<EventTime, String> {
-    match value {
-        Json::String(text) => {
-            if let Ok(naive) = chrono::NaiveDateTime::parse_from_str(text, "%Y-%m-%dT%H:%M:%S%.f") {
-                let utc = naive.and_utc();
-                return EventTime::from_parts(utc.timestamp(), utc.timestamp_subsec_nanos() as i32)
-                    .ok_or_else(|| format!("{} is out of range", echo(text)));
-            }
-            crate::load::parse_time(text)
-        }
-        Json::Number(n) => crate::load::parse_time(&n.to_string()),
-        other => Err(format!("{} is not a timestamp", echo(&other.to_string()))),
-    }
 }
 
 #[cfg(test)]
@@ -621,22 +424,11 @@ mod tests {
     }
 
     #[test]
-    fn naive_iso_times_are_utc_and_offsets_are_honoured() {
-        let at = |s: &str| frame_time(&json!(s)).unwrap().to_parts();
-        assert_eq!(at("2024-01-01T00:00:00"), (1_704_067_200, 0));
-        assert_eq!(at("2024-01-01T00:00:00.5"), (1_704_067_200, 500_000_000));
-        assert_eq!(at("2024-01-01T01:00:00+01:00"), (1_704_067_200, 0));
-        assert_eq!(frame_time(&json!(1_704_067_200)).unwrap().to_parts(), (1_704_067_200, 0));
-        assert!(frame_time(&json!("yesterday")).is_err());
-        assert!(frame_time(&json!(true)).is_err());
-    }
-
-    #[test]
     fn the_error_body_is_a_json_string_holding_feasts_error_detail() {
         let response = FeastError::BadRequest("no".into()).into_response();
         assert_eq!(response.status(), StatusCode::UNPROCESSABLE_ENTITY);
         let missing = FeastError::from(InvalidRequest::UnknownService { name: "s".into(), known: String::new() });
-        assert_eq!(missing.parts().0, StatusCode::NOT_FOUND);
-        assert_eq!(missing.parts().1, "FeatureServiceNotFoundException");
+        assert_eq!(parts(&missing).0, StatusCode::NOT_FOUND);
+        assert_eq!(parts(&missing).1, "FeatureServiceNotFoundException");
     }
 }
