@@ -13,9 +13,11 @@ use std::time::{Duration, SystemTime};
 
 use anyhow::{Context, Result, ensure};
 use serde_json::{Value as Json, json};
+use strata_core::KeyType;
 use strata_proto::v1::{self, value::Kind};
+use strata_server::config::FileConfig;
 use strata_tests::wire::v;
-use strata_tests::{Env, client, integration_tests, repo_root};
+use strata_tests::{Env, client, integration_tests, repo_root, strata_binary};
 
 integration_tests!(
     the_feast_sdk_reads_by_list_and_by_service_what_feasts_own_redis_store_returns,
@@ -142,6 +144,7 @@ async fn the_feast_sdk_reads_by_list_and_by_service_what_feasts_own_redis_store_
         env.redis_nodes().join(",")
     ))
     .await?;
+    imported_definitions_equal_strata_test_config(env, &strata).await?;
     let window =
         json!({"cmd": "materialize", "start": "2010-01-01T00:00:00+00:00", "end": format!("{}+00:00", ago(0))});
     let by_list = json!({
@@ -210,6 +213,42 @@ async fn the_feast_sdk_reads_by_list_and_by_service_what_feasts_own_redis_store_
     let answer = c.get_feature_vectors(request).await?.into_inner();
     ensure!(answer.vectors[0].values == [v(Kind::Int64Value(10)), v(Kind::Int64Value(7))], "{answer:?}");
     server.shutdown().await;
+    Ok(())
+}
+
+/// `strata feast import` of the applied repo gives the definitions the test
+/// config declares by hand for it (the `fe_*` views of TEST_VIEWS).
+async fn imported_definitions_equal_strata_test_config(env: &'static Env, repo: &FeastRepo) -> Result<()> {
+    let out = tokio::process::Command::new(strata_binary()?)
+        .args(["feast", "import"])
+        .arg(repo.dir.path().join("data/registry.db"))
+        .output()
+        .await
+        .context("strata feast import")?;
+    ensure!(out.status.success(), "strata feast import failed: {}", String::from_utf8_lossy(&out.stderr));
+    ensure!(out.stderr.is_empty(), "nothing left out: {}", String::from_utf8_lossy(&out.stderr));
+    let imported = FileConfig::from_toml(&String::from_utf8(out.stdout)?)?;
+    let ours = env.config()?;
+    let join_keys = |file: &FileConfig, entity: &Option<String>| -> Result<Vec<(String, KeyType)>> {
+        let name = entity.as_deref().context("a view with an entity")?;
+        let entity = file.entities.iter().find(|e| e.name == name).context("its entity")?;
+        let mut keys: Vec<(String, KeyType)> = entity.join_keys.iter().map(|k| (k.name.clone(), k.ty)).collect();
+        keys.sort_by(|a, b| a.0.cmp(&b.0));
+        Ok(keys)
+    };
+    let mut names: Vec<&str> = imported.views.iter().map(|v| v.name.as_str()).collect();
+    names.sort_unstable();
+    ensure!(names == ["fe_customer", "fe_driver", "fe_pair"], "{names:?}");
+    for view in &imported.views {
+        let mine = ours.views.iter().find(|v| v.name == view.name).context("the view in TEST_VIEWS")?;
+        ensure!(view.features == mine.features, "{}: {:?} against {:?}", view.name, view.features, mine.features);
+        ensure!(view.max_age == mine.max_age, "{}: max_age {:?} against {:?}", view.name, view.max_age, mine.max_age);
+        ensure!(view.push_sources == mine.push_sources, "{}: {:?}", view.name, view.push_sources);
+        ensure!(join_keys(&imported, &view.entity)? == join_keys(&ours, &mine.entity)?, "{}: join keys", view.name);
+    }
+    let service = &imported.feature_services;
+    let mine = ours.feature_services.iter().find(|s| s.name == "fe_ranker").context("fe_ranker")?;
+    ensure!(service.len() == 1 && service[0].projections == mine.projections, "{service:?}");
     Ok(())
 }
 

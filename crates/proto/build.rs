@@ -8,9 +8,15 @@ use prost::Message as _;
 fn main() -> Result<(), Box<dyn std::error::Error>> {
     let root = PathBuf::from(std::env::var("CARGO_MANIFEST_DIR")?).join("../../proto");
     println!("cargo:rerun-if-changed={}", root.display());
-    // Strata's API, and Feast's serving APIs (served on the same port).
+    // Strata's API, Feast's serving APIs (served on the same port) and the
+    // part of Feast's registry that `strata feast import` reads.
     let files = protox::compile(
-        ["strata/v1/feature_store.proto", "feast/serving/ServingService.proto", "feast/serving/GrpcServer.proto"],
+        [
+            "strata/v1/feature_store.proto",
+            "feast/serving/ServingService.proto",
+            "feast/serving/GrpcServer.proto",
+            "feast/core/Registry.proto",
+        ],
         [&root],
     )?;
     let out = PathBuf::from(std::env::var("OUT_DIR")?);

@@ -115,6 +115,7 @@ name = "fe_customer"
 entity = "fe_customer"
 l1_ttl = "5m"
 l2_ttl = "10m"
+max_age = "3650days"
 features = [{ name = "tier", type = "string" }, { name = "spend", type = "double" }]
 
 [[views]]
@@ -122,6 +123,7 @@ name = "fe_pair"
 entity = "fe_driver_customer"
 l1_ttl = "5m"
 l2_ttl = "10m"
+max_age = "3650days"
 features = [{ name = "orders", type = "int64" }]
 
 [[feature_services]]

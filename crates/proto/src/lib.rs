@@ -43,7 +43,11 @@ pub mod feast {
         pub mod serving {
             tonic::include_proto!("feast.serving");
         }
+        /// The part of Feast's registry that `strata feast import` reads.
+        pub mod core {
+            tonic::include_proto!("feast.core");
+        }
     }
-    pub use self::feast::{serving, types};
+    pub use self::feast::{core, serving, types};
     tonic::include_proto!("_");
 }

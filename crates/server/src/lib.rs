@@ -13,7 +13,7 @@ mod client_errors;
 pub mod config;
 pub mod demo;
 pub mod dev;
-mod feast;
+pub mod feast;
 mod listener;
 pub mod load;
 pub mod metrics;

@@ -145,6 +145,12 @@ enum Command {
         #[arg(long, default_value = "")]
         service: String,
     },
+    /// Feast: `strata feast import REGISTRY` prints Strata's entities, views
+    /// and feature services for the registry `feast apply` wrote.
+    Feast {
+        #[command(subcommand)]
+        command: FeastCommand,
+    },
     /// Start a whole local stack (Redis Cluster, PostgreSQL shards, demo
     /// data) as local processes and serve it until Ctrl-C.
     Dev {
@@ -161,6 +167,24 @@ enum Command {
     },
 }
 
+#[derive(Subcommand)]
+enum FeastCommand {
+    /// Print (or write) Strata's configuration for a Feast registry: its
+    /// entities, feature views (TTL as max_age, push sources) and feature
+    /// services. What has no Strata equivalent is listed on stderr and in
+    /// the output.
+    Import {
+        /// The file registry `feast apply` wrote (registry.db).
+        registry: PathBuf,
+        /// The Feast project, where the registry holds several.
+        #[arg(long)]
+        project: Option<String>,
+        /// Write the configuration here instead of to stdout.
+        #[arg(long, short)]
+        output: Option<PathBuf>,
+    },
+}
+
 #[tokio::main]
 async fn main() -> std::process::ExitCode {
     let cli = Cli::parse();
@@ -170,7 +194,11 @@ async fn main() -> std::process::ExitCode {
     // logs, if any, go to stderr.
     let lookup = matches!(
         cli.command,
-        Command::Get { .. } | Command::Views { .. } | Command::Shards { .. } | Command::Health { .. }
+        Command::Get { .. }
+            | Command::Views { .. }
+            | Command::Shards { .. }
+            | Command::Health { .. }
+            | Command::Feast { .. }
     );
     if lookup {
         tracing_subscriber::fmt().with_env_filter(filter).with_writer(std::io::stderr).init();
@@ -193,6 +221,23 @@ async fn run(cli: Cli) -> Result<()> {
             let server = RunningServer::start(config).await?;
             strata_server::shutdown_signal().await;
             server.shutdown().await;
+            Ok(())
+        }
+        Command::Feast { command: FeastCommand::Import { registry, project, output } } => {
+            let bytes = std::fs::read(&registry).with_context(|| format!("cannot read {}", registry.display()))?;
+            let imported = strata_server::feast::import::import(&bytes, project.as_deref())
+                .with_context(|| format!("{}", registry.display()))?;
+            for line in &imported.skipped {
+                eprintln!("not imported: {line}");
+            }
+            match output {
+                Some(path) => {
+                    std::fs::write(&path, &imported.toml)
+                        .with_context(|| format!("cannot write {}", path.display()))?;
+                    eprintln!("wrote {} (Feast project {})", path.display(), imported.project);
+                }
+                None => print!("{}", imported.toml),
+            }
             Ok(())
         }
         Command::Migrate { config } => {

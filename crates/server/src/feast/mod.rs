@@ -1,7 +1,8 @@
 //! Feast's APIs on Strata, so that a Feast SDK or server client moves to
 //! Strata by changing its online store's address: the HTTP API of
 //! `feast serve` on its own port ([`http`]), and the gRPC services of
-//! Feast's servers on Strata's gRPC port ([`grpc`]).
+//! Feast's servers on Strata's gRPC port ([`grpc`]); and [`import`], which
+//! turns Feast's registry into Strata's definitions.
 //!
 //! Both translate Feast's requests into the ones the gRPC API validates and
 //! runs (`GetFeatureVectors`, `WriteFeatures`), so limits, deadlines,
@@ -12,6 +13,7 @@
 
 pub(crate) mod grpc;
 pub(crate) mod http;
+pub mod import;
 
 use std::sync::Arc;
 
