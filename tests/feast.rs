@@ -292,7 +292,7 @@ async fn the_feast_sdk_writes_and_pushes_through_strata_and_strata_serves_them(e
         // here too, and the join-key column comes back whole.
         {"cmd": "post", "path": "/get-online-features", "body": {
             "features": ["fe_driver:trips", "fe_customer:tier"],
-            "entities": {"driver_id": [21, 22, 23], "customer_id": ["w2"]}
+            "entities": {"driver_id": [21, 22, 23], "customer_id": ["w2"], "request_id": [1.5, "x", null]}
         }},
     ]);
     let results = strata.run(steps).await?;
@@ -306,10 +306,12 @@ async fn the_feast_sdk_writes_and_pushes_through_strata_and_strata_serves_them(e
     ensure!(dict["raw"] == json!([null, "AP8=", null]), "bytes come back in base64: {dict}");
     ensure!(dict["name"] == json!(["p", null, null]), "a feature left out of a write is null: {dict}");
     ensure!(dict["tier"] == json!(["gold", "silver", "gold"]), "{dict}");
-    // (serde_json writes the entities in name order: customer_id first.)
+    // (serde_json writes the entities in name order: customer_id first.) A
+    // column no entity has is echoed and used by no view.
     let one_customer = &results[7]["body"];
     ensure!(one_customer["results"][0]["values"] == json!(["w2", "w2", "w2"]), "{one_customer}");
-    ensure!(one_customer["results"][3]["values"] == json!(["silver", "silver", "silver"]), "{one_customer}");
+    ensure!(one_customer["results"][2]["values"] == json!([1.5, "x", null]), "{one_customer}");
+    ensure!(one_customer["results"][4]["values"] == json!(["silver", "silver", "silver"]), "{one_customer}");
 
     // Strata's own API serves what the SDK wrote.
     let mut c = client(&server).await?;

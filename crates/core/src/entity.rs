@@ -243,21 +243,7 @@ impl Entity {
                 return Err(EntityKeyError::Unknown { entity: self.name.clone(), join_key: name.to_owned() });
             };
             let key = &self.join_keys[i];
-            if value.key_type() != key.ty {
-                return Err(EntityKeyError::WrongType {
-                    join_key: key.name.clone(),
-                    want: key.ty,
-                    got: value.key_type(),
-                });
-            }
-            let len = match value {
-                KeyValue::Int64(_) => 8,
-                KeyValue::String(s) => s.len(),
-                KeyValue::Bytes(b) => b.len(),
-            };
-            if len > max_len {
-                return Err(EntityKeyError::TooLong { join_key: key.name.clone(), len, max: max_len });
-            }
+            check_value(key, value, max_len)?;
             if given[i].replace(value).is_some() {
                 return Err(EntityKeyError::Duplicate { join_key: key.name.clone() });
             }
@@ -309,17 +295,7 @@ impl Entity {
                 EntityKeyError::Unknown { entity: self.name.clone(), join_key: name.to_owned() }
             });
         }
-        if value.key_type() != key.ty {
-            return Err(EntityKeyError::WrongType { join_key: key.name.clone(), want: key.ty, got: value.key_type() });
-        }
-        let len = match value {
-            KeyValue::Int64(_) => 8,
-            KeyValue::String(s) => s.len(),
-            KeyValue::Bytes(b) => b.len(),
-        };
-        if len > max_len {
-            return Err(EntityKeyError::TooLong { join_key: key.name.clone(), len, max: max_len });
-        }
+        check_value(key, value, max_len)?;
         Ok(match value {
             KeyValue::String(s) if self.is_single_string() => s.as_bytes().to_vec(),
             KeyValue::Int64(n) => {
@@ -340,6 +316,22 @@ impl Entity {
             }
         })
     }
+}
+
+/// A join key's value is of its type and at most `max_len` bytes.
+fn check_value(key: &JoinKey, value: KeyValue<'_>, max_len: usize) -> Result<(), EntityKeyError> {
+    if value.key_type() != key.ty {
+        return Err(EntityKeyError::WrongType { join_key: key.name.clone(), want: key.ty, got: value.key_type() });
+    }
+    let len = match value {
+        KeyValue::Int64(_) => 8,
+        KeyValue::String(s) => s.len(),
+        KeyValue::Bytes(b) => b.len(),
+    };
+    if len > max_len {
+        return Err(EntityKeyError::TooLong { join_key: key.name.clone(), len, max: max_len });
+    }
+    Ok(())
 }
 
 /// The value of one join key, owned (decoded from a key).

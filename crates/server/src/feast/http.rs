@@ -211,7 +211,8 @@ async fn read(api: &Feast, body: &[u8]) -> Answer {
     let request: OnlineFeaturesRequest = parse_body(body)?;
     let mut entities = HashMap::with_capacity(request.entities.0.len());
     for (name, values) in &request.entities.0 {
-        let ty = join_key_type(&api.registry, name);
+        // A column no entity has is no view's business: it is only echoed.
+        let Some(ty) = join_key_type(&api.registry, name) else { continue };
         let values = values
             .iter()
             .enumerate()
@@ -231,15 +232,13 @@ async fn read(api: &Feast, body: &[u8]) -> Answer {
     Ok(([(header::CONTENT_TYPE, "application/json")], body).into_response())
 }
 
-/// The type of a join key of that name in the registry (string where no
-/// entity declares it: the request is refused later, naming the view).
-fn join_key_type(registry: &Registry, name: &str) -> strata_core::KeyType {
-    registry
-        .entities()
-        .iter()
-        .flat_map(|e| e.join_keys())
-        .find(|k| k.name == name)
-        .map_or(strata_core::KeyType::String, |k| k.ty)
+/// The type of a join key of that name in the registry (`entity_key`, the
+/// key of views without an entity, is a string); `None` if no entity has it.
+fn join_key_type(registry: &Registry, name: &str) -> Option<strata_core::KeyType> {
+    if name == "entity_key" {
+        return Some(strata_core::KeyType::String);
+    }
+    registry.entities().iter().flat_map(|e| e.join_keys()).find(|k| k.name == name).map(|k| k.ty)
 }
 
 fn entity_error(join_key: &str, row: usize, message: &str) -> FeastError {
