@@ -246,50 +246,84 @@ fn entity_error(join_key: &str, row: usize, message: &str) -> FeastError {
 }
 
 /// Feast's column-major answer: join-key columns first (as given,
-/// PRESENT), then one column per feature.
+/// PRESENT), then one column per feature. Written straight into the text:
+/// each key's cell is rendered once and copied onto its rows (a 100-row
+/// answer built as a `serde_json::Value` tree cost most of the call).
 fn online_response(entities: &[(String, Vec<Json>)], answer: &v1::GetFeatureVectorsResponse) -> String {
     // A one-value join-key list applies to every row (Strata's rule).
     let rows = entities.iter().map(|(_, v)| v.len()).max().unwrap_or(0);
-    let epoch = "1970-01-01T00:00:00Z";
+    const EPOCH: &str = "\"1970-01-01T00:00:00Z\"";
+    const PRESENT: &str = "\"PRESENT\"";
     let mut names: Vec<&str> = entities.iter().map(|(n, _)| n.as_str()).collect();
     names.extend(answer.feature_names.iter().map(String::as_str));
-    let mut results: Vec<Json> = entities
-        .iter()
-        .map(|(_, values)| {
-            let values = if values.len() == 1 { vec![values[0].clone(); rows] } else { values.clone() };
-            json!({ "values": values, "statuses": vec!["PRESENT"; rows], "event_timestamps": vec![epoch; rows] })
-        })
-        .collect();
-    let mut columns: Vec<Option<Json>> = vec![None; answer.feature_names.len()];
+    let mut out = String::with_capacity(64 + rows * names.len() * 40);
+    out.push_str("{\"metadata\":{\"feature_names\":");
+    out.push_str(&Json::from(names).to_string());
+    out.push_str("},\"results\":[");
+    for (_, values) in entities {
+        let rendered: Vec<String> = values.iter().map(Json::to_string).collect();
+        let cell = |row: usize| (rendered[if rendered.len() == 1 { 0 } else { row }].as_str(), PRESENT, EPOCH);
+        if !out.ends_with('[') {
+            out.push(',');
+        }
+        write_column(&mut out, (0..rows).map(cell));
+    }
+    let mut columns: Vec<String> = vec!["null".to_owned(); answer.feature_names.len()];
     for group in &answer.groups {
         for (i, &at) in group.features.iter().enumerate() {
-            let mut values = Vec::with_capacity(rows);
-            let mut statuses = Vec::with_capacity(rows);
-            let mut times = Vec::with_capacity(rows);
             // Each key's cell once; rows repeat it.
-            let cells: Vec<(Json, &str, Json)> = group
+            let cells: Vec<(String, String, String)> = group
                 .keys
                 .iter()
                 .map(|key| {
                     let status = v1::FeatureStatus::try_from(key.statuses[i]).unwrap_or_default();
                     let time = match key.event_time_micros {
-                        0 => epoch.to_owned(),
-                        micros => timestamp(micros),
+                        0 => EPOCH.to_owned(),
+                        micros => format!("\"{}\"", timestamp(micros)),
                     };
-                    (value_json(&value_from_wire(key.values[i].clone())), status_name(status), Json::String(time))
+                    let value = value_json(&value_from_wire(key.values[i].clone())).to_string();
+                    (value, format!("\"{}\"", status_name(status)), time)
                 })
                 .collect();
-            for &index in &group.row_keys {
-                let Some((value, status, time)) = cells.get(index as usize) else { continue };
-                values.push(value.clone());
-                statuses.push(*status);
-                times.push(time.clone());
-            }
-            columns[at as usize] = Some(json!({ "values": values, "statuses": statuses, "event_timestamps": times }));
+            let mut column = String::with_capacity(rows * 40);
+            write_column(
+                &mut column,
+                group.row_keys.iter().map(|&index| match cells.get(index as usize) {
+                    Some((value, status, time)) => (value.as_str(), status.as_str(), time.as_str()),
+                    None => ("null", "\"INVALID\"", EPOCH),
+                }),
+            );
+            columns[at as usize] = column;
         }
     }
-    results.extend(columns.into_iter().map(Option::unwrap_or_default));
-    json!({ "metadata": { "feature_names": names }, "results": results, "status": true }).to_string()
+    for column in columns {
+        if !out.ends_with('[') {
+            out.push(',');
+        }
+        out.push_str(&column);
+    }
+    out.push_str("],\"status\":true}");
+    out
+}
+
+/// One result column, `{"values": [...], "statuses": [...],
+/// "event_timestamps": [...]}`, from each row's rendered JSON.
+fn write_column<'a>(out: &mut String, cells: impl Iterator<Item = (&'a str, &'a str, &'a str)> + Clone) {
+    let list = |out: &mut String, items: &mut dyn Iterator<Item = &'a str>| {
+        for (i, item) in items.enumerate() {
+            if i > 0 {
+                out.push(',');
+            }
+            out.push_str(item);
+        }
+    };
+    out.push_str("{\"values\":[");
+    list(out, &mut cells.clone().map(|c| c.0));
+    out.push_str("],\"statuses\":[");
+    list(out, &mut cells.clone().map(|c| c.1));
+    out.push_str("],\"event_timestamps\":[");
+    list(out, &mut cells.map(|c| c.2));
+    out.push_str("]}");
 }
 
 /// Feast's status names. Feast has no word for "served from a cache while
@@ -410,6 +444,46 @@ mod tests {
         assert_eq!(timestamp(1_704_067_200_000_000), "2024-01-01T00:00:00Z");
         assert_eq!(timestamp(1_704_067_200_250_000), "2024-01-01T00:00:00.250Z");
         assert_eq!(timestamp(1_704_067_200_000_123), "2024-01-01T00:00:00.000123Z");
+    }
+
+    #[test]
+    fn the_answer_is_feasts_column_major_json_with_each_keys_cell_on_its_rows() {
+        let key = |value: Value, status: v1::FeatureStatus, micros: i64| v1::KeyFeatures {
+            values: vec![strata_proto::value_to_wire(&value)],
+            statuses: vec![status as i32],
+            event_time_micros: micros,
+            source: 0,
+        };
+        let answer = v1::GetFeatureVectorsResponse {
+            feature_names: vec!["trips".into()],
+            vectors: Vec::new(),
+            groups: vec![v1::FeatureGroup {
+                view: "v".into(),
+                features: vec![0],
+                keys: vec![
+                    key(Value::Int64(7), v1::FeatureStatus::Present, 1_704_067_200_000_000),
+                    key(Value::Null, v1::FeatureStatus::EntityNotFound, 0),
+                ],
+                row_keys: vec![0, 1, 0],
+            }],
+        };
+        let entities =
+            vec![("driver_id".to_owned(), vec![json!(1), json!(2), json!(1)]), ("c".to_owned(), vec![json!("x")])];
+        let text = online_response(&entities, &answer);
+        let epoch = "1970-01-01T00:00:00Z";
+        let at = "2024-01-01T00:00:00Z";
+        assert_eq!(
+            serde_json::from_str::<Json>(&text).unwrap(),
+            json!({
+                "metadata": {"feature_names": ["driver_id", "c", "trips"]},
+                "results": [
+                    {"values": [1, 2, 1], "statuses": ["PRESENT", "PRESENT", "PRESENT"], "event_timestamps": [epoch, epoch, epoch]},
+                    {"values": ["x", "x", "x"], "statuses": ["PRESENT", "PRESENT", "PRESENT"], "event_timestamps": [epoch, epoch, epoch]},
+                    {"values": [7, null, 7], "statuses": ["PRESENT", "NOT_FOUND", "PRESENT"], "event_timestamps": [at, epoch, at]},
+                ],
+                "status": true
+            })
+        );
     }
 
     #[test]
