@@ -16,7 +16,7 @@ use serde_json::{Value as Json, json};
 use strata_core::KeyType;
 use strata_proto::v1::{self, value::Kind};
 use strata_server::config::FileConfig;
-use strata_tests::wire::v;
+use strata_tests::wire::{ts, v};
 use strata_tests::{Env, client, integration_tests, repo_root, strata_binary};
 
 integration_tests!(
@@ -106,7 +106,9 @@ fn seed_files() -> Json {
             "event_timestamp": [ago(3_600), ago(7_200), "2014-01-01T00:00:00"],
             "conv_rate": [0.5, 0.25, 0.1], "trips": [10, 20, 30], "name": ["ann", "bob", null],
             "active": [true, false, true], "raw": [null, null, null],
-            "emb": [[0.1, 0.2], [1.5], [2.5, -1.0]], "ids": [[1, 2], [3], [4]]
+            "emb": [[0.1, 0.2], [1.5], [2.5, -1.0]], "ids": [[1, 2], [3], [4]],
+            "rank": [1, -2, 3], "score": [0.1, 2.5, -1.0],
+            "seen": ["2024-01-01T00:00:00", "1969-12-31T23:59:59", "2014-01-01T00:00:00"]
         },
         "customer": {
             "customer_id": ["a", "b"], "event_timestamp": [ago(3_600), ago(3_600)],
@@ -119,7 +121,7 @@ fn seed_files() -> Json {
     })
 }
 
-const ALL_FEATURES: [&str; 9] = [
+const ALL_FEATURES: [&str; 12] = [
     "fe_driver:conv_rate",
     "fe_driver:trips",
     "fe_driver:name",
@@ -127,6 +129,9 @@ const ALL_FEATURES: [&str; 9] = [
     "fe_driver:raw",
     "fe_driver:emb",
     "fe_driver:ids",
+    "fe_driver:rank",
+    "fe_driver:score",
+    "fe_driver:seen",
     "fe_customer:tier",
     "fe_pair:orders",
 ];
@@ -179,6 +184,12 @@ async fn the_feast_sdk_reads_by_list_and_by_service_what_feasts_own_redis_store_
         "float32 widened as Feast does: {dict}"
     );
     ensure!(ours[3]["dict"]["fe_pair__orders"] == json!([7, null]), "{}", ours[3]["dict"]);
+    // An int32 and a float32 keep their width: the float32 comes back as
+    // Feast's own store gives it, widened from 32 bits; a timestamp in
+    // Feast's Unix seconds.
+    ensure!(dict["rank"] == json!([1, -2, 3, null]), "{dict}");
+    ensure!(dict["score"][0] == json!(0.10000000149011612), "{dict}");
+    ensure!(dict["seen"] == json!([1_704_067_200, -1, 1_388_534_400, null]), "{dict}");
 
     // Statuses: Strata's are what happened. (Feast's own store says PRESENT
     // for every cell here, missing rows and the expired one included.)
@@ -258,7 +269,8 @@ async fn the_feast_sdk_writes_and_pushes_through_strata_and_strata_serves_them(e
     let driver = |id: i64, trips: i64, at: &str| {
         json!({
             "driver_id": [id], "event_timestamp": [at], "conv_rate": [0.75], "trips": [trips],
-            "name": ["p"], "active": [true], "raw": [null], "emb": [[0.5]], "ids": [[9]]
+            "name": ["p"], "active": [true], "raw": [null], "emb": [[0.5]], "ids": [[9]],
+            "rank": [id], "score": [0.75], "seen": ["2024-06-01T12:00:00"]
         })
     };
     let (now, earlier) = (ago(60), ago(600));
@@ -317,7 +329,7 @@ async fn the_feast_sdk_writes_and_pushes_through_strata_and_strata_serves_them(e
     let mut c = client(&server).await?;
     let ids: Vec<v1::Value> = [21, 22, 23].into_iter().map(|id| v(Kind::Int64Value(id))).collect();
     let request = v1::GetFeatureVectorsRequest {
-        features: vec!["fe_driver:trips".into(), "fe_driver:emb".into()],
+        features: ["trips", "emb", "rank", "score", "seen"].iter().map(|f| format!("fe_driver:{f}")).collect(),
         entities: [("driver_id".to_owned(), v1::JoinKeyColumn { values: ids })].into(),
         ..Default::default()
     };
@@ -326,6 +338,11 @@ async fn the_feast_sdk_writes_and_pushes_through_strata_and_strata_serves_them(e
     ensure!(trips == [&v(Kind::Int64Value(5)), &v(Kind::Int64Value(6)), &v(Kind::Int64Value(1))], "{trips:?}");
     let emb = &answer.vectors[0].values[1];
     ensure!(*emb == v(Kind::FloatListValue(v1::FloatList { values: vec![0.5] })), "{emb:?}");
+    let typed = &answer.vectors[0].values[2..];
+    ensure!(
+        typed == [v(Kind::Int32Value(21)), v(Kind::FloatValue(0.75)), v(Kind::TimestampValue(ts(1_717_243_200, 0)))],
+        "an int32, a float32 and a timestamp pushed by the SDK keep their types: {typed:?}"
+    );
     server.shutdown().await;
     Ok(())
 }
@@ -528,7 +545,8 @@ async fn feasts_generated_grpc_stubs_read_write_and_push_through_both_feast_serv
             "WriteToOnlineStore",
             json!({"feature_view_name": "fe_driver", "features": {
                 "driver_id": "41", "trips": "12", "conv_rate": "0.5", "name": "g", "active": "true",
-                "emb": "[0.5, 1.5]", "ids": "[1]", "event_timestamp": ago(60)
+                "emb": "[0.5, 1.5]", "ids": "[1]", "rank": "-7", "score": "0.25", "seen": "1700000000",
+                "event_timestamp": ago(60)
             }}),
         ),
         // A typed row through the push source.
@@ -594,6 +612,14 @@ async fn feasts_generated_grpc_stubs_read_write_and_push_through_both_feast_serv
             "GetOnlineFeatures",
             read(json!({"features": {"val": ["fe_driver:trips"]}}), json!({"driver_id": ids(&[43])})),
         ),
+        call(
+            "GrpcFeatureServer",
+            "GetOnlineFeatures",
+            read(
+                json!({"features": {"val": ["fe_driver:rank", "fe_driver:score", "fe_driver:seen"]}}),
+                json!({"driver_id": ids(&[41])}),
+            ),
+        ),
     ];
     let addr = server.grpc_addr().to_string();
     let results = strata.run(json!([{"cmd": "grpc", "addr": addr, "calls": calls}])).await?;
@@ -654,6 +680,13 @@ async fn feasts_generated_grpc_stubs_read_write_and_push_through_both_feast_serv
         ok(10)?["results"][1]["statuses"] == json!(["NOT_FOUND"]),
         "nothing of the refused writes: {}",
         answers[10]
+    );
+    let answer = ok(11)?;
+    let typed: Vec<&Json> = (1..4).map(|c| &answer["results"][c]["values"][0]).collect();
+    ensure!(
+        typed == [&json!({"int32_val": -7}), &json!({"float_val": 0.25}), &json!({"unix_timestamp_val": "1700000000"})],
+        "each type in its own field: {}",
+        answers[11]
     );
     server.shutdown().await;
     Ok(())

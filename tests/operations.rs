@@ -557,6 +557,9 @@ async fn the_python_client_example_reads_typed_rows(env: &'static Env) -> Result
                 ("b", v(Kind::BoolValue(true))),
                 ("emb", v(Kind::FloatListValue(v1::FloatList { values: vec![0.5, -1.5] }))),
                 ("ids", v(Kind::Int64ListValue(v1::Int64List { values: vec![1, 2, 3] }))),
+                ("i32", v(Kind::Int32Value(7))),
+                ("f", v(Kind::FloatValue(0.5))),
+                ("at", v(Kind::TimestampValue(ts(1_700_000_000, 250_000_000)))),
             ],
         )],
     ))
@@ -585,6 +588,7 @@ async fn the_python_client_example_reads_typed_rows(env: &'static Env) -> Result
     let f = &found["features"];
     ensure!(f["i"] == -42 && f["d"] == 0.25 && f["s"] == "grüße" && f["b"] == true, "{f}");
     ensure!(f["emb"] == serde_json::json!([0.5, -1.5]) && f["ids"] == serde_json::json!([1, 2, 3]), "{f}");
+    ensure!(f["i32"] == 7 && f["f"] == 0.5 && f["at"] == "2023-11-14T22:13:20.250000Z", "{f}");
     ensure!(f["raw"].is_null(), "an unset feature is null: {f}");
     ensure!(rows[1]["status"] == "NOT_FOUND", "{}", rows[1]);
 

@@ -32,6 +32,10 @@ async fn written_rows_read_back_with_equal_values_types_status_and_event_time(en
         ("raw", v(Kind::BytesValue(vec![0, 1, 255]))),
         ("emb", v(Kind::FloatListValue(v1::FloatList { values: vec![0.5, -1.25, 3.0e-8] }))),
         ("ids", v(Kind::Int64ListValue(v1::Int64List { values: vec![7, -7, i64::MAX] }))),
+        ("i32", v(Kind::Int32Value(i32::MIN))),
+        // Not a double: its 32 bits come back as they went.
+        ("f", v(Kind::FloatValue(0.1))),
+        ("at", v(Kind::TimestampValue(ts(-1, 999_999_000)))),
     ];
     let sparse =
         vec![("i", v(Kind::Int64Value(1))), ("s", null()), ("emb", v(Kind::FloatListValue(v1::FloatList::default())))];
@@ -52,7 +56,11 @@ async fn written_rows_read_back_with_equal_values_types_status_and_event_time(en
     for _ in 0..2 {
         let answer = c.get_features(get("typed", &["rt:sparse ключ", "rt:missing", "rt:full", "rt:full"], &[])).await?;
         let answer = answer.into_inner();
-        ensure!(answer.features == ["i", "d", "s", "b", "raw", "emb", "ids"], "columns {:?}", answer.features);
+        ensure!(
+            answer.features == ["i", "d", "s", "b", "raw", "emb", "ids", "i32", "f", "at"],
+            "columns {:?}",
+            answer.features
+        );
         ensure!(answer.rows.len() == 4, "one row per requested key");
         let keys: Vec<&str> = answer.rows.iter().map(|r| r.entity_key.as_str()).collect();
         ensure!(keys == ["rt:sparse ключ", "rt:missing", "rt:full", "rt:full"], "request order: {keys:?}");
@@ -75,12 +83,15 @@ async fn written_rows_read_back_with_equal_values_types_status_and_event_time(en
             null(),
             v(Kind::FloatListValue(v1::FloatList::default())),
             null(),
+            null(),
+            null(),
+            null(),
         ];
         ensure!(sparse_row.values == expected_sparse, "left-out features are null: {:?}", sparse_row.values);
 
         let missing = &answer.rows[1];
         ensure!(status(missing) == v1::RowStatus::NotFound && missing.event_time.is_none());
-        ensure!(missing.values == vec![null(); 7], "a missing row has one null per column");
+        ensure!(missing.values == vec![null(); 10], "a missing row has one null per column");
     }
 
     // A projection answers the named features in the order asked.

@@ -13,12 +13,14 @@ The test suite runs this file against a real stack (tests/operations.rs).
 
 from __future__ import annotations
 
+import base64
 import hashlib
 import importlib
 import json
 import os
 import sys
 import tempfile
+from datetime import datetime, timezone
 from typing import Any
 
 import grpc
@@ -68,6 +70,8 @@ def _value(v) -> Any:
         return list(v.float_list_value.values)
     if kind == "int64_list_value":
         return list(v.int64_list_value.values)
+    if kind == "timestamp_value":
+        return v.timestamp_value.ToDatetime(tzinfo=timezone.utc)
     return getattr(v, kind)
 
 
@@ -165,6 +169,15 @@ def _join_keys(args: list[str]) -> dict[str, list]:
     return {name: v * rows if len(v) == 1 else v for name, v in columns.items()}
 
 
+def _json_default(value: Any) -> Any:
+    """Timestamps as RFC 3339, bytes as base64, for printing rows as JSON."""
+    if isinstance(value, datetime):
+        return value.isoformat().replace("+00:00", "Z")
+    if isinstance(value, bytes):
+        return base64.b64encode(value).decode()
+    raise TypeError(f"{type(value).__name__} is not JSON serializable")
+
+
 def main(argv: list[str]) -> int:
     if len(argv) < 4:
         print("usage: strata_client.py HOST:PORT VIEW KEY...\n"
@@ -177,7 +190,7 @@ def main(argv: list[str]) -> int:
         else:
             rows = client.get(argv[2], argv[3:])
         for row in rows:
-            print(json.dumps(row))
+            print(json.dumps(row, default=_json_default))
     except grpc.RpcError as error:
         print(f"error: {error.code().name}: {error.details()}", file=sys.stderr)
         return 1

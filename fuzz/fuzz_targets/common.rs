@@ -19,6 +19,9 @@ pub fn registry() -> &'static Registry {
             ("raw", FeatureType::Bytes),
             ("emb", FeatureType::FloatList),
             ("ids", FeatureType::Int64List),
+            ("i32", FeatureType::Int32),
+            ("f", FeatureType::Float),
+            ("at", FeatureType::Timestamp),
         ];
         let spec = FeatureViewSpec::new(
             "v",

@@ -16,7 +16,10 @@ prints a JSON list of their results:
   grpc         {"addr": HOST:PORT, "calls": [{"service", "method", "request"}]}: Feast's generated
                gRPC stubs; per call {"ok": answer} or {"code": STATUS, "details": TEXT}
 
-Rows are column-wise; "event_timestamp" columns are ISO 8601 in UTC.
+Rows are column-wise; "event_timestamp", "created" and "seen" columns are ISO 8601
+in UTC. In results, datetimes are Unix seconds: Feast 0.67's remote client
+gives a timestamp feature as the seconds it reads (as from Feast's own server),
+its Redis store as a datetime.
 A step that raises gives {"error": CLASS, "message": TEXT} and the next
 steps still run, so the test can check which exception the SDK raised.
 """
@@ -33,7 +36,7 @@ from feast.protos.feast.serving.ServingService_pb2 import FieldStatus
 
 def frame(rows):
     df = pd.DataFrame(rows)
-    for column in ("event_timestamp", "created"):
+    for column in ("event_timestamp", "created", "seen"):
         if column in df:
             df[column] = pd.to_datetime(df[column], utc=True)
     if "raw" in df:
@@ -52,7 +55,10 @@ class _Quiet:
 
 
 def plain(value):
-    """A to_dict() value as JSON: bytes in base64, floats as they are."""
+    """A to_dict() value as JSON: bytes in base64, datetimes in Unix seconds,
+    floats as they are."""
+    if isinstance(value, datetime):
+        return int(value.timestamp())
     if isinstance(value, bytes):
         return base64.b64encode(value).decode()
     if isinstance(value, list):

@@ -108,6 +108,9 @@ features = [
   { name = "raw", type = "bytes" },
   { name = "emb", type = "float_list" },
   { name = "ids", type = "int64_list" },
+  { name = "rank", type = "int32" },
+  { name = "score", type = "float" },
+  { name = "seen", type = "timestamp" },
 ]
 
 [[views]]
@@ -146,6 +149,9 @@ features = [
   { name = "raw", type = "bytes" },
   { name = "emb", type = "float_list" },
   { name = "ids", type = "int64_list" },
+  { name = "i32", type = "int32" },
+  { name = "f", type = "float" },
+  { name = "at", type = "timestamp" },
 ]
 
 [[views]]

@@ -133,6 +133,9 @@ mod tests {
                 Value::Bytes(vec![0, 255]),
                 Value::FloatList(vec![0.5, -1.5]),
                 Value::Int64List(vec![1, i64::MIN]),
+                Value::Int32(i32::MIN),
+                Value::Float(0.1),
+                Value::Timestamp(-1),
             ],
         }
     }

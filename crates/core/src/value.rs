@@ -15,10 +15,15 @@ pub enum FeatureType {
     /// A list of 32-bit floats, such as an embedding.
     FloatList,
     Int64List,
+    Int32,
+    /// A 32-bit float.
+    Float,
+    /// A point in time, to the microsecond (PostgreSQL's `timestamptz`).
+    Timestamp,
 }
 
 impl FeatureType {
-    pub const ALL: [FeatureType; 7] = [
+    pub const ALL: [FeatureType; 10] = [
         FeatureType::Int64,
         FeatureType::Double,
         FeatureType::String,
@@ -26,6 +31,9 @@ impl FeatureType {
         FeatureType::Bytes,
         FeatureType::FloatList,
         FeatureType::Int64List,
+        FeatureType::Int32,
+        FeatureType::Float,
+        FeatureType::Timestamp,
     ];
 
     /// The name used in configuration files and error messages.
@@ -38,6 +46,9 @@ impl FeatureType {
             FeatureType::Bytes => "bytes",
             FeatureType::FloatList => "float_list",
             FeatureType::Int64List => "int64_list",
+            FeatureType::Int32 => "int32",
+            FeatureType::Float => "float",
+            FeatureType::Timestamp => "timestamp",
         }
     }
 }
@@ -49,6 +60,8 @@ impl fmt::Display for FeatureType {
 }
 
 /// One feature value. `Null` is a valid value of every feature type.
+///
+/// New variants go last: cache entries hold a value's variant index.
 #[derive(Clone, Debug, PartialEq, Serialize, Deserialize)]
 pub enum Value {
     Null,
@@ -59,6 +72,11 @@ pub enum Value {
     Bytes(Vec<u8>),
     FloatList(Vec<f32>),
     Int64List(Vec<i64>),
+    Int32(i32),
+    Float(f32),
+    /// Microseconds since the Unix epoch, within the range of a protobuf
+    /// Timestamp (the same range as [`EventTime`]).
+    Timestamp(i64),
 }
 
 impl Value {
@@ -73,6 +91,9 @@ impl Value {
             Value::Bytes(_) => FeatureType::Bytes,
             Value::FloatList(_) => FeatureType::FloatList,
             Value::Int64List(_) => FeatureType::Int64List,
+            Value::Int32(_) => FeatureType::Int32,
+            Value::Float(_) => FeatureType::Float,
+            Value::Timestamp(_) => FeatureType::Timestamp,
         })
     }
 
@@ -84,21 +105,28 @@ impl Value {
     /// Approximate heap and inline size, for cache weighing.
     pub fn approx_bytes(&self) -> usize {
         let heap = match self {
-            Value::Null | Value::Int64(_) | Value::Double(_) | Value::Bool(_) => 0,
+            Value::Null
+            | Value::Int64(_)
+            | Value::Double(_)
+            | Value::Bool(_)
+            | Value::Int32(_)
+            | Value::Float(_)
+            | Value::Timestamp(_) => 0,
             _ => self.payload_bytes(),
         };
         size_of::<Value>() + heap
     }
 
     /// The bytes of the value itself: a string's or bytes' length, a list's
-    /// elements, 8 for a number, 1 for a bool, 0 for null. The per-value
+    /// elements, a number's width, 1 for a bool, 0 for null. The per-value
     /// limit is on this; an encoded value is at most this plus
     /// [`Value::MAX_WIRE_OVERHEAD`], whatever the encoding.
     pub fn payload_bytes(&self) -> usize {
         match self {
             Value::Null => 0,
             Value::Bool(_) => 1,
-            Value::Int64(_) | Value::Double(_) => 8,
+            Value::Int32(_) | Value::Float(_) => 4,
+            Value::Int64(_) | Value::Double(_) | Value::Timestamp(_) => 8,
             Value::String(s) => s.len(),
             Value::Bytes(b) => b.len(),
             Value::FloatList(v) => v.len() * 4,

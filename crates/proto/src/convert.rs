@@ -115,6 +115,8 @@ pub enum InvalidRequest {
     MissingEventTime { field: String },
     #[error("{field} is out of range (years 1 to 9999)")]
     BadEventTime { field: String },
+    #[error("{field}: timestamp out of range (years 1 to 9999, nanos 0 to 999999999)")]
+    BadTimestamp { field: String },
     #[error("{field}: expected {expected}, got {got}")]
     WrongType { field: String, expected: FeatureType, got: FeatureType },
     #[error(
@@ -203,6 +205,9 @@ pub(crate) fn key_value_from_wire(value: &v1::Value) -> Result<KeyValue<'_>, &'s
         Some(Kind::BoolValue(_)) => Err("bool"),
         Some(Kind::FloatListValue(_)) => Err("float_list"),
         Some(Kind::Int64ListValue(_)) => Err("int64_list"),
+        Some(Kind::Int32Value(_)) => Err("int32"),
+        Some(Kind::FloatValue(_)) => Err("float"),
+        Some(Kind::TimestampValue(_)) => Err("timestamp"),
     }
 }
 
@@ -358,7 +363,7 @@ pub fn write_request(
                 .ok_or_else(|| InvalidRequest::UnknownFeature { view: view.name.clone(), feature: echo(&name) })?;
             // A known feature's name is short: quoting it is safe.
             let field = || format!("rows[{i}].features[{name:?}]");
-            let value = value_from_wire(value);
+            let value = value_from_wire(value).ok_or_else(|| InvalidRequest::BadTimestamp { field: field() })?;
             let expected = view.features[position].ty;
             if let Some(got) = value.feature_type().filter(|got| *got != expected) {
                 return Err(InvalidRequest::WrongType { field: field(), expected, got });
@@ -439,9 +444,11 @@ pub fn delete_request(
     Ok(FeatureDelete { view, keys, requested, at })
 }
 
-pub fn value_from_wire(value: v1::Value) -> Value {
+/// A value from the wire; `None` for a timestamp outside the range of a
+/// protobuf Timestamp.
+pub fn value_from_wire(value: v1::Value) -> Option<Value> {
     use v1::value::Kind;
-    match value.kind {
+    Some(match value.kind {
         None | Some(Kind::NullValue(_)) => Value::Null,
         Some(Kind::Int64Value(v)) => Value::Int64(v),
         Some(Kind::DoubleValue(v)) => Value::Double(v),
@@ -450,7 +457,10 @@ pub fn value_from_wire(value: v1::Value) -> Value {
         Some(Kind::BytesValue(v)) => Value::Bytes(v),
         Some(Kind::FloatListValue(v)) => Value::FloatList(v.values),
         Some(Kind::Int64ListValue(v)) => Value::Int64List(v.values),
-    }
+        Some(Kind::Int32Value(v)) => Value::Int32(v),
+        Some(Kind::FloatValue(v)) => Value::Float(v),
+        Some(Kind::TimestampValue(t)) => Value::Timestamp(EventTime::from_parts(t.seconds, t.nanos)?.0),
+    })
 }
 
 pub fn value_to_wire(value: &Value) -> v1::Value {
@@ -464,6 +474,9 @@ pub fn value_to_wire(value: &Value) -> v1::Value {
         Value::Bytes(v) => Kind::BytesValue(v.clone()),
         Value::FloatList(v) => Kind::FloatListValue(v1::FloatList { values: v.clone() }),
         Value::Int64List(v) => Kind::Int64ListValue(v1::Int64List { values: v.clone() }),
+        Value::Int32(v) => Kind::Int32Value(*v),
+        Value::Float(v) => Kind::FloatValue(*v),
+        Value::Timestamp(micros) => Kind::TimestampValue(event_time_to_wire(EventTime(*micros))),
     };
     v1::Value { kind: Some(kind) }
 }
@@ -482,6 +495,9 @@ fn feature_type_to_wire(ty: FeatureType) -> v1::FeatureType {
         FeatureType::Bytes => v1::FeatureType::Bytes,
         FeatureType::FloatList => v1::FeatureType::FloatList,
         FeatureType::Int64List => v1::FeatureType::Int64List,
+        FeatureType::Int32 => v1::FeatureType::Int32,
+        FeatureType::Float => v1::FeatureType::Float,
+        FeatureType::Timestamp => v1::FeatureType::Timestamp,
     }
 }
 

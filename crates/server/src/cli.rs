@@ -183,7 +183,10 @@ fn source_name(row: &v1::FeatureRow) -> &'static str {
 }
 
 fn event_time(row: &v1::FeatureRow) -> Option<String> {
-    let t = row.event_time.as_ref()?;
+    rfc3339(row.event_time.as_ref()?)
+}
+
+fn rfc3339(t: &strata_proto::prost_types::Timestamp) -> Option<String> {
     let time = chrono::DateTime::from_timestamp(t.seconds, u32::try_from(t.nanos).unwrap_or(0))?;
     Some(time.to_rfc3339_opts(chrono::SecondsFormat::AutoSi, true))
 }
@@ -200,6 +203,9 @@ fn value_json(value: &v1::Value) -> Json {
         Some(Kind::BytesValue(b)) => json!(base64::engine::general_purpose::STANDARD.encode(b)),
         Some(Kind::FloatListValue(l)) => json!(l.values),
         Some(Kind::Int64ListValue(l)) => json!(l.values),
+        Some(Kind::Int32Value(n)) => json!(n),
+        Some(Kind::FloatValue(x)) => json!(x),
+        Some(Kind::TimestampValue(t)) => rfc3339(t).map_or(Json::Null, Json::String),
     }
 }
 

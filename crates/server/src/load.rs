@@ -27,7 +27,7 @@ use futures::StreamExt as _;
 use indicatif::{ProgressBar, ProgressDrawTarget, ProgressStyle};
 use strata_cache_tiers::L2Cache;
 use strata_core::{EventTime, FeatureType, FeatureView, KeyType, OwnedKeyValue, Row, Value};
-use strata_proto::Limits;
+use strata_proto::{Limits, echo};
 use strata_shard_router::ShardRouter;
 use tokio::sync::mpsc;
 
@@ -631,13 +631,23 @@ fn finish_row(key: Option<String>, time: Option<EventTime>, values: Vec<Value>, 
     Ok((key, Row { event_time, values }))
 }
 
-/// An event time: RFC 3339 (`2026-01-01T00:00:00Z`, any offset) or Unix
-/// seconds with an optional fraction (`1767225600.25`).
+/// An event time: RFC 3339 (`2026-01-01T00:00:00Z`, any offset), ISO 8601
+/// without an offset read as UTC (`2026-01-01T00:00:00`, as pandas writes
+/// times), or Unix seconds with an optional fraction (`1767225600.25`).
 pub fn parse_time(text: &str) -> Result<EventTime, String> {
+    parse_instant(text).map_err(|e| format!("event_time {e}"))
+}
+
+/// A point in time written as [`parse_time`] reads it; the error names
+/// only the text.
+pub(crate) fn parse_instant(text: &str) -> Result<EventTime, String> {
     let text = text.trim();
-    let bad = || format!("event_time {text:?} is neither RFC 3339 nor Unix seconds");
+    let bad = || format!("{} is neither RFC 3339 nor Unix seconds", echo(text));
     let time = if let Ok(t) = chrono::DateTime::parse_from_rfc3339(text) {
         EventTime::from_parts(t.timestamp(), t.timestamp_subsec_nanos() as i32)
+    } else if let Ok(naive) = chrono::NaiveDateTime::parse_from_str(text, "%Y-%m-%dT%H:%M:%S%.f") {
+        let utc = naive.and_utc();
+        EventTime::from_parts(utc.timestamp(), utc.timestamp_subsec_nanos() as i32)
     } else if let Ok(seconds) = text.parse::<i64>() {
         EventTime::from_parts(seconds, 0)
     } else if let Ok(seconds) =
@@ -648,11 +658,12 @@ pub fn parse_time(text: &str) -> Result<EventTime, String> {
     } else {
         return Err(bad());
     };
-    time.ok_or_else(|| format!("event_time {text:?} is out of range (years 1 to 9999)"))
+    time.ok_or_else(|| format!("{} is out of range (years 1 to 9999)", echo(text)))
 }
 
 /// A CSV cell as a value of `ty`; an empty cell is null. Lists are JSON
-/// arrays (`[0.5, 1.5]`), bytes are base64.
+/// arrays (`[0.5, 1.5]`), bytes are base64, timestamps as [`parse_time`]
+/// reads them.
 fn parse_cell(cell: &str, ty: FeatureType) -> Result<Value, String> {
     if cell.is_empty() {
         return Ok(Value::Null);
@@ -660,7 +671,10 @@ fn parse_cell(cell: &str, ty: FeatureType) -> Result<Value, String> {
     let bad = || format!("{cell:?} is not a valid {ty}");
     Ok(match ty {
         FeatureType::Int64 => Value::Int64(cell.trim().parse().map_err(|_| bad())?),
+        FeatureType::Int32 => Value::Int32(cell.trim().parse().map_err(|_| bad())?),
         FeatureType::Double => Value::Double(cell.trim().parse().map_err(|_| bad())?),
+        FeatureType::Float => Value::Float(cell.trim().parse().map_err(|_| bad())?),
+        FeatureType::Timestamp => Value::Timestamp(parse_instant(cell)?.0),
         FeatureType::String => {
             if cell.contains('\0') {
                 return Err("contains a NUL character".into());
@@ -679,13 +693,29 @@ fn parse_cell(cell: &str, ty: FeatureType) -> Result<Value, String> {
     })
 }
 
+/// A JSON value as a value of `ty`: numbers for numbers (a 32-bit float is
+/// the nearest to the number), base64 for bytes, arrays for lists, and a
+/// timestamp as text [`parse_time`] reads or a number of Unix seconds.
 pub(crate) fn json_value(value: serde_json::Value, ty: FeatureType) -> Result<Value, String> {
     use serde_json::Value as J;
-    let bad = |v: &J| format!("{v} is not a valid {ty}");
+    let bad = |v: &J| {
+        // JSON text quotes itself; only a long one is cut (and quoted).
+        let text = v.to_string();
+        let text = if text.len() <= 64 { text } else { echo(&text) };
+        format!("{text} is not a valid {ty}")
+    };
     Ok(match (ty, value) {
         (_, J::Null) => Value::Null,
         (FeatureType::Int64, J::Number(n)) => Value::Int64(n.as_i64().ok_or_else(|| bad(&J::Number(n.clone())))?),
+        (FeatureType::Int32, J::Number(n)) => {
+            Value::Int32(n.as_i64().and_then(|n| i32::try_from(n).ok()).ok_or_else(|| bad(&J::Number(n.clone())))?)
+        }
         (FeatureType::Double, J::Number(n)) => Value::Double(n.as_f64().ok_or_else(|| bad(&J::Number(n.clone())))?),
+        (FeatureType::Float, J::Number(n)) => {
+            Value::Float(n.as_f64().map(|f| f as f32).ok_or_else(|| bad(&J::Number(n.clone())))?)
+        }
+        (FeatureType::Timestamp, J::String(s)) => Value::Timestamp(parse_instant(&s)?.0),
+        (FeatureType::Timestamp, J::Number(n)) => Value::Timestamp(parse_instant(&n.to_string())?.0),
         (FeatureType::String, J::String(s)) => {
             if s.contains('\0') {
                 return Err("contains a NUL character".into());
@@ -708,6 +738,7 @@ pub(crate) fn json_value(value: serde_json::Value, ty: FeatureType) -> Result<Va
 
 #[cfg(test)]
 mod tests {
+    use serde_json::json;
     use strata_core::{FeatureSpec, FeatureViewSpec, Registry};
 
     use super::*;
@@ -777,6 +808,36 @@ mod tests {
                 (7, "entity_key is empty"),
             ]
         );
+    }
+
+    #[test]
+    fn int32_float_and_timestamp_values_parse_at_their_width() {
+        assert_eq!(parse_cell("-7", FeatureType::Int32), Ok(Value::Int32(-7)));
+        assert_eq!(parse_cell("0.1", FeatureType::Float), Ok(Value::Float(0.1)));
+        assert_eq!(
+            parse_cell("2026-01-01T00:00:00.25Z", FeatureType::Timestamp),
+            Ok(Value::Timestamp(1_767_225_600_250_000))
+        );
+        assert_eq!(
+            parse_cell("2026-01-01T00:00:00", FeatureType::Timestamp),
+            Ok(Value::Timestamp(1_767_225_600_000_000)),
+            "no offset is UTC"
+        );
+        assert_eq!(parse_cell("-1", FeatureType::Timestamp), Ok(Value::Timestamp(-1_000_000)), "Unix seconds");
+        assert_eq!(parse_cell("3000000000", FeatureType::Int32), Err("\"3000000000\" is not a valid int32".into()));
+        assert_eq!(json_value(json!(-7), FeatureType::Int32), Ok(Value::Int32(-7)));
+        assert_eq!(
+            json_value(json!(3_000_000_000_i64), FeatureType::Int32),
+            Err("3000000000 is not a valid int32".into())
+        );
+        assert_eq!(json_value(json!(0.1), FeatureType::Float), Ok(Value::Float(0.1)));
+        assert_eq!(
+            json_value(json!(1_700_000_000), FeatureType::Timestamp),
+            Ok(Value::Timestamp(1_700_000_000_000_000))
+        );
+        assert_eq!(json_value(json!("1970-01-01T00:00:01Z"), FeatureType::Timestamp), Ok(Value::Timestamp(1_000_000)));
+        assert!(json_value(json!(1e300), FeatureType::Timestamp).unwrap_err().contains("out of range"));
+        assert!(json_value(json!(true), FeatureType::Timestamp).is_err());
     }
 
     #[test]

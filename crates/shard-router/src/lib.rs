@@ -661,7 +661,8 @@ impl Shard {
         for chunk in rows.chunks(sql::upsert_chunk_rows(view)) {
             let times: Vec<_> = chunk.iter().map(|(_, row)| row.event_time.to_system_time()).collect();
             let keys = sql::key_values(view, chunk.iter().map(|(key, _)| key));
-            let params = sql::upsert_params(view, chunk, &times, &keys);
+            let stamps = sql::timestamps(view, chunk.iter().map(|(_, row)| row));
+            let params = sql::upsert_params(view, chunk, &times, &keys, &stamps);
             let applied = tx.query(&sql::upsert(view, chunk.len()), &params).await.map_err(|e| self.query_error(e))?;
             written.extend(applied.iter().map(|r| r.get::<_, String>(0)));
         }
@@ -713,6 +714,8 @@ impl Shard {
             .chain(view.features.iter().map(|f| sql::pg_type(f.ty)))
             .collect();
         let join_keys = sql::key_values(view, rows.iter().map(|(key, _)| key));
+        let stamps = sql::timestamps(view, rows.iter().map(|(_, row)| row));
+        let mut stamps = stamps.iter();
         let writer = BinaryCopyInWriter::new(sink, &types);
         futures::pin_mut!(writer);
         for (i, (key, row)) in rows.iter().enumerate() {
@@ -733,7 +736,7 @@ impl Shard {
             values.extend(sql::key_params(view, join_keys.get(i)));
             values.push(&time);
             for (feature, value) in view.features.iter().zip(&row.values) {
-                values.push(sql::param(feature.ty, value));
+                values.push(sql::param(feature.ty, value, &mut stamps));
             }
             writer.as_mut().write(&values).await.map_err(|e| self.query_error(e))?;
         }

@@ -24,7 +24,8 @@ pub(crate) fn table(view: &FeatureView) -> String {
     format!("strata.\"{}\"", view.name)
 }
 
-/// The column type of a feature.
+/// The column type of a feature, as `format_type` names it (the schema
+/// check compares the two).
 pub(crate) fn column_type(ty: FeatureType) -> &'static str {
     match ty {
         FeatureType::Int64 => "bigint",
@@ -34,6 +35,9 @@ pub(crate) fn column_type(ty: FeatureType) -> &'static str {
         FeatureType::Bytes => "bytea",
         FeatureType::FloatList => "real[]",
         FeatureType::Int64List => "bigint[]",
+        FeatureType::Int32 => "integer",
+        FeatureType::Float => "real",
+        FeatureType::Timestamp => "timestamp with time zone",
     }
 }
 
@@ -131,6 +135,9 @@ pub(crate) fn pg_type(ty: FeatureType) -> Type {
         FeatureType::Bytes => Type::BYTEA,
         FeatureType::FloatList => Type::FLOAT4_ARRAY,
         FeatureType::Int64List => Type::INT8_ARRAY,
+        FeatureType::Int32 => Type::INT4,
+        FeatureType::Float => Type::FLOAT4,
+        FeatureType::Timestamp => Type::TIMESTAMPTZ,
     }
 }
 
@@ -264,24 +271,52 @@ static NULL_BOOL: Option<bool> = None;
 static NULL_BYTES: Option<Vec<u8>> = None;
 static NULL_FLOAT_LIST: Option<Vec<f32>> = None;
 static NULL_INT64_LIST: Option<Vec<i64>> = None;
+static NULL_INT32: Option<i32> = None;
+static NULL_FLOAT: Option<f32> = None;
+static NULL_TIMESTAMP: Option<SystemTime> = None;
+
+/// The values of the timestamp features of `rows`, in row and feature
+/// order, as bind parameters: [`param`] borrows every other value from its
+/// row, but a timestamp is bound as a `SystemTime`, converted here once.
+/// Empty for a view without timestamp features.
+pub(crate) fn timestamps<'r>(view: &FeatureView, rows: impl IntoIterator<Item = &'r Row>) -> Vec<Option<SystemTime>> {
+    let columns: Vec<usize> =
+        view.features.iter().enumerate().filter(|(_, f)| f.ty == FeatureType::Timestamp).map(|(i, _)| i).collect();
+    if columns.is_empty() {
+        return Vec::new();
+    }
+    let mut out = Vec::new();
+    for row in rows {
+        for &c in &columns {
+            out.push(match row.values.get(c) {
+                Some(Value::Timestamp(micros)) => Some(EventTime(*micros).to_system_time()),
+                _ => None,
+            });
+        }
+    }
+    out
+}
 
 /// The bind parameters of [`upsert`], borrowing from the rows. `times` holds
-/// each row's event time, converted once by the caller, and `keys` each
-/// row's join key values ([`key_values`]).
+/// each row's event time, converted once by the caller, `keys` each row's
+/// join key values ([`key_values`]) and `stamps` its timestamp features'
+/// values ([`timestamps`]).
 pub(crate) fn upsert_params<'a>(
     view: &FeatureView,
     rows: &'a [&'a (String, Row)],
     times: &'a [SystemTime],
     keys: &'a [Vec<OwnedKeyValue>],
+    stamps: &'a [Option<SystemTime>],
 ) -> Vec<&'a (dyn ToSql + Sync)> {
     let width = view.features.len() + key_columns(view).len() + 2;
     let mut params: Vec<&(dyn ToSql + Sync)> = Vec::with_capacity(rows.len() * width);
+    let mut stamps = stamps.iter();
     for (i, ((key, row), time)) in rows.iter().map(|r| (&r.0, &r.1)).zip(times).enumerate() {
         params.push(key);
         params.extend(key_params(view, keys.get(i)));
         params.push(time);
         for (feature, value) in view.features.iter().zip(&row.values) {
-            params.push(param(feature.ty, value));
+            params.push(param(feature.ty, value, &mut stamps));
         }
     }
     params
@@ -289,8 +324,14 @@ pub(crate) fn upsert_params<'a>(
 
 /// A value as a bind parameter of its feature's column type. Values were
 /// checked against the view before they got here; a mismatch binds null.
-pub(crate) fn param(ty: FeatureType, value: &Value) -> &(dyn ToSql + Sync) {
+/// A timestamp feature takes the next of `stamps` ([`timestamps`]).
+pub(crate) fn param<'a>(
+    ty: FeatureType,
+    value: &'a Value,
+    stamps: &mut std::slice::Iter<'a, Option<SystemTime>>,
+) -> &'a (dyn ToSql + Sync) {
     match (ty, value) {
+        (FeatureType::Timestamp, _) => stamps.next().unwrap_or(&NULL_TIMESTAMP),
         (FeatureType::Int64, Value::Int64(v)) => v,
         (FeatureType::Double, Value::Double(v)) => v,
         (FeatureType::String, Value::String(v)) => v,
@@ -298,6 +339,8 @@ pub(crate) fn param(ty: FeatureType, value: &Value) -> &(dyn ToSql + Sync) {
         (FeatureType::Bytes, Value::Bytes(v)) => v,
         (FeatureType::FloatList, Value::FloatList(v)) => v,
         (FeatureType::Int64List, Value::Int64List(v)) => v,
+        (FeatureType::Int32, Value::Int32(v)) => v,
+        (FeatureType::Float, Value::Float(v)) => v,
         (FeatureType::Int64, _) => &NULL_INT64,
         (FeatureType::Double, _) => &NULL_DOUBLE,
         (FeatureType::String, _) => &NULL_STRING,
@@ -305,6 +348,8 @@ pub(crate) fn param(ty: FeatureType, value: &Value) -> &(dyn ToSql + Sync) {
         (FeatureType::Bytes, _) => &NULL_BYTES,
         (FeatureType::FloatList, _) => &NULL_FLOAT_LIST,
         (FeatureType::Int64List, _) => &NULL_INT64_LIST,
+        (FeatureType::Int32, _) => &NULL_INT32,
+        (FeatureType::Float, _) => &NULL_FLOAT,
     }
 }
 
@@ -343,6 +388,11 @@ fn decode_selected(view: &FeatureView, key: &str, row: &tokio_postgres::Row) -> 
             FeatureType::Bytes => row.try_get::<_, Option<Vec<u8>>>(col).map(|v| v.map(Value::Bytes)),
             FeatureType::FloatList => row.try_get::<_, Option<Vec<f32>>>(col).map(|v| v.map(Value::FloatList)),
             FeatureType::Int64List => row.try_get::<_, Option<Vec<i64>>>(col).map(|v| v.map(Value::Int64List)),
+            FeatureType::Int32 => row.try_get::<_, Option<i32>>(col).map(|v| v.map(Value::Int32)),
+            FeatureType::Float => row.try_get::<_, Option<f32>>(col).map(|v| v.map(Value::Float)),
+            FeatureType::Timestamp => row
+                .try_get::<_, Option<SystemTime>>(col)
+                .map(|v| v.map(|t| Value::Timestamp(EventTime::from_system_time(t).0))),
         }
         .map_err(|e| format!("key {key:?}, feature {}: {e}", feature.name))?;
         values.push(value.unwrap_or(Value::Null));

@@ -1,10 +1,11 @@
 # The Feast repo of tests/feast.rs: an int64 and a string entity, a view
-# keyed by both, a push source and a feature service. Strata's test config
+# keyed by both, a push source, a feature service, and a feature of every
+# type Strata stores. Strata's test config
 # (tests/support/lib.rs, TEST_VIEWS) declares the same views.
 from datetime import timedelta
 
 from feast import Entity, FeatureService, FeatureView, Field, FileSource, PushSource
-from feast.types import Array, Bool, Bytes, Float32, Float64, Int64, String
+from feast.types import Array, Bool, Bytes, Float32, Float64, Int32, Int64, String, UnixTimestamp
 from feast.value_type import ValueType
 
 driver = Entity(name="driver", join_keys=["driver_id"], value_type=ValueType.INT64)
@@ -25,6 +26,9 @@ fe_driver = FeatureView(
         Field(name="raw", dtype=Bytes),
         Field(name="emb", dtype=Array(Float32)),
         Field(name="ids", dtype=Array(Int64)),
+        Field(name="rank", dtype=Int32),
+        Field(name="score", dtype=Float32),
+        Field(name="seen", dtype=UnixTimestamp),
     ],
     source=driver_push,
     online=True,

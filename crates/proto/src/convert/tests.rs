@@ -163,7 +163,27 @@ fn values_round_trip_through_the_wire() {
         Value::Bytes(vec![1, 2]),
         Value::FloatList(vec![0.25]),
         Value::Int64List(vec![7]),
+        Value::Int32(i32::MIN),
+        Value::Float(0.1),
+        Value::Timestamp(-1),
+        Value::Timestamp(1_700_000_000_123_456),
     ] {
-        assert_eq!(value_from_wire(value_to_wire(&v)), v);
+        assert_eq!(value_from_wire(value_to_wire(&v)), Some(v));
     }
+}
+
+#[test]
+fn a_timestamp_feature_outside_protobufs_range_is_refused_by_field() {
+    let r = Registry::new(vec![FeatureViewSpec::new(
+        "users",
+        vec![FeatureSpec { name: "seen".into(), ty: FeatureType::Timestamp }],
+    )])
+    .unwrap();
+    let late = prost_types::Timestamp { seconds: i64::MAX, nanos: 0 };
+    let late = v1::Value { kind: Some(v1::value::Kind::TimestampValue(late)) };
+    let err = write_request(write(vec![write_row("a", 1, vec![("seen", late)])]), &r, &Limits::default()).unwrap_err();
+    assert_eq!(
+        err.to_string(),
+        "rows[0].features[\"seen\"]: timestamp out of range (years 1 to 9999, nanos 0 to 999999999)"
+    );
 }

@@ -148,7 +148,8 @@ async fn online_features(
                 .iter()
                 .map(|key| {
                     let status = v1::FeatureStatus::try_from(key.statuses[i]).unwrap_or_default();
-                    let value = value_to_feast(&value_from_wire(key.values[i].clone()));
+                    // Strata's own answer: every timestamp in it is in range.
+                    let value = value_to_feast(&value_from_wire(key.values[i].clone()).unwrap_or(Value::Null));
                     (value, field_status(status) as i32, timestamp(key.event_time_micros))
                 })
                 .collect();
@@ -205,6 +206,10 @@ fn value_to_feast(value: &Value) -> ft::Value {
         Value::Bytes(b) => Some(Val::BytesVal(b.clone())),
         Value::FloatList(list) => Some(Val::FloatListVal(ft::FloatList { val: list.clone() })),
         Value::Int64List(list) => Some(Val::Int64ListVal(ft::Int64List { val: list.clone() })),
+        Value::Int32(n) => Some(Val::Int32Val(*n)),
+        Value::Float(f) => Some(Val::FloatVal(*f)),
+        // Feast's timestamps are whole Unix seconds.
+        Value::Timestamp(micros) => Some(Val::UnixTimestampVal(micros.div_euclid(1_000_000))),
     };
     ft::Value { val }
 }
@@ -264,7 +269,11 @@ fn text_to_json(view: &FeatureView, name: &str, text: &str) -> Result<Json, Feas
     let Some(column) = view.position(name) else { return Ok(Json::String(text.to_owned())) };
     match view.features[column].ty {
         FeatureType::Int64 => number("an int64"),
-        FeatureType::Double => number("a number"),
+        FeatureType::Int32 => number("an int32"),
+        FeatureType::Double | FeatureType::Float => number("a number"),
+        // Unix seconds, or text the frame parser reads as a time.
+        FeatureType::Timestamp => Ok(serde_json::from_str::<serde_json::Number>(text.trim())
+            .map_or_else(|_| Json::String(text.to_owned()), Json::Number)),
         FeatureType::Bool => match text.trim() {
             "true" | "True" => Ok(Json::Bool(true)),
             "false" | "False" => Ok(Json::Bool(false)),
@@ -280,7 +289,8 @@ fn text_to_json(view: &FeatureView, name: &str, text: &str) -> Result<Json, Feas
 fn typed_to_json(name: &str, value: &ft::Value) -> Result<Json, FeastError> {
     use base64::Engine as _;
     Ok(match &value.val {
-        None | Some(Val::NullVal(_)) => Json::Null,
+        // Feast's null timestamp is NaT's integer.
+        None | Some(Val::NullVal(_)) | Some(Val::UnixTimestampVal(i64::MIN)) => Json::Null,
         Some(Val::Int64Val(n) | Val::UnixTimestampVal(n)) => Json::from(*n),
         Some(Val::Int32Val(n)) => Json::from(*n),
         Some(Val::DoubleVal(f)) => Json::from(*f),

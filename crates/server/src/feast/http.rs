@@ -281,7 +281,8 @@ fn online_response(entities: &[(String, Vec<Json>)], answer: &v1::GetFeatureVect
                         0 => EPOCH.to_owned(),
                         micros => format!("\"{}\"", timestamp(micros)),
                     };
-                    let value = value_json(&value_from_wire(key.values[i].clone())).to_string();
+                    // Strata's own answer: every timestamp in it is in range.
+                    let value = value_json(&value_from_wire(key.values[i].clone()).unwrap_or(Value::Null)).to_string();
                     (value, format!("\"{}\"", status_name(status)), time)
                 })
                 .collect();
@@ -342,7 +343,7 @@ fn status_name(status: v1::FeatureStatus) -> &'static str {
 
 /// A value as Feast's server writes it: numbers as JSON numbers (a 32-bit
 /// float widened exactly, as Python does), non-finite floats as protobuf
-/// JSON's strings, bytes in base64.
+/// JSON's strings, bytes in base64, timestamps in Unix seconds.
 fn value_json(value: &Value) -> Json {
     fn float(f: f64) -> Json {
         match serde_json::Number::from_f64(f) {
@@ -361,6 +362,10 @@ fn value_json(value: &Value) -> Json {
         Value::Bytes(b) => Json::String(base64::engine::general_purpose::STANDARD.encode(b)),
         Value::FloatList(list) => Json::Array(list.iter().map(|&f| float(f64::from(f))).collect()),
         Value::Int64List(list) => json!(list),
+        Value::Int32(n) => json!(n),
+        Value::Float(f) => float(f64::from(*f)),
+        // Feast's timestamps are whole Unix seconds.
+        Value::Timestamp(micros) => json!(micros.div_euclid(1_000_000)),
     }
 }
 
@@ -494,6 +499,10 @@ mod tests {
         assert_eq!(value_json(&Value::Double(f64::NEG_INFINITY)), json!("-Infinity"));
         assert_eq!(value_json(&Value::Bytes(vec![0, 255])), json!("AP8="));
         assert_eq!(value_json(&Value::Null), Json::Null);
+        assert_eq!(value_json(&Value::Int32(i32::MIN)), json!(-2_147_483_648));
+        assert_eq!(value_json(&Value::Float(0.1)), json!(0.10000000149011612));
+        assert_eq!(value_json(&Value::Timestamp(-1)), json!(-1), "whole Unix seconds, rounded down");
+        assert_eq!(value_json(&Value::Timestamp(1_700_000_000_999_999)), json!(1_700_000_000));
     }
 
     #[test]

@@ -258,12 +258,13 @@ fn join_keys(
     Ok(keys)
 }
 
-/// Strata's type for a Feast feature type. Int32 and Float are refused
-/// rather than widened: a Feast client reading them back expects their
-/// width.
+/// Strata's type for a Feast feature type, of the same width.
 fn feature_type(ty: i32) -> Result<FeatureType, String> {
     match FeastType::try_from(ty) {
         Ok(FeastType::Int64) => Ok(FeatureType::Int64),
+        Ok(FeastType::Int32) => Ok(FeatureType::Int32),
+        Ok(FeastType::Float) => Ok(FeatureType::Float),
+        Ok(FeastType::UnixTimestamp) => Ok(FeatureType::Timestamp),
         Ok(FeastType::Double) => Ok(FeatureType::Double),
         Ok(FeastType::String) => Ok(FeatureType::String),
         Ok(FeastType::Bool) => Ok(FeatureType::Bool),
@@ -343,7 +344,7 @@ mod tests {
         let registry = fc::Registry {
             entities: vec![entity("user", "user_id", FeastType::Int32), entity("geo", "point", FeastType::DoubleList)],
             feature_views: vec![
-                view("users", &["user"], &[("age", FeastType::Int64), ("seen", FeastType::UnixTimestamp)]),
+                view("users", &["user"], &[("age", FeastType::Int32), ("seen", FeastType::StringList)]),
                 view("places", &["geo"], &[("n", FeastType::Int64)]),
                 view("global", &["__dummy"], &[("n", FeastType::Int64)]),
             ],
@@ -368,7 +369,7 @@ mod tests {
         assert_eq!(
             imported.skipped,
             [
-                "feature users:seen: type UNIX_TIMESTAMP has no Strata equivalent yet",
+                "feature users:seen: type STRING_LIST has no Strata equivalent yet",
                 "feature view places: join key point is DOUBLE_LIST, not int64, int32, string or bytes",
                 "feature view global: it has no entity (Strata keys such a view by entity_key; give it one)",
                 "feature service model: feature users:seen is not imported",
@@ -378,6 +379,7 @@ mod tests {
         let file = FileConfig::from_toml(&imported.toml).unwrap();
         assert_eq!(file.views.len(), 1);
         assert_eq!(file.entities[0].join_keys[0].ty, KeyType::Int64, "an int32 join key is an int64 one");
+        assert_eq!(file.views[0].features[0].ty, FeatureType::Int32, "an int32 feature keeps its width");
         assert!(import(b"\xff\xff", None).is_err());
         assert!(import(&registry.encode_to_vec(), Some("q")).unwrap_err().to_string().contains("no project \"q\""));
     }

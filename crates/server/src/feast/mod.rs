@@ -18,7 +18,7 @@ pub mod import;
 use std::sync::Arc;
 
 use serde_json::Value as Json;
-use strata_core::{EventTime, FeatureView, Registry};
+use strata_core::{EventTime, FeatureType, FeatureView, Registry, Value};
 use strata_proto::{InvalidRequest, echo, v1};
 use tokio::time::Instant;
 
@@ -221,7 +221,9 @@ fn frame_rows(view: &FeatureView, frame: &[(String, Vec<Json>)]) -> Result<Vec<v
         } else if let Some(column) = view.position(name) {
             let ty = view.features[column].ty;
             for (row, value) in values.iter().enumerate() {
-                let value = json_value(value.clone(), ty).map_err(|e| bad(row, e))?;
+                // Feast writes a null timestamp as NaT's integer.
+                let nat = ty == FeatureType::Timestamp && value.as_i64() == Some(i64::MIN);
+                let value = if nat { Value::Null } else { json_value(value.clone(), ty).map_err(|e| bad(row, e))? };
                 out[row].features.insert(name.clone(), strata_proto::value_to_wire(&value));
             }
         } else {
@@ -244,15 +246,8 @@ fn frame_rows(view: &FeatureView, frame: &[(String, Vec<Json>)]) -> Result<Vec<v
 /// offset, or Unix seconds.
 fn frame_time(value: &Json) -> Result<EventTime, String> {
     match value {
-        Json::String(text) => {
-            if let Ok(naive) = chrono::NaiveDateTime::parse_from_str(text, "%Y-%m-%dT%H:%M:%S%.f") {
-                let utc = naive.and_utc();
-                return EventTime::from_parts(utc.timestamp(), utc.timestamp_subsec_nanos() as i32)
-                    .ok_or_else(|| format!("{} is out of range", echo(text)));
-            }
-            crate::load::parse_time(text)
-        }
-        Json::Number(n) => crate::load::parse_time(&n.to_string()),
+        Json::String(text) => crate::load::parse_instant(text),
+        Json::Number(n) => crate::load::parse_instant(&n.to_string()),
         other => Err(format!("{} is not a timestamp", echo(&other.to_string()))),
     }
 }
