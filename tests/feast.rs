@@ -8,16 +8,16 @@
 //! The Feast repo is `tests/feast/repo`; `tests/feast/sdk.py` runs the SDK
 //! calls of a test in one Python process and prints their results.
 
-use std::path::PathBuf;
-use std::time::{Duration, SystemTime};
+use std::time::SystemTime;
 
 use anyhow::{Context, Result, ensure};
 use serde_json::{Value as Json, json};
 use strata_core::KeyType;
 use strata_proto::v1::{self, value::Kind};
 use strata_server::config::FileConfig;
+use strata_tests::feast::{FeastRepo, ago};
 use strata_tests::wire::{ts, v};
-use strata_tests::{Env, client, integration_tests, repo_root, strata_binary};
+use strata_tests::{Env, client, integration_tests, strata_binary};
 
 integration_tests!(
     the_feast_sdk_reads_by_list_and_by_service_what_feasts_own_redis_store_returns,
@@ -25,71 +25,6 @@ integration_tests!(
     bad_input_through_the_feast_api_gets_feasts_error_shape_and_stores_nothing,
     feasts_generated_grpc_stubs_read_write_and_push_through_both_feast_services,
 );
-
-/// The pinned Feast SDK's Python.
-fn feast_python() -> Result<PathBuf> {
-    let python = repo_root().join(".feast-venv/bin/python");
-    ensure!(python.is_file(), "{} not found: scripts/install-deps installs the Feast SDK", python.display());
-    Ok(python)
-}
-
-/// A Feast repo (tests/feast/repo) in a folder of its own, applied.
-struct FeastRepo {
-    dir: tempfile::TempDir,
-}
-
-impl FeastRepo {
-    /// `online_store` is the YAML of feature_store.yaml's online_store.
-    async fn apply(online_store: &str) -> Result<FeastRepo> {
-        let dir = tempfile::tempdir()?;
-        std::fs::create_dir(dir.path().join("data"))?;
-        std::fs::copy(repo_root().join("tests/feast/repo/features.py"), dir.path().join("features.py"))?;
-        std::fs::write(
-            dir.path().join("feature_store.yaml"),
-            format!(
-                "project: strata_test\nregistry: data/registry.db\nprovider: local\nonline_store:\n{online_store}\n\
-                 offline_store:\n  type: file\nentity_key_serialization_version: 3\n"
-            ),
-        )?;
-        let feast = feast_python()?.with_file_name("feast");
-        let out = tokio::process::Command::new(feast)
-            .arg("-c")
-            .arg(dir.path())
-            .arg("apply")
-            .output()
-            .await
-            .context("feast apply")?;
-        ensure!(out.status.success(), "feast apply failed: {}", String::from_utf8_lossy(&out.stderr));
-        Ok(FeastRepo { dir })
-    }
-
-    /// A repo whose online store is Strata's Feast API at `addr`.
-    async fn on_strata(addr: std::net::SocketAddr) -> Result<FeastRepo> {
-        FeastRepo::apply(&format!("  type: remote\n  path: http://{addr}")).await
-    }
-
-    /// Runs SDK steps (see tests/feast/sdk.py) in one process.
-    async fn run(&self, steps: Json) -> Result<Vec<Json>> {
-        let out = tokio::process::Command::new(feast_python()?)
-            .arg(repo_root().join("tests/feast/sdk.py"))
-            .arg(self.dir.path())
-            .arg(steps.to_string())
-            .output()
-            .await
-            .context("python")?;
-        ensure!(out.status.success(), "sdk.py failed: {}", String::from_utf8_lossy(&out.stderr));
-        let results: Vec<Json> = serde_json::from_slice(&out.stdout)
-            .with_context(|| format!("sdk.py printed {}", String::from_utf8_lossy(&out.stdout)))?;
-        Ok(results)
-    }
-}
-
-/// `seconds` ago as naive UTC ISO 8601, as Feast's data frames carry times.
-fn ago(seconds: u64) -> String {
-    let at = SystemTime::now() - Duration::from_secs(seconds);
-    let unix = at.duration_since(SystemTime::UNIX_EPOCH).map(|d| d.as_secs() as i64).unwrap_or_default();
-    chrono::DateTime::from_timestamp(unix, 0).unwrap_or_default().format("%Y-%m-%dT%H:%M:%S").to_string()
-}
 
 fn ok(result: &Json, what: &str) -> Result<()> {
     ensure!(result.get("ok") == Some(&Json::Bool(true)), "{what}: {result}");
@@ -142,13 +77,8 @@ async fn the_feast_sdk_reads_by_list_and_by_service_what_feasts_own_redis_store_
     let server = env.server().await?;
     let feast_addr = server.feast_http_addr().context("the Feast API is served")?;
     let strata = FeastRepo::on_strata(feast_addr).await?;
-    // Feast's own Redis online store, on the test stack's Redis Cluster
-    // (its keys do not meet Strata's).
-    let redis = FeastRepo::apply(&format!(
-        "  type: redis\n  redis_type: redis_cluster\n  connection_string: \"{}\"",
-        env.redis_nodes().join(",")
-    ))
-    .await?;
+    // Feast's own Redis online store, on the test stack's Redis Cluster.
+    let redis = FeastRepo::on_redis(env.redis_nodes()).await?;
     imported_definitions_equal_strata_test_config(env, &strata).await?;
     let window =
         json!({"cmd": "materialize", "start": "2010-01-01T00:00:00+00:00", "end": format!("{}+00:00", ago(0))});
@@ -232,7 +162,7 @@ async fn the_feast_sdk_reads_by_list_and_by_service_what_feasts_own_redis_store_
 async fn imported_definitions_equal_strata_test_config(env: &'static Env, repo: &FeastRepo) -> Result<()> {
     let out = tokio::process::Command::new(strata_binary()?)
         .args(["feast", "import"])
-        .arg(repo.dir.path().join("data/registry.db"))
+        .arg(repo.path().join("data/registry.db"))
         .output()
         .await
         .context("strata feast import")?;

@@ -6,11 +6,13 @@ STEPS is a JSON list of steps, each {"cmd": COMMAND, ...}; the script runs
 them in order with one FeatureStore (importing feast takes seconds) and
 prints a JSON list of their results:
   seed         {"files": {NAME: rows}}: writes REPO/data/NAME.parquet
+  synth        {"n": N, "at": ISO}: writes N generated rows of each view's Parquet
+               (drivers 1..N, customers cN, pairs (i, ci)), all at one event time
   read         {"features": [...] | "service": NAME, "entities": {...}, "full": bool}:
                get_online_features(): {"dict": to_dict(), "statuses": {name: [status, ...]}}
   write        {"view": NAME, "rows": {...}}: write_to_online_store
   push         {"source": NAME, "rows": {...}}: push to the online store
-  materialize  {"start": ISO, "end": ISO}: every view, by Feast's engine here
+  materialize  {"start": ISO, "end": ISO}: every view, by Feast's engine here; its seconds
   feast_materialize  the same by store.materialize() (a remote store's server does it)
   post         {"path": "/push", "body": ...}: a raw POST to the online store; its status and body
   grpc         {"addr": HOST:PORT, "calls": [{"service", "method", "request"}]}: Feast's generated
@@ -27,6 +29,7 @@ steps still run, so the test can check which exception the SDK raised.
 import base64
 import json
 import sys
+import time
 from datetime import datetime
 
 import pandas as pd
@@ -76,6 +79,26 @@ def step(store, repo, arg):
         for name, rows in arg["files"].items():
             frame(rows).to_parquet(f"{repo}/data/{name}.parquet")
         return {"ok": True}
+    if command == "synth":
+        n, at = arg["n"], pd.Timestamp(arg["at"], tz="UTC")
+        ids = pd.Series(range(1, n + 1), dtype="int64")
+        customers = [f"c{i}" for i in ids]
+        frames = {
+            "driver": pd.DataFrame({
+                "driver_id": ids, "event_timestamp": at, "conv_rate": ids / n, "trips": ids * 10,
+                "name": [f"driver-{i}" for i in ids], "active": ids % 2 == 0,
+                "raw": [f"r{i}".encode() for i in ids], "emb": [[(i % 100) / 100, 0.5] for i in ids],
+                "ids": [[i, i + 1] for i in ids], "rank": (ids % 1000).astype("int32"),
+                "score": (ids / 8).astype("float32"), "seen": at}),
+            "customer": pd.DataFrame({
+                "customer_id": customers, "event_timestamp": at,
+                "tier": [("gold", "silver", "bronze")[i % 3] for i in ids], "spend": ids * 0.25}),
+            "pair": pd.DataFrame({
+                "driver_id": ids, "customer_id": customers, "event_timestamp": at, "orders": ids % 50}),
+        }
+        for name, df in frames.items():
+            df.to_parquet(f"{repo}/data/{name}.parquet")
+        return {"ok": True}
     if command == "read":
         features = store.get_feature_service(arg["service"]) if arg.get("service") else arg["features"]
         response = store.get_online_features(
@@ -98,12 +121,13 @@ def step(store, repo, arg):
         # offline store; this runs Feast's own engine here instead, writing
         # each batch through the remote store (POST /write-to-online-store).
         start, end = datetime.fromisoformat(arg["start"]), datetime.fromisoformat(arg["end"])
+        began = time.perf_counter()
         provider = store._get_provider()
         for view in store.list_feature_views():
             provider.materialize_single_feature_view(
                 config=store.config, feature_view=view, start_date=start, end_date=end,
                 registry=store.registry, project=store.project, tqdm_builder=lambda n: _Quiet())
-        return {"ok": True}
+        return {"ok": True, "seconds": time.perf_counter() - began}
     if command == "feast_materialize":
         store.materialize(start_date=datetime.fromisoformat(arg["start"]),
                           end_date=datetime.fromisoformat(arg["end"]))

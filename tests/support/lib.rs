@@ -12,6 +12,7 @@ use std::path::PathBuf;
 use std::pin::Pin;
 use std::sync::OnceLock;
 
+pub mod feast;
 pub mod load;
 
 use anyhow::{Context, Result, ensure};
