@@ -189,13 +189,18 @@ impl FeastServer {
     }
 }
 
-/// The values of a Feast answer (`results[*].values`), for comparing two
-/// servers' answers to one request. Statuses are left out: Feast's own
-/// server says PRESENT for rows it did not find.
+/// The values of a Feast answer by output name, for comparing two servers'
+/// answers to one request. Statuses are left out (Feast's own server says
+/// PRESENT for rows it did not find), and so is the order of the columns
+/// (Feast's own server does not keep the request's).
 fn json_values(body: &[u8]) -> Result<Json> {
     let answer: Json = serde_json::from_slice(body).context("a JSON answer")?;
+    let names = answer["metadata"]["feature_names"].as_array().with_context(|| format!("no names in {answer}"))?;
     let results = answer["results"].as_array().with_context(|| format!("no results in {answer}"))?;
-    Ok(Json::Array(results.iter().map(|r| r["values"].clone()).collect()))
+    ensure!(names.len() == results.len(), "{} names for {} columns", names.len(), results.len());
+    let by_name =
+        names.iter().zip(results).map(|(name, r)| (name.as_str().unwrap_or("").to_owned(), r["values"].clone()));
+    Ok(Json::Object(by_name.collect()))
 }
 
 struct Setup {
@@ -385,7 +390,11 @@ async fn main() -> Result<()> {
             let theirs = feast.get_online_features(request.clone()).await?.into_inner();
             let ours = strata.get_online_features(request.clone()).await?.into_inner();
             let values = |r: &strata_proto::feast::serving::GetOnlineFeaturesResponse| {
-                r.results.iter().map(|v| v.values.clone()).collect::<Vec<_>>()
+                let names = r.metadata.as_ref().and_then(|m| m.feature_names.as_ref()).map(|n| n.val.clone());
+                let mut columns: Vec<_> =
+                    names.unwrap_or_default().into_iter().zip(r.results.iter().map(|v| v.values.clone())).collect();
+                columns.sort_by(|a, b| a.0.cmp(&b.0));
+                columns
             };
             ensure!(values(&ours) == values(&theirs), "different answers over gRPC");
         }

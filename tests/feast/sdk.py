@@ -87,7 +87,8 @@ def step(store, repo, arg):
             "driver": pd.DataFrame({
                 "driver_id": ids, "event_timestamp": at, "conv_rate": ids / n, "trips": ids * 10,
                 "name": [f"driver-{i}" for i in ids], "active": ids % 2 == 0,
-                "raw": [f"r{i}".encode() for i in ids], "emb": [[(i % 100) / 100, 0.5] for i in ids],
+                # Feast 0.67's remote client cannot send bytes.
+                "raw": [None] * n, "emb": [[(i % 100) / 100, 0.5] for i in ids],
                 "ids": [[i, i + 1] for i in ids], "rank": (ids % 1000).astype("int32"),
                 "score": (ids / 8).astype("float32"), "seen": at}),
             "customer": pd.DataFrame({

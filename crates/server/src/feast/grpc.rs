@@ -21,10 +21,10 @@ use strata_proto::feast::serving::{
 use strata_proto::feast::types::{self as ft, value::Val};
 use strata_proto::feast::{PushRequest, PushResponse, WriteToOnlineStoreRequest, WriteToOnlineStoreResponse};
 use strata_proto::prost_types;
-use strata_proto::{echo, v1, value_from_wire};
+use strata_proto::{echo, v1};
 use tonic::{Request, Response, Status};
 
-use super::{Feast, FeastError, frame_rows, push_views, view_of, write_rows};
+use super::{Feast, FeastError, feature_columns, frame_rows, push_views, view_of, write_rows};
 
 #[tonic::async_trait]
 impl ServingService for Feast {
@@ -140,29 +140,27 @@ async fn online_features(
             event_timestamps: vec![epoch; rows],
         })
         .collect();
-    let mut columns: Vec<FeatureVector> = vec![FeatureVector::default(); answer.feature_names.len()];
-    for group in &answer.groups {
-        for (i, &at) in group.features.iter().enumerate() {
-            let cells: Vec<(ft::Value, i32, prost_types::Timestamp)> = group
-                .keys
-                .iter()
-                .map(|key| {
-                    let status = v1::FeatureStatus::try_from(key.statuses[i]).unwrap_or_default();
-                    // Strata's own answer: every timestamp in it is in range.
-                    let value = value_to_feast(&value_from_wire(key.values[i].clone()).unwrap_or(Value::Null));
-                    (value, field_status(status) as i32, timestamp(key.event_time_micros))
-                })
-                .collect();
-            let column = &mut columns[at as usize];
-            for &index in &group.row_keys {
-                let Some((value, status, time)) = cells.get(index as usize) else { continue };
-                column.values.push(value.clone());
-                column.statuses.push(*status);
-                column.event_timestamps.push(*time);
-            }
+    let columns = feature_columns(&answer, |value, status, micros| {
+        (value_to_feast(&value), field_status(status) as i32, timestamp(micros))
+    });
+    let missing = (ft::Value::default(), FieldStatus::Invalid as i32, epoch);
+    for column in &columns {
+        let mut vector = FeatureVector {
+            values: Vec::with_capacity(rows),
+            statuses: Vec::with_capacity(rows),
+            event_timestamps: Vec::with_capacity(rows),
+        };
+        let mut push = |(value, status, time): &(ft::Value, i32, prost_types::Timestamp)| {
+            vector.values.push(value.clone());
+            vector.statuses.push(*status);
+            vector.event_timestamps.push(*time);
+        };
+        match column {
+            Some(column) => column.rows().for_each(|cell| push(cell.unwrap_or(&missing))),
+            None => (0..rows).for_each(|_| push(&missing)),
         }
+        results.push(vector);
     }
-    results.extend(columns);
     Ok(Response::new(GetOnlineFeaturesResponse {
         metadata: Some(GetOnlineFeaturesResponseMetadata {
             feature_names: Some(FeatureList { val: names }),

@@ -21,9 +21,9 @@ use serde::Deserialize;
 use serde::de::{MapAccess, Visitor};
 use serde_json::{Value as Json, json};
 use strata_core::{Registry, Value};
-use strata_proto::{InvalidRequest, echo, v1, value_from_wire};
+use strata_proto::{InvalidRequest, echo, v1};
 
-use super::{Feast, FeastError, frame_rows, join_key_to_wire, push_views, view_of, write_rows};
+use super::{Feast, FeastError, feature_columns, frame_rows, join_key_to_wire, push_views, view_of, write_rows};
 use crate::admission::Refusal;
 use crate::service::ServiceError;
 
@@ -268,40 +268,25 @@ fn online_response(entities: &[(String, Vec<Json>)], answer: &v1::GetFeatureVect
         }
         write_column(&mut out, (0..rows).map(cell));
     }
-    let mut columns: Vec<String> = vec!["null".to_owned(); answer.feature_names.len()];
-    for group in &answer.groups {
-        for (i, &at) in group.features.iter().enumerate() {
-            // Each key's cell once; rows repeat it.
-            let cells: Vec<(String, String, String)> = group
-                .keys
-                .iter()
-                .map(|key| {
-                    let status = v1::FeatureStatus::try_from(key.statuses[i]).unwrap_or_default();
-                    let time = match key.event_time_micros {
-                        0 => EPOCH.to_owned(),
-                        micros => format!("\"{}\"", timestamp(micros)),
-                    };
-                    // Strata's own answer: every timestamp in it is in range.
-                    let value = value_json(&value_from_wire(key.values[i].clone()).unwrap_or(Value::Null)).to_string();
-                    (value, format!("\"{}\"", status_name(status)), time)
-                })
-                .collect();
-            let mut column = String::with_capacity(rows * 40);
-            write_column(
-                &mut column,
-                group.row_keys.iter().map(|&index| match cells.get(index as usize) {
-                    Some((value, status, time)) => (value.as_str(), status.as_str(), time.as_str()),
-                    None => ("null", "\"INVALID\"", EPOCH),
-                }),
-            );
-            columns[at as usize] = column;
-        }
-    }
-    for column in columns {
+    let columns = feature_columns(answer, |value, status, micros| {
+        let time = match micros {
+            0 => EPOCH.to_owned(),
+            micros => format!("\"{}\"", timestamp(micros)),
+        };
+        (value_json(&value).to_string(), format!("\"{}\"", status_name(status)), time)
+    });
+    const MISSING: (&str, &str, &str) = ("null", "\"INVALID\"", EPOCH);
+    for column in &columns {
         if !out.ends_with('[') {
             out.push(',');
         }
-        out.push_str(&column);
+        match column {
+            Some(column) => write_column(
+                &mut out,
+                column.rows().map(|cell| cell.map_or(MISSING, |(v, s, t)| (v.as_str(), s.as_str(), t.as_str()))),
+            ),
+            None => write_column(&mut out, (0..rows).map(|_| MISSING)),
+        }
     }
     out.push_str("],\"status\":true}");
     out

@@ -244,6 +244,49 @@ fn frame_rows(view: &FeatureView, frame: &[(String, Vec<Json>)]) -> Result<Vec<v
 /// An event time as Feast's SDK sends it: naive ISO 8601 in UTC
 /// (`2024-01-01T00:00:00`, with or without a fraction), RFC 3339 with an
 /// offset, or Unix seconds.
+/// One output feature's column of Strata's grouped answer: each distinct
+/// key's cell, made once, and each entity row's index into them.
+pub(crate) struct FeatureColumn<'a, C> {
+    cells: Vec<C>,
+    row_keys: &'a [u32],
+}
+
+impl<C> FeatureColumn<'_, C> {
+    /// Each entity row's cell (`None` for a row the answer gives no key).
+    pub(crate) fn rows(&self) -> impl Iterator<Item = Option<&C>> + Clone {
+        self.row_keys.iter().map(|&index| self.cells.get(index as usize))
+    }
+}
+
+/// Feast's feature columns, in output order, from Strata's grouped answer
+/// (both of Feast's APIs answer column-major): `cell` renders a key's
+/// value, status and event time (microseconds, 0 for none) once for all
+/// the rows that share the key. `None` for an output no group fills.
+pub(crate) fn feature_columns<'a, C>(
+    answer: &'a v1::GetFeatureVectorsResponse,
+    mut cell: impl FnMut(Value, v1::FeatureStatus, i64) -> C,
+) -> Vec<Option<FeatureColumn<'a, C>>> {
+    let mut columns: Vec<Option<FeatureColumn<'a, C>>> = answer.feature_names.iter().map(|_| None).collect();
+    for group in &answer.groups {
+        for (i, &at) in group.features.iter().enumerate() {
+            let cells = group
+                .keys
+                .iter()
+                .map(|key| {
+                    let status = key.statuses.get(i).and_then(|&s| v1::FeatureStatus::try_from(s).ok());
+                    // Strata's own answer: every timestamp in it is in range.
+                    let value = key.values.get(i).cloned().and_then(strata_proto::value_from_wire);
+                    cell(value.unwrap_or(Value::Null), status.unwrap_or_default(), key.event_time_micros)
+                })
+                .collect();
+            if let Some(slot) = columns.get_mut(at as usize) {
+                *slot = Some(FeatureColumn { cells, row_keys: &group.row_keys });
+            }
+        }
+    }
+    columns
+}
+
 fn frame_time(value: &Json) -> Result<EventTime, String> {
     match value {
         Json::String(text) => crate::load::parse_instant(text),
