@@ -241,9 +241,6 @@ fn frame_rows(view: &FeatureView, frame: &[(String, Vec<Json>)]) -> Result<Vec<v
     Ok(out)
 }
 
-/// An event time as Feast's SDK sends it: naive ISO 8601 in UTC
-/// (`2024-01-01T00:00:00`, with or without a fraction), RFC 3339 with an
-/// offset, or Unix seconds.
 /// One output feature's column of Strata's grouped answer: each distinct
 /// key's cell, made once, and each entity row's index into them.
 pub(crate) struct FeatureColumn<'a, C> {
@@ -287,6 +284,9 @@ pub(crate) fn feature_columns<'a, C>(
     columns
 }
 
+/// An event time as Feast's SDK sends it: naive ISO 8601 in UTC
+/// (`2024-01-01T00:00:00`, with or without a fraction), RFC 3339 with an
+/// offset, or Unix seconds.
 fn frame_time(value: &Json) -> Result<EventTime, String> {
     match value {
         Json::String(text) => crate::load::parse_instant(text),
