@@ -4,7 +4,7 @@
 
 use std::time::{Duration, Instant, SystemTime, UNIX_EPOCH};
 
-use anyhow::{Result, ensure};
+use anyhow::{Context as _, Result, ensure};
 use futures::StreamExt as _;
 use strata_proto::v1::{self, value::Kind};
 use strata_server::RunningServer;
@@ -15,6 +15,7 @@ use strata_tests::{Env, client, integration_tests, sample, scrape};
 integration_tests!(
     a_thousand_concurrent_reads_of_a_cold_key_cost_one_postgres_lookup,
     a_hot_key_is_refreshed_ahead_across_its_ttl,
+    an_l1_copy_is_refreshed_when_its_redis_entry_turns_stale,
     unknown_keys_cost_one_postgres_lookup_each_per_negative_ttl,
     values_older_than_max_age_are_marked_and_still_returned,
 );
@@ -165,6 +166,57 @@ async fn a_hot_key_is_refreshed_ahead_across_its_ttl(env: &'static Env) -> Resul
         server.shutdown().await;
     }
     ensure!(refreshes > 0.0, "refresh-ahead ran");
+    Ok(())
+}
+
+/// An L1 copy of a Redis entry turns soft when the entry turns stale, so
+/// that its refresh finds the entry stale and reloads it. Redis sees a hot
+/// key only when its L1 copies are refreshed; refreshed on their own
+/// schedule, they could come either side of the entry's stale window, the
+/// entry expired, and the key went to PostgreSQL, in the request path
+/// where the copies had expired meanwhile (the hot-key test above, on a
+/// busy machine).
+async fn an_l1_copy_is_refreshed_when_its_redis_entry_turns_stale(env: &'static Env) -> Result<()> {
+    const VIEW: &str = "horizon";
+    let servers = servers(env, 2, true).await?;
+    let key = "horizon:1";
+    client(&servers[0])
+        .await?
+        .write_features(write(VIEW, vec![row(key, ts(1, 0), vec![("n", v(Kind::Int64Value(1)))])]))
+        .await?;
+    // The entry the write left, replaced (same version) by one that turns
+    // stale in a second, long before an L1 copy would (48 s), and expires
+    // in a minute.
+    let registry = env.registry()?;
+    let view = registry.get(VIEW).context("view")?;
+    let l2 = servers[1].tiers().l2();
+    let version = strata_core::EventTime(1_000_000);
+    let stored = strata_core::Row { event_time: version, values: vec![strata_core::Value::Int64(1)] };
+    let life = strata_core::Lifetime { soft: Duration::from_secs(1), hard: Duration::from_secs(60) };
+    let put = strata_cache_tiers::Put { key, content: strata_core::Content::Found(&stored), version, life };
+    ensure!(l2.put_many(view, &[put], l2.default_deadline()).await? == [true], "the short-lived entry was stored");
+    let before = env.postgres_reads(VIEW).await?;
+
+    // The other instance has no L1 copy: it copies Redis's entry, then
+    // serves the copy, until the entry's reload is seen.
+    let mut reader = client(&servers[1]).await?;
+    let first = reader.get_features(get(VIEW, &[key], &[])).await?.into_inner();
+    ensure!(source(&first.rows[0]) == v1::Source::L2, "{:?}", first.rows[0]);
+    let started = Instant::now();
+    let completed = &[("tier", "l2"), ("view", VIEW), ("outcome", "completed")];
+    while sample(&scrape(&servers[1]).await?, "strata_refreshes_total", completed) < 1.0 {
+        ensure!(started.elapsed() < Duration::from_secs(20), "the redis entry was not reloaded ahead");
+        let answer = reader.get_features(get(VIEW, &[key], &[])).await?.into_inner();
+        ensure!(source(&answer.rows[0]) != v1::Source::L3, "a read went to postgres: {:?}", answer.rows[0]);
+        tokio::time::sleep(Duration::from_millis(20)).await;
+    }
+    let fresh_for = l2.get_many(view, &[key], l2.default_deadline()).await?[0].as_ref().context("entry")?.fresh_for;
+    ensure!(fresh_for > Duration::from_secs(60), "the reload stored a whole lifetime: fresh for {fresh_for:?}");
+    let lookups = env.postgres_reads(VIEW).await? - before;
+    ensure!(lookups == 1, "one reload, {lookups} postgres lookups");
+    for server in servers {
+        server.shutdown().await;
+    }
     Ok(())
 }
 

@@ -188,6 +188,14 @@ refresh_ahead = 0.8
 features = [{ name = "n", type = "int64" }]
 
 [[views]]
+name = "horizon"
+l1_ttl = "1m"
+l2_ttl = "1h"
+jitter = 0.1
+refresh_ahead = 0.8
+features = [{ name = "n", type = "int64" }]
+
+[[views]]
 name = "unknown"
 l1_ttl = "5m"
 l2_ttl = "10m"

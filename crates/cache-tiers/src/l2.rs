@@ -51,8 +51,16 @@ pub enum L2Error {
 #[derive(Clone, Debug, PartialEq)]
 pub struct L2Hit {
     pub value: Cached,
-    /// Past its soft expiry: serve it, and reload it under a lease.
-    pub stale: bool,
+    /// How long until the entry turns stale (past its soft expiry: served,
+    /// and reloaded under a lease); zero once it has.
+    pub fresh_for: Duration,
+}
+
+impl L2Hit {
+    /// Past its soft expiry.
+    pub fn stale(&self) -> bool {
+        self.fresh_for.is_zero()
+    }
 }
 
 /// A Redis function library (functions are replicated to replicas and kept
@@ -211,7 +219,8 @@ fn decode_hit(view: &FeatureView, key: &str, bytes: Option<&[u8]>, now_ms: i64) 
         // A guard holds no value: a miss.
         Content::Guard => return None,
     };
-    Some(L2Hit { value, stale: entry.soft_expiry_ms <= now_ms })
+    let fresh_for = Duration::from_millis(u64::try_from(entry.soft_expiry_ms.saturating_sub(now_ms)).unwrap_or(0));
+    Some(L2Hit { value, fresh_for })
 }
 
 /// Whether a row has one value per feature of the view, each of the

@@ -58,7 +58,7 @@ use std::time::Duration;
 #[cfg(feature = "test-hooks")]
 use futures::future::BoxFuture;
 use rand::Rng;
-use strata_cache_tiers::{Cached, L1Cache, L2Cache, RefreshQueue, SingleFlight, Stamp};
+use strata_cache_tiers::{Cached, L1Cache, L2Cache, L2Hit, RefreshQueue, SingleFlight, Stamp};
 use strata_core::{EventTime, FeatureView, Lifetime, Row};
 use strata_shard_router::ShardRouter;
 use tokio::sync::mpsc;
@@ -173,9 +173,22 @@ enum Loaded {
     Value {
         value: Cached,
         source: Source,
+        /// How long the Redis entry it was read from stays fresh; `None`
+        /// for a value read from PostgreSQL.
+        l2_fresh_for: Option<Duration>,
     },
     /// The owning shard could not be read (shared with waiters, not cached).
     Unavailable,
+}
+
+impl Loaded {
+    fn from_l2(hit: L2Hit) -> Loaded {
+        Loaded::Value { value: hit.value, source: Source::L2, l2_fresh_for: Some(hit.fresh_for) }
+    }
+
+    fn from_l3(value: Cached) -> Loaded {
+        Loaded::Value { value, source: Source::L3, l2_fresh_for: None }
+    }
 }
 
 /// The three tiers of one server. Cheap to clone.
@@ -302,6 +315,25 @@ fn sample() -> f64 {
 }
 
 impl Protection {
+    /// The lifetime of an L1 copy of `loaded`. A copy of a Redis entry
+    /// turns soft no later than the entry turns stale. Redis sees a hot key
+    /// only when its L1 copies are refreshed, and reloads an entry only when
+    /// a reader finds it stale: copies refreshed on their own schedule could
+    /// come either side of the entry's stale window, the entry would expire,
+    /// and the key would go to PostgreSQL, in the request path when the
+    /// copies had expired meanwhile.
+    fn l1_lifetime(&self, view: &FeatureView, value: &Cached, l2_fresh_for: Option<Duration>) -> Lifetime {
+        let mut life = self.lifetime(view, value, view.l1_ttl);
+        if let (Cached::Found(_), Some(fresh_for)) = (value, l2_fresh_for)
+            && self.enabled
+            // Stale already: this read has scheduled the entry's reload.
+            && !fresh_for.is_zero()
+        {
+            life.soft = life.soft.min(fresh_for);
+        }
+        life
+    }
+
     /// The lifetime of a value in a tier whose TTL for rows is `ttl`.
     fn lifetime(&self, view: &FeatureView, value: &Cached, ttl: Duration) -> Lifetime {
         match (self.enabled, value) {
@@ -421,5 +453,41 @@ fn count_leases(view: &FeatureView, acquired: usize, lost: usize) {
             metrics::counter!("strata_leases_total", "view" => view.name.clone(), "outcome" => outcome)
                 .increment(n as u64);
         }
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use strata_core::{FeatureSpec, FeatureType, FeatureViewSpec, Registry, Row};
+
+    use super::*;
+
+    /// An L1 copy of a Redis entry turns soft when the entry turns stale,
+    /// if that comes first; nothing else changes its lifetime.
+    #[test]
+    fn an_l1_copy_turns_soft_no_later_than_its_redis_entry() {
+        let mut spec = FeatureViewSpec::new("v", vec![FeatureSpec { name: "n".into(), ty: FeatureType::Int64 }]);
+        spec.l1_ttl = Duration::from_secs(60);
+        let registry = Registry::new(vec![spec]).unwrap();
+        let view = registry.get("v").unwrap();
+        let found =
+            Cached::Found(Arc::new(Row { event_time: EventTime(1), values: vec![strata_core::Value::Int64(1)] }));
+        let on = Protection::default();
+        let soft = |p: &Protection, value: &Cached, fresh_for: Option<u64>| {
+            p.l1_lifetime(view, value, fresh_for.map(Duration::from_secs)).soft.as_secs_f64()
+        };
+        // 60 s ± 10%, soft at 80% of it: 43.2–52.8 s.
+        assert_eq!(soft(&on, &found, Some(5)), 5.0);
+        let own = soft(&on, &found, None);
+        assert!((43.2..=52.8).contains(&own), "{own}");
+        let later = soft(&on, &found, Some(600));
+        assert!((43.2..=52.8).contains(&later), "{later}");
+        let stale = soft(&on, &found, Some(0));
+        assert!((43.2..=52.8).contains(&stale), "an entry already stale is being reloaded: {stale}");
+        // A negative entry is never refreshed ahead; nothing is without protection.
+        let negative = soft(&on, &Cached::Missing, Some(5));
+        assert!(negative > 5.0, "{negative}");
+        let off = Protection { enabled: false, ..Protection::default() };
+        assert_eq!(soft(&off, &found, Some(5)), 60.0);
     }
 }

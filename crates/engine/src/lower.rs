@@ -31,14 +31,14 @@ impl Lower {
         for (i, hit) in hits.into_iter().enumerate() {
             match hit {
                 Some(hit) => {
-                    if hit.stale
+                    if hit.stale()
                         && self.protection.enabled
                         && let Some(queue) = self.refresh.get()
                     {
                         queue.schedule(RefreshTier::L2, view, keys[i]).await;
                     }
                     negative_hits += usize::from(hit.value == Cached::Missing);
-                    out[i] = Some(Loaded::Value { value: hit.value, source: Source::L2 });
+                    out[i] = Some(Loaded::from_l2(hit));
                 }
                 None => misses.push(i),
             }
@@ -91,7 +91,7 @@ impl Lower {
                     if won {
                         needless.push(keys[i]);
                     }
-                    out[i] = Some(Loaded::Value { value: hit.value, source: Source::L2 });
+                    out[i] = Some(Loaded::from_l2(hit));
                 }
                 None if won => mine.push(i),
                 None => theirs.push(i),
@@ -149,7 +149,7 @@ impl Lower {
             let mut still = Vec::new();
             for (i, hit) in pending.into_iter().zip(hits) {
                 match hit {
-                    Some(hit) => out[i] = Some(Loaded::Value { value: hit.value, source: Source::L2 }),
+                    Some(hit) => out[i] = Some(Loaded::from_l2(hit)),
                     None => still.push(i),
                 }
             }
@@ -240,10 +240,10 @@ impl Lower {
             .map(|fetched| match fetched {
                 Fetched::Found(row) => {
                     let version = row.event_time;
-                    (Loaded::Value { value: Cached::Found(Arc::new(row)), source: Source::L3 }, version)
+                    (Loaded::from_l3(Cached::Found(Arc::new(row))), version)
                 }
-                Fetched::NotFound => (Loaded::Value { value: Cached::Missing, source: Source::L3 }, EventTime::NEVER),
-                Fetched::Deleted(at) => (Loaded::Value { value: Cached::Missing, source: Source::L3 }, at),
+                Fetched::NotFound => (Loaded::from_l3(Cached::Missing), EventTime::NEVER),
+                Fetched::Deleted(at) => (Loaded::from_l3(Cached::Missing), at),
                 Fetched::Unavailable => (Loaded::Unavailable, EventTime::NEVER),
             })
             .collect();
@@ -375,8 +375,8 @@ impl Reloader for Lower {
         loaded
             .into_iter()
             .map(|loaded| match loaded {
-                Loaded::Value { value, .. } if self.protection.cacheable(&value) => {
-                    let life = self.protection.lifetime(&view, &value, view.l1_ttl);
+                Loaded::Value { value, l2_fresh_for, .. } if self.protection.cacheable(&value) => {
+                    let life = self.protection.l1_lifetime(&view, &value, l2_fresh_for);
                     Some((value, life))
                 }
                 _ => None,

@@ -44,7 +44,7 @@ impl Tiers {
             let mut unavailable = Vec::new();
             for (i, loaded) in misses.into_iter().zip(loaded) {
                 out[i] = Some(match loaded {
-                    Loaded::Value { value, source } => Served::new(value, source),
+                    Loaded::Value { value, source, .. } => Served::new(value, source),
                     Loaded::Unavailable => {
                         unavailable.push(i);
                         Served::Unavailable
@@ -180,8 +180,8 @@ impl Tiers {
     pub(crate) async fn fill_l1(&self, view: &FeatureView, stamp: Stamp, keys: &[&str], loaded: &[Loaded]) {
         let protection = &self.lower.protection;
         let entries = keys.iter().zip(loaded).filter_map(|(key, loaded)| match loaded {
-            Loaded::Value { value, .. } if protection.cacheable(value) => {
-                Some(((*key).to_owned(), value.clone(), protection.lifetime(view, value, view.l1_ttl)))
+            Loaded::Value { value, l2_fresh_for, .. } if protection.cacheable(value) => {
+                Some(((*key).to_owned(), value.clone(), protection.l1_lifetime(view, value, *l2_fresh_for)))
             }
             _ => None,
         });
