@@ -304,6 +304,8 @@ async fn list_feature_views_returns_the_registry(env: &'static Env) -> Result<()
                 "stampede_on",
                 "stampede_off",
                 "hot",
+                "guarded",
+                "private",
                 "horizon",
                 "unknown",
                 "aged",

@@ -14,6 +14,7 @@ use std::sync::OnceLock;
 
 pub mod feast;
 pub mod load;
+pub mod tls;
 
 use anyhow::{Context, Result, ensure};
 use strata_devstack::{PortPlan, Stack, StackOptions};
@@ -185,6 +186,18 @@ l1_ttl = "1s"
 l2_ttl = "2s"
 jitter = 0.1
 refresh_ahead = 0.8
+features = [{ name = "n", type = "int64" }]
+
+[[views]]
+name = "guarded"
+l1_ttl = "5m"
+l2_ttl = "10m"
+features = [{ name = "n", type = "int64" }]
+
+[[views]]
+name = "private"
+l1_ttl = "5m"
+l2_ttl = "10m"
 features = [{ name = "n", type = "int64" }]
 
 [[views]]

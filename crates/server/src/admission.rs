@@ -17,6 +17,9 @@ use governor::{DefaultDirectRateLimiter, DefaultKeyedRateLimiter, Quota, RateLim
 use tokio::sync::{OwnedSemaphorePermit, Semaphore};
 use tonic::Status;
 
+use crate::auth::{AUTHORIZATION, Access, Authenticator};
+use crate::listener::Peer;
+
 /// The request header in which a client names itself.
 pub const CLIENT_ID_HEADER: &str = "x-client-id";
 /// Longest client id accepted; longer ids are refused.
@@ -87,11 +90,18 @@ pub struct Admission {
 }
 
 impl Admission {
-    pub fn new(max_in_flight: usize, limits: &RateLimits) -> Arc<Admission> {
+    /// With authentication on, each principal's limit is a bucket of its
+    /// own, chosen by the principal's name (see [`Admission::admit_access`]).
+    pub fn new(max_in_flight: usize, limits: &RateLimits, auth: &Authenticator) -> Arc<Admission> {
         let named = limits
             .clients
             .iter()
             .map(|c| (c.id.clone(), quota(c.per_second, c.burst).map(RateLimiter::direct)))
+            .chain(
+                auth.principals()
+                    .iter()
+                    .map(|p| (p.name.clone(), quota(p.per_second, p.burst).map(RateLimiter::direct))),
+            )
             .collect();
         Arc::new(Admission {
             in_flight: Arc::new(Semaphore::new(max_in_flight)),
@@ -125,6 +135,19 @@ impl Admission {
         if let Some(others) = &self.others {
             others.retain_recent();
             others.shrink_to_fit();
+        }
+    }
+
+    /// Admits a request of an authenticated caller: with authentication
+    /// on, its principal's bucket decides, whatever `x-client-id` says.
+    pub fn admit_access(
+        &self,
+        access: &Access,
+        client_header: Option<&[u8]>,
+    ) -> Result<OwnedSemaphorePermit, (Refusal, Status)> {
+        match access.principal() {
+            Some(principal) => self.admit(Some(principal.name.as_bytes())),
+            None => self.admit(client_header),
         }
     }
 
@@ -187,17 +210,20 @@ impl Admission {
     }
 }
 
-/// Admits FeatureStore calls before their bodies are read (see the module
-/// docs); a refusal is answered at once as a trailers-only gRPC status, and
-/// the permit of an admitted call is held until its response is ready.
+/// Authenticates and admits FeatureStore and Feast calls before their
+/// bodies are read (see the module docs): a refusal is answered at once as
+/// a trailers-only gRPC status; an admitted call carries its [`Access`] in
+/// its extensions, for the service to check per view, and holds its permit
+/// until its response is ready.
 #[derive(Clone)]
 pub struct AdmissionLayer {
     admission: Arc<Admission>,
+    auth: Arc<Authenticator>,
 }
 
 impl AdmissionLayer {
-    pub fn new(admission: Arc<Admission>) -> AdmissionLayer {
-        AdmissionLayer { admission }
+    pub fn new(admission: Arc<Admission>, auth: Arc<Authenticator>) -> AdmissionLayer {
+        AdmissionLayer { admission, auth }
     }
 }
 
@@ -205,7 +231,7 @@ impl<S> tower::Layer<S> for AdmissionLayer {
     type Service = Admitted<S>;
 
     fn layer(&self, inner: S) -> Admitted<S> {
-        Admitted { inner, admission: self.admission.clone() }
+        Admitted { inner, admission: self.admission.clone(), auth: self.auth.clone() }
     }
 }
 
@@ -213,6 +239,7 @@ impl<S> tower::Layer<S> for AdmissionLayer {
 pub struct Admitted<S> {
     inner: S,
     admission: Arc<Admission>,
+    auth: Arc<Authenticator>,
 }
 
 /// The path prefixes of the calls admission decides on: Strata's API and
@@ -236,13 +263,21 @@ where
         self.inner.poll_ready(cx)
     }
 
-    fn call(&mut self, request: http::Request<B>) -> Self::Future {
+    fn call(&mut self, mut request: http::Request<B>) -> Self::Future {
         let permit = if ADMITTED_PREFIXES.iter().any(|prefix| request.uri().path().starts_with(prefix)) {
+            let authorization = request.headers().get(AUTHORIZATION).map(|v| v.as_bytes());
+            let certificate = request.extensions().get::<Peer>().and_then(|p| p.certificate.as_deref());
+            let access = match self.auth.authenticate(authorization, certificate) {
+                Ok(access) => access,
+                Err(reason) => return Box::pin(std::future::ready(Ok(reason.status().into_http()))),
+            };
             let client = request.headers().get(CLIENT_ID_HEADER).map(|v| v.as_bytes());
-            match self.admission.admit(client) {
-                Ok(permit) => Some(permit),
+            let permit = match self.admission.admit_access(&access, client) {
+                Ok(permit) => permit,
                 Err((_, status)) => return Box::pin(std::future::ready(Ok(status.into_http()))),
-            }
+            };
+            request.extensions_mut().insert(access);
+            Some(permit)
         } else {
             None
         };
@@ -269,7 +304,7 @@ mod tests {
 
     #[test]
     fn a_client_over_its_burst_is_refused_and_others_are_not_affected() {
-        let admission = Admission::new(100, &limits(Vec::new()));
+        let admission = Admission::new(100, &limits(Vec::new()), &Authenticator::open());
         let mut held = Vec::new();
         for _ in 0..2 {
             held.push(admission.admit(Some(b"a")).expect("within the burst"));
@@ -289,6 +324,7 @@ mod tests {
                 ClientLimit { id: "big".into(), per_second: 1, burst: 10 },
                 ClientLimit { id: "free".into(), per_second: 0, burst: 0 },
             ]),
+            &Authenticator::open(),
         );
         for _ in 0..10 {
             drop(admission.admit(Some(b"big")).expect("within its own burst"));
@@ -301,7 +337,7 @@ mod tests {
 
     #[test]
     fn requests_over_the_in_flight_cap_are_refused_until_one_finishes() {
-        let admission = Admission::new(2, &RateLimits::default());
+        let admission = Admission::new(2, &RateLimits::default(), &Authenticator::open());
         let first = admission.admit(None).unwrap();
         let _second = admission.admit(None).unwrap();
         assert_eq!(admission.in_flight(), 2);
@@ -313,15 +349,28 @@ mod tests {
 
     #[test]
     fn a_draining_server_refuses_new_work_as_unavailable() {
-        let admission = Admission::new(2, &RateLimits::default());
+        let admission = Admission::new(2, &RateLimits::default(), &Authenticator::open());
         admission.drain();
         let (refusal, status) = admission.admit(None).unwrap_err();
         assert_eq!((refusal, status.code()), (Refusal::Draining, tonic::Code::Unavailable));
     }
 
     #[test]
+    fn with_authentication_the_principal_not_the_client_id_picks_the_bucket() {
+        use crate::auth::{Credential, Principal, Views, token_hash};
+        let ranker = Principal { name: "ranker".into(), read: Views::All, write: Views::All, per_second: 1, burst: 1 };
+        let auth = Authenticator::new(vec![(ranker, vec![Credential::TokenHash(token_hash("t"))])]);
+        let admission = Admission::new(100, &RateLimits::default(), &auth);
+        let access = auth.authenticate(Some(b"Bearer t"), None).unwrap();
+        drop(admission.admit_access(&access, Some(b"a")).expect("within its burst"));
+        let (refusal, status) = admission.admit_access(&access, Some(b"b")).unwrap_err();
+        assert_eq!(refusal, Refusal::RateLimited, "a new x-client-id is no new bucket");
+        assert!(status.message().contains("ranker"), "{}", status.message());
+    }
+
+    #[test]
     fn an_oversized_client_id_is_invalid() {
-        let admission = Admission::new(2, &RateLimits::default());
+        let admission = Admission::new(2, &RateLimits::default(), &Authenticator::open());
         let long = vec![b'x'; MAX_CLIENT_ID_BYTES + 1];
         let (_, status) = admission.admit(Some(&long)).unwrap_err();
         assert_eq!(status.code(), tonic::Code::InvalidArgument);

@@ -5,6 +5,7 @@
 //! JSON with `--json`.
 
 use std::fmt::Write as _;
+use std::path::PathBuf;
 use std::time::Duration;
 
 use anyhow::{Context, Result, bail};
@@ -12,7 +13,10 @@ use serde_json::{Value as Json, json};
 use strata_proto::v1;
 use strata_proto::v1::feature_store_client::FeatureStoreClient;
 use strata_shard_router::ShardRouter;
-use tonic::transport::{Channel, Endpoint};
+use tonic::metadata::{AsciiMetadataValue, MetadataValue};
+use tonic::service::Interceptor;
+use tonic::service::interceptor::InterceptedService;
+use tonic::transport::{Certificate, Channel, ClientTlsConfig, Endpoint, Identity};
 use tonic_health::pb::health_check_response::ServingStatus;
 use tonic_health::pb::{HealthCheckRequest, health_client::HealthClient};
 
@@ -21,16 +25,96 @@ use crate::config::Config;
 /// How long a command waits for the server to answer.
 const TIMEOUT: Duration = Duration::from_secs(5);
 
-/// A gRPC channel to `addr` (`host:port` or a URL), connected.
-async fn channel(addr: &str) -> Result<Channel> {
-    let url = if addr.contains("://") { addr.to_owned() } else { format!("http://{addr}") };
-    Endpoint::from_shared(url.clone())
+/// Where the lookup commands find a server unless told.
+pub const DEFAULT_ADDR: &str = "http://127.0.0.1:50051";
+
+/// The server a lookup command asks, and how it proves who it is.
+#[derive(clap::Args, Clone)]
+pub struct Target {
+    /// The server's gRPC address (`host:port` or a URL; `https://`, or a
+    /// CA file, for TLS).
+    #[arg(long, default_value = DEFAULT_ADDR, env = "STRATA_ADDR")]
+    pub addr: String,
+    /// PEM CA certificates the server's certificate must chain to (else
+    /// the system's roots, for an `https://` address).
+    #[arg(long, env = "STRATA_CA_FILE")]
+    pub ca_file: Option<PathBuf>,
+    /// A client certificate and key (PEM), for a server with mutual TLS.
+    #[arg(long, env = "STRATA_CERT_FILE", requires = "key_file")]
+    pub cert_file: Option<PathBuf>,
+    #[arg(long, env = "STRATA_KEY_FILE", requires = "cert_file")]
+    pub key_file: Option<PathBuf>,
+    /// A bearer token. Prefer STRATA_TOKEN or --token-file: a command
+    /// line is visible to every user of the machine.
+    #[arg(long, env = "STRATA_TOKEN", hide_env_values = true, conflicts_with = "token_file")]
+    pub token: Option<String>,
+    /// A file holding the bearer token (surrounding white space ignored).
+    #[arg(long, env = "STRATA_TOKEN_FILE")]
+    pub token_file: Option<PathBuf>,
+}
+
+impl Target {
+    /// A target at `addr` with no TLS and no token.
+    pub fn plain(addr: &str) -> Target {
+        Target { addr: addr.to_owned(), ca_file: None, cert_file: None, key_file: None, token: None, token_file: None }
+    }
+}
+
+/// Sends the bearer token, if any, with every call.
+#[derive(Clone)]
+pub struct Bearer(Option<AsciiMetadataValue>);
+
+impl Interceptor for Bearer {
+    fn call(&mut self, mut request: tonic::Request<()>) -> Result<tonic::Request<()>, tonic::Status> {
+        if let Some(value) = &self.0 {
+            request.metadata_mut().insert(crate::auth::AUTHORIZATION, value.clone());
+        }
+        Ok(request)
+    }
+}
+
+/// A channel that sends the target's token.
+pub type Connection = InterceptedService<Channel, Bearer>;
+
+fn read_file(path: &std::path::Path) -> Result<Vec<u8>> {
+    std::fs::read(path).with_context(|| format!("cannot read {}", path.display()))
+}
+
+/// A gRPC channel to the target, connected (with TLS where asked).
+pub async fn connect(target: &Target) -> Result<Connection> {
+    let addr = &target.addr;
+    let tls = target.ca_file.is_some() || target.cert_file.is_some() || addr.starts_with("https://");
+    let url = match (addr.contains("://"), tls) {
+        (true, _) => addr.to_owned(),
+        (false, false) => format!("http://{addr}"),
+        (false, true) => format!("https://{addr}"),
+    };
+    let mut endpoint = Endpoint::from_shared(url.clone())
         .with_context(|| format!("bad server address {addr:?}"))?
         .connect_timeout(TIMEOUT)
-        .timeout(TIMEOUT)
-        .connect()
-        .await
-        .with_context(|| format!("cannot connect to {url}"))
+        .timeout(TIMEOUT);
+    if tls {
+        let mut config = ClientTlsConfig::new();
+        config = match &target.ca_file {
+            Some(ca) => config.ca_certificate(Certificate::from_pem(read_file(ca)?)),
+            None => config.with_native_roots(),
+        };
+        if let (Some(cert), Some(key)) = (&target.cert_file, &target.key_file) {
+            config = config.identity(Identity::from_pem(read_file(cert)?, read_file(key)?));
+        }
+        endpoint = endpoint.tls_config(config).context("bad TLS settings")?;
+    }
+    let token = match (&target.token, &target.token_file) {
+        (Some(token), _) => Some(token.trim().to_owned()),
+        (None, Some(path)) => Some(String::from_utf8_lossy(&read_file(path)?).trim().to_owned()),
+        (None, None) => None,
+    };
+    let bearer = token
+        .map(|t| MetadataValue::try_from(format!("Bearer {t}")))
+        .transpose()
+        .map_err(|_| anyhow::anyhow!("the token must be printable ASCII"))?;
+    let channel = endpoint.connect().await.with_context(|| format!("cannot connect to {url}"))?;
+    Ok(InterceptedService::new(channel, Bearer(bearer)))
 }
 
 /// A gRPC error as one line: its code as the gRPC spec spells it
@@ -47,11 +131,17 @@ fn status_line(status: tonic::Status) -> anyhow::Error {
 }
 
 /// `strata get VIEW KEY...`: the rows of `keys`, one per line.
-pub async fn get(addr: &str, view: &str, keys: Vec<String>, features: Vec<String>, as_json: bool) -> Result<String> {
+pub async fn get(
+    target: &Target,
+    view: &str,
+    keys: Vec<String>,
+    features: Vec<String>,
+    as_json: bool,
+) -> Result<String> {
     if keys.is_empty() {
         bail!("no keys given");
     }
-    let mut client = FeatureStoreClient::new(channel(addr).await?);
+    let mut client = FeatureStoreClient::new(connect(target).await?);
     let request = v1::GetFeaturesRequest { feature_view: view.to_owned(), entity_keys: keys, features };
     let response = client.get_features(request).await.map_err(status_line)?.into_inner();
     Ok(if as_json { rows_json(&response).to_string() + "\n" } else { rows_table(&response) })
@@ -70,8 +160,8 @@ pub struct VectorsArgs {
 /// its join keys, then each feature's value (or its status where it has
 /// none). Values are typed by the join keys' declared types, which the
 /// server's registry gives.
-pub async fn get_vectors(addr: &str, read: VectorsArgs, as_json: bool) -> Result<String> {
-    let mut client = FeatureStoreClient::new(channel(addr).await?);
+pub async fn get_vectors(target: &Target, read: VectorsArgs, as_json: bool) -> Result<String> {
+    let mut client = FeatureStoreClient::new(connect(target).await?);
     let registry = client.list_feature_views(v1::ListFeatureViewsRequest {}).await.map_err(status_line)?.into_inner();
     let types: std::collections::HashMap<&str, v1::JoinKeyType> =
         registry.views.iter().flat_map(|v| v.join_keys.iter()).map(|k| (k.name.as_str(), k.r#type())).collect();
@@ -288,8 +378,8 @@ fn duration_text(d: Option<&strata_proto::prost_types::Duration>) -> String {
 }
 
 /// `strata views`: the feature views a server serves.
-pub async fn views(addr: &str, as_json: bool) -> Result<String> {
-    let mut client = FeatureStoreClient::new(channel(addr).await?);
+pub async fn views(target: &Target, as_json: bool) -> Result<String> {
+    let mut client = FeatureStoreClient::new(connect(target).await?);
     let views = client.list_feature_views(v1::ListFeatureViewsRequest {}).await.map_err(status_line)?.into_inner();
     let feature_type = |f: &v1::Feature| f.r#type().as_str_name().to_lowercase();
     if as_json {
@@ -325,8 +415,8 @@ pub async fn views(addr: &str, as_json: bool) -> Result<String> {
 
 /// `strata health`: the server's readiness (`service` "" is the whole
 /// server). Fails unless it is SERVING.
-pub async fn health(addr: &str, service: &str) -> Result<String> {
-    let mut client = HealthClient::new(channel(addr).await?);
+pub async fn health(target: &Target, service: &str) -> Result<String> {
+    let mut client = HealthClient::new(connect(target).await?);
     let status = client
         .check(HealthCheckRequest { service: service.to_owned() })
         .await

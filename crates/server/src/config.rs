@@ -21,6 +21,8 @@ use strata_proto::Limits;
 use strata_shard_router::{PoolOptions, ShardConfig};
 
 use crate::admission::{ClientLimit, RateLimits};
+use crate::auth::{Authenticator, Credential, Principal, Views};
+use crate::tls::TlsFiles;
 use strata_engine::{HotKeys, Protection, WritePolicy};
 
 /// The environment variable prefix; `__` separates levels, so
@@ -41,6 +43,8 @@ pub struct FileConfig {
     pub breaker: BreakerSection,
     pub retry: RetrySection,
     pub rate_limits: RateLimitsSection,
+    pub tls: TlsSection,
+    pub auth: AuthSection,
     /// Documented on their own (README, CONFIGURATION.md), as are entities
     /// and feature services.
     #[serde(skip_serializing)]
@@ -108,6 +112,87 @@ pub struct ClientLimitSection {
     pub per_second: u32,
     #[serde(default)]
     pub burst: u32,
+}
+
+/// TLS on the front ends: Strata's gRPC port (and Feast's gRPC services on
+/// it), Feast's HTTP port, and, with `metrics`, the metrics endpoint. No
+/// `cert_file`: plaintext.
+#[derive(Debug, Deserialize, Serialize)]
+#[serde(default, deny_unknown_fields)]
+pub struct TlsSection {
+    /// PEM certificate chain, the server's certificate first.
+    pub cert_file: String,
+    /// PEM private key (PKCS#8, PKCS#1 or SEC1).
+    pub key_file: String,
+    /// PEM CA certificates; set, every client must present a certificate
+    /// one of them signed (mutual TLS).
+    pub client_ca_file: String,
+    /// How often the files are checked; changed files are loaded for new
+    /// handshakes, without dropping connections.
+    #[serde(with = "humantime_serde")]
+    pub reload_every: Duration,
+    /// Serve /metrics with TLS too (Prometheus then needs the CA).
+    pub metrics: bool,
+}
+
+impl Default for TlsSection {
+    fn default() -> Self {
+        TlsSection {
+            cert_file: String::new(),
+            key_file: String::new(),
+            client_ca_file: String::new(),
+            reload_every: Duration::from_secs(10),
+            metrics: false,
+        }
+    }
+}
+
+/// Authentication and per-view permissions. Off, anyone who reaches the
+/// ports may read, write and delete everything (Strata warns at start-up
+/// unless it listens on loopback only).
+#[derive(Debug, Default, Deserialize, Serialize)]
+#[serde(default, deny_unknown_fields)]
+pub struct AuthSection {
+    pub enabled: bool,
+    pub principals: Vec<PrincipalSection>,
+}
+
+/// One caller. It proves who it is with a bearer token whose SHA-256 is
+/// listed (`strata auth hash-token`; several allow rotation), or with a
+/// client certificate carrying one of `certificate_names` (mutual TLS).
+#[derive(Deserialize, Serialize)]
+#[serde(deny_unknown_fields)]
+pub struct PrincipalSection {
+    pub name: String,
+    #[serde(default)]
+    pub token_sha256: Vec<String>,
+    #[serde(default)]
+    pub certificate_names: Vec<String>,
+    /// Views it may read; `["*"]`: all.
+    #[serde(default)]
+    pub read: Vec<String>,
+    /// Views it may write and delete in; `["*"]`: all.
+    #[serde(default)]
+    pub write: Vec<String>,
+    /// Its rate limit (token bucket; 0: none). With authentication on,
+    /// this, not `x-client-id`, decides a caller's bucket.
+    #[serde(default)]
+    pub per_second: u32,
+    #[serde(default)]
+    pub burst: u32,
+}
+
+/// Token hashes are not tokens, but they are still nobody's business.
+impl std::fmt::Debug for PrincipalSection {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.debug_struct("PrincipalSection")
+            .field("name", &self.name)
+            .field("token_sha256", &format_args!("<{} redacted>", self.token_sha256.len()))
+            .field("certificate_names", &self.certificate_names)
+            .field("read", &self.read)
+            .field("write", &self.write)
+            .finish()
+    }
 }
 
 /// Sampling of reads, so `strata warm --top N` can preload the most-read
@@ -211,6 +296,9 @@ pub struct ServerSection {
     /// one is cut off. Longer than `max_deadline`.
     #[serde(with = "humantime_serde")]
     pub request_timeout: Duration,
+    /// Serve gRPC server reflection (what lets grpcurl work without the
+    /// .proto files).
+    pub reflection: bool,
 }
 
 #[derive(Debug, Deserialize, Serialize)]
@@ -265,11 +353,21 @@ pub struct PostgresSection {
     pub shards: Vec<ShardSection>,
 }
 
-#[derive(Debug, Deserialize, Serialize)]
+#[derive(Deserialize, Serialize)]
 #[serde(deny_unknown_fields)]
 pub struct ShardSection {
     pub name: String,
     pub url: String,
+}
+
+/// Prints the URL without its password.
+impl std::fmt::Debug for ShardSection {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.debug_struct("ShardSection")
+            .field("name", &self.name)
+            .field("url", &strata_shard_router::redact_url(&self.url))
+            .finish()
+    }
 }
 
 impl Default for ServerSection {
@@ -287,6 +385,7 @@ impl Default for ServerSection {
             keepalive_interval: Duration::from_secs(30),
             keepalive_timeout: Duration::from_secs(10),
             request_timeout: Duration::from_secs(40),
+            reflection: true,
         }
     }
 }
@@ -376,6 +475,8 @@ const SECTIONS: &[&str] = &[
     "breaker",
     "retry",
     "rate_limits",
+    "tls",
+    "auth",
 ];
 
 /// Whether an environment variable (its name after `STRATA_`) is meant as
@@ -408,6 +509,17 @@ pub struct Config {
     pub writes: WritePolicy,
     pub hot_keys: HotKeys,
     pub registry: Arc<Registry>,
+    pub tls: Option<TlsSettings>,
+    pub auth: Arc<Authenticator>,
+    pub reflection: bool,
+}
+
+/// TLS as configured (see [`TlsSection`]).
+#[derive(Clone, Debug)]
+pub struct TlsSettings {
+    pub files: TlsFiles,
+    pub reload_every: Duration,
+    pub metrics: bool,
 }
 
 impl FileConfig {
@@ -447,6 +559,8 @@ impl FileConfig {
             breaker,
             retry,
             rate_limits,
+            tls,
+            auth,
             entities,
             views,
             feature_services,
@@ -464,6 +578,7 @@ impl FileConfig {
             keepalive_interval,
             keepalive_timeout,
             request_timeout,
+            reflection,
         } = server;
         let grpc_addr =
             grpc_addr.parse().with_context(|| format!("server.grpc_addr: {grpc_addr:?} is not an address"))?;
@@ -653,6 +768,8 @@ impl FileConfig {
             bail!("views: no feature views are declared");
         }
         let registry = Registry::with(entities, views, feature_services).context("the registry")?;
+        let tls = tls_settings(tls)?;
+        let auth = authenticator(auth, &registry, tls.as_ref().is_some_and(|t| t.files.client_ca.is_some()))?;
 
         Ok(Config {
             grpc_addr,
@@ -692,8 +809,100 @@ impl FileConfig {
             shards: shards.into_iter().map(|s| ShardConfig { name: s.name, url: s.url }).collect(),
             protection: Protection { enabled, lease_ttl, refresh_queue, refresh_concurrency },
             registry: Arc::new(registry),
+            tls,
+            auth: Arc::new(auth),
+            reflection,
         })
     }
+}
+
+fn tls_settings(tls: TlsSection) -> Result<Option<TlsSettings>> {
+    let TlsSection { cert_file, key_file, client_ca_file, reload_every, metrics } = tls;
+    let set = |s: &str| !s.trim().is_empty();
+    match (set(&cert_file), set(&key_file)) {
+        (false, false) => {
+            if set(&client_ca_file) || metrics {
+                bail!("tls.client_ca_file and tls.metrics need tls.cert_file and tls.key_file");
+            }
+            return Ok(None);
+        }
+        (true, false) | (false, true) => bail!("tls.cert_file and tls.key_file are set together or not at all"),
+        (true, true) => {}
+    }
+    if reload_every < Duration::from_millis(10) || reload_every > MAX_DEADLINE_LIMIT {
+        bail!("tls.reload_every must be between 10ms and {MAX_DEADLINE_LIMIT:?}, not {reload_every:?}");
+    }
+    let client_ca = set(&client_ca_file).then(|| client_ca_file.into());
+    Ok(Some(TlsSettings {
+        files: TlsFiles { cert: cert_file.into(), key: key_file.into(), client_ca },
+        reload_every,
+        metrics,
+    }))
+}
+
+fn authenticator(auth: AuthSection, registry: &Registry, mutual_tls: bool) -> Result<Authenticator> {
+    let AuthSection { enabled, principals } = auth;
+    if !enabled {
+        return Ok(Authenticator::open());
+    }
+    if principals.is_empty() {
+        bail!("auth.principals: authentication is on, so at least one principal is needed");
+    }
+    let mut names = std::collections::HashSet::new();
+    let mut credentials = std::collections::HashSet::new();
+    let mut out = Vec::with_capacity(principals.len());
+    for p in principals {
+        let PrincipalSection { name, token_sha256, certificate_names, read, write, per_second, burst } = p;
+        if name.is_empty() || !names.insert(name.clone()) {
+            bail!("auth.principals: every principal needs a name of its own ({name:?})");
+        }
+        let mut creds = Vec::new();
+        for hash in &token_sha256 {
+            let bytes = parse_sha256(hash).with_context(|| {
+                format!(
+                    "auth.principals {name:?}: token_sha256 must be 64 hex digits, the SHA-256 of a token \
+                     (strata auth hash-token)"
+                )
+            })?;
+            if !credentials.insert(bytes.to_vec()) {
+                bail!("auth.principals {name:?}: a token hash is listed twice");
+            }
+            creds.push(Credential::TokenHash(bytes));
+        }
+        if !certificate_names.is_empty() && !mutual_tls {
+            bail!("auth.principals {name:?}: certificate_names need mutual TLS (tls.client_ca_file)");
+        }
+        for cert in &certificate_names {
+            if !credentials.insert(format!("cert:{cert}").into_bytes()) {
+                bail!("auth.principals {name:?}: certificate name {cert:?} is listed twice");
+            }
+            creds.push(Credential::CertificateName(cert.clone()));
+        }
+        if creds.is_empty() {
+            bail!("auth.principals {name:?}: needs a token_sha256 or a certificate name");
+        }
+        for (field, views) in [("read", &read), ("write", &write)] {
+            if let Some(unknown) = views.iter().find(|v| *v != "*" && registry.get(v).is_none()) {
+                bail!("auth.principals {name:?}: {field} names view {unknown:?}, which is not declared");
+            }
+        }
+        let principal =
+            Principal { name, read: Views::from_list(&read), write: Views::from_list(&write), per_second, burst };
+        out.push((principal, creds));
+    }
+    Ok(Authenticator::new(out))
+}
+
+fn parse_sha256(hex: &str) -> Option<[u8; 32]> {
+    let hex = hex.trim();
+    if hex.len() != 64 || !hex.is_ascii() {
+        return None;
+    }
+    let mut out = [0u8; 32];
+    for (i, byte) in out.iter_mut().enumerate() {
+        *byte = u8::from_str_radix(&hex[2 * i..2 * i + 2], 16).ok()?;
+    }
+    Some(out)
 }
 
 #[cfg(test)]
@@ -762,6 +971,13 @@ mod tests {
         "rate_limits.clients[].burst",
         "postgres.shards[].name",
         "postgres.shards[].url",
+        "auth.principals[].name",
+        "auth.principals[].token_sha256",
+        "auth.principals[].certificate_names",
+        "auth.principals[].read",
+        "auth.principals[].write",
+        "auth.principals[].per_second",
+        "auth.principals[].burst",
     ];
 
     #[test]
@@ -796,6 +1012,64 @@ mod tests {
         for section in SECTIONS {
             assert!(sections.iter().any(|s| s == section), "{section} is not a section");
         }
+    }
+
+    const TOKEN_HASH: &str = "9f86d081884c7d659a2feaa0c55ad015a3bf4f1b2b0b822cd15d6c15b0f00a08";
+
+    fn with(extra: &str) -> Result<Config> {
+        FileConfig::from_toml(&format!("{SHIPPED}\n{extra}"))?.validate()
+    }
+
+    #[test]
+    fn principals_are_checked_and_name_what_is_wrong() {
+        let principal =
+            |fields: &str| format!("[auth]\nenabled = true\n[[auth.principals]]\nname = \"ranker\"\n{fields}\n");
+        let config =
+            with(&principal(&format!("token_sha256 = [\"{TOKEN_HASH}\"]\nread = [\"user_features\"]\nper_second = 5")))
+                .unwrap();
+        assert!(config.auth.required());
+        let access = config.auth.authenticate(Some(b"Bearer test"), None).unwrap();
+        assert!(access.may(crate::auth::Operation::Read, "user_features"));
+        assert!(!access.may(crate::auth::Operation::Write, "user_features"));
+        for (fields, error) in [
+            ("token_sha256 = [\"abc\"]", "token_sha256 must be 64 hex digits"),
+            ("", "needs a token_sha256 or a certificate name"),
+            (&format!("token_sha256 = [\"{TOKEN_HASH}\"]\nread = [\"nope\"]"), "read names view \"nope\""),
+            ("certificate_names = [\"ranker.svc\"]", "certificate_names need mutual TLS"),
+        ] {
+            let err = format!("{:#}", with(&principal(fields)).unwrap_err());
+            assert!(err.contains(error), "{fields}: {err}");
+        }
+        let err = with("[auth]\nenabled = true\n").unwrap_err().to_string();
+        assert!(err.contains("at least one principal"), "{err}");
+        assert!(!with("").unwrap().auth.required(), "off by default");
+    }
+
+    #[test]
+    fn tls_files_come_in_pairs() {
+        assert!(with("").unwrap().tls.is_none());
+        let err = with("[tls]\ncert_file = \"c.pem\"\n").unwrap_err().to_string();
+        assert!(err.contains("tls.cert_file and tls.key_file"), "{err}");
+        let err = with("[tls]\nclient_ca_file = \"ca.pem\"\n").unwrap_err().to_string();
+        assert!(err.contains("need tls.cert_file"), "{err}");
+        let tls = with("[tls]\ncert_file = \"c.pem\"\nkey_file = \"k.pem\"\nclient_ca_file = \"ca.pem\"\n")
+            .unwrap()
+            .tls
+            .unwrap();
+        assert_eq!(tls.files.client_ca.as_deref(), Some(std::path::Path::new("ca.pem")));
+    }
+
+    #[test]
+    fn no_secret_shows_in_the_configuration_s_debug_output() {
+        let config = with(&format!(
+            "[auth]\nenabled = true\n[[auth.principals]]\nname = \"ranker\"\ntoken_sha256 = [\"{TOKEN_HASH}\"]\nread = [\"*\"]\n"
+        ))
+        .unwrap();
+        let mut file = FileConfig::from_toml(SHIPPED).unwrap();
+        file.postgres.shards[0].url = "postgres://strata:pl4nted@db/strata".into();
+        let file_printed = format!("{file:?}");
+        let printed = format!("{config:?} {file_printed} {:?}", file.validate().unwrap());
+        assert!(!printed.contains("pl4nted") && !printed.contains(TOKEN_HASH), "{printed}");
     }
 
     #[test]

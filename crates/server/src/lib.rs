@@ -8,17 +8,19 @@
 #![forbid(unsafe_code)]
 
 pub mod admission;
+pub mod auth;
 pub mod cli;
 mod client_errors;
 pub mod config;
 pub mod demo;
 pub mod dev;
 pub mod feast;
-mod listener;
+pub mod listener;
 pub mod load;
 pub mod metrics;
 mod server;
 mod service;
+pub mod tls;
 mod vectors;
 pub mod warm;
 

@@ -17,9 +17,6 @@ use strata_server::load::{self, Format, LoadOptions};
 use strata_server::warm::{self, WarmOptions};
 use strata_shard_router::ShardRouter;
 
-/// Where the lookup commands find a server unless told.
-const DEFAULT_ADDR: &str = "http://127.0.0.1:50051";
-
 #[derive(Parser)]
 #[command(name = "strata", version, about = "Strata: an online feature store server")]
 struct Cli {
@@ -98,9 +95,8 @@ enum Command {
     /// row; a single value is used for every row:
     /// `strata get --service ranker_v1 user_id=user_000001 item_id=8485,5676`.
     Get {
-        /// The server's gRPC address.
-        #[arg(long, default_value = DEFAULT_ADDR, env = "STRATA_ADDR")]
-        addr: String,
+        #[command(flatten)]
+        target: cli::Target,
         /// VIEW KEY..., or JOIN_KEY=VALUES... with --service or view:feature
         /// references.
         #[arg(required = true)]
@@ -120,8 +116,8 @@ enum Command {
     },
     /// List the feature views a running server serves.
     Views {
-        #[arg(long, default_value = DEFAULT_ADDR, env = "STRATA_ADDR")]
-        addr: String,
+        #[command(flatten)]
+        target: cli::Target,
         #[arg(long)]
         json: bool,
     },
@@ -139,8 +135,8 @@ enum Command {
     /// Ask a running server's gRPC health service; exits non-zero unless it
     /// is SERVING.
     Health {
-        #[arg(long, default_value = DEFAULT_ADDR, env = "STRATA_ADDR")]
-        addr: String,
+        #[command(flatten)]
+        target: cli::Target,
         /// "" for the whole server, `strata.v1.FeatureStore`, or `liveness`.
         #[arg(long, default_value = "")]
         service: String,
@@ -150,6 +146,13 @@ enum Command {
     Feast {
         #[command(subcommand)]
         command: FeastCommand,
+    },
+    /// Tokens for `auth.principals`: `strata auth new-token` makes one and
+    /// prints it with its hash; `strata auth hash-token` hashes the token
+    /// it reads on stdin.
+    Auth {
+        #[command(subcommand)]
+        command: AuthCommand,
     },
     /// Start a whole local stack (Redis Cluster, PostgreSQL shards, demo
     /// data) as local processes and serve it until Ctrl-C.
@@ -165,6 +168,15 @@ enum Command {
         #[arg(long, default_value_t = 100_000)]
         demo_entities: u64,
     },
+}
+
+#[derive(Subcommand)]
+enum AuthCommand {
+    /// A new random token (for the client) and its SHA-256 (for
+    /// `token_sha256` in the server's config).
+    NewToken,
+    /// The SHA-256 of the token on stdin (one line), for `token_sha256`.
+    HashToken,
 }
 
 #[derive(Subcommand)]
@@ -272,20 +284,20 @@ async fn run(cli: Cli) -> Result<()> {
             warm::print_report(&warm::run(&config, &WarmOptions { view, keys, top }).await?);
             Ok(())
         }
-        Command::Get { addr, args, features, service, full_names, json } => {
+        Command::Get { target, args, features, service, full_names, json } => {
             let vectors = service.is_some() || features.iter().any(|f| f.contains(':'));
             let out = if vectors {
                 let read = cli::VectorsArgs { service, features, full_names, join_keys: args };
-                cli::get_vectors(&addr, read, json).await?
+                cli::get_vectors(&target, read, json).await?
             } else {
                 let (view, keys) = args.split_first().context("no view given")?;
-                cli::get(&addr, view, keys.to_vec(), features, json).await?
+                cli::get(&target, view, keys.to_vec(), features, json).await?
             };
             print!("{out}");
             Ok(())
         }
-        Command::Views { addr, json } => {
-            print!("{}", cli::views(&addr, json).await?);
+        Command::Views { target, json } => {
+            print!("{}", cli::views(&target, json).await?);
             Ok(())
         }
         Command::Shards { config, view, json } => {
@@ -293,8 +305,21 @@ async fn run(cli: Cli) -> Result<()> {
             print!("{}", cli::shards(&config, view.as_deref(), json).await?);
             Ok(())
         }
-        Command::Health { addr, service } => {
-            print!("{}", cli::health(&addr, &service).await?);
+        Command::Health { target, service } => {
+            print!("{}", cli::health(&target, &service).await?);
+            Ok(())
+        }
+        Command::Auth { command: AuthCommand::NewToken } => {
+            let token = strata_server::auth::new_token();
+            println!("token = {token}");
+            println!("token_sha256 = \"{}\"", strata_server::auth::hex(&strata_server::auth::token_hash(&token)));
+            Ok(())
+        }
+        Command::Auth { command: AuthCommand::HashToken } => {
+            let mut line = String::new();
+            std::io::stdin().read_line(&mut line).context("cannot read the token from stdin")?;
+            anyhow::ensure!(!line.trim().is_empty(), "no token on stdin");
+            println!("{}", strata_server::auth::hex(&strata_server::auth::token_hash(line.trim())));
             Ok(())
         }
         Command::Dev { config, data_dir, shards, demo_entities } => {

@@ -246,12 +246,27 @@ pub const METRICS: &[Metric] = &[
     Metric {
         name: "strata_connections_refused_total",
         kind: Kind::Counter,
-        help: "gRPC connections closed at once because server.max_connections were open",
+        help: "Connections (gRPC, Feast HTTP) closed at once because server.max_connections were open",
     },
     Metric {
         name: "strata_requests_refused_total",
         kind: Kind::Counter,
         help: "FeatureStore requests refused before any work, by reason (draining, rate_limited, overloaded, bad_client_id)",
+    },
+    Metric {
+        name: "strata_auth_refusals_total",
+        kind: Kind::Counter,
+        help: "Requests refused by authentication or authorization, by reason (missing_credential, malformed_credential, unknown_token, unknown_certificate, read_denied, write_denied)",
+    },
+    Metric {
+        name: "strata_tls_reloads_total",
+        kind: Kind::Counter,
+        help: "Checks that found the TLS files changed, by outcome (reloaded, failed: the previous files stay in use)",
+    },
+    Metric {
+        name: "strata_tls_handshake_failures_total",
+        kind: Kind::Counter,
+        help: "TLS handshakes that failed, by reason (refused: a bad or missing client certificate, a protocol error; timeout)",
     },
 ];
 
@@ -298,7 +313,7 @@ pub fn record_build_info() {
 
 /// Serves `GET /metrics` on `listener` until `shutdown` resolves.
 pub async fn serve(
-    listener: tokio::net::TcpListener,
+    listener: crate::listener::Incoming,
     shutdown: impl Future<Output = ()> + Send + 'static,
 ) -> std::io::Result<()> {
     let handle = handle().clone();
@@ -323,9 +338,16 @@ pub async fn serve(
     result
 }
 
-/// Binds the metrics listener.
-pub async fn bind(addr: SocketAddr) -> std::io::Result<tokio::net::TcpListener> {
-    tokio::net::TcpListener::bind(addr).await
+/// Connections to the metrics endpoint open at once at most: a scraper or
+/// two, and people looking.
+const MAX_METRICS_CONNECTIONS: usize = 64;
+
+/// Binds the metrics listener, with TLS if `tls` is set.
+pub async fn bind(
+    addr: SocketAddr,
+    tls: Option<std::sync::Arc<crate::tls::Tls>>,
+) -> std::io::Result<crate::listener::Incoming> {
+    crate::listener::bind(addr, MAX_METRICS_CONNECTIONS, tls).await
 }
 
 /// Records `strata_grpc_requests_total{method, code}` and

@@ -26,6 +26,7 @@ use crate::client_errors::ClientErrorsLayer;
 use crate::config::Config;
 use crate::metrics::{self, GrpcMetricsLayer};
 use crate::service::FeatureStoreService;
+use crate::tls::Tls;
 use strata_engine::Tiers;
 
 /// The health service name of the liveness check.
@@ -102,7 +103,7 @@ impl RunningServer {
         // Refuses FeatureStore work at once while draining, over a client's
         // rate limit, or over the in-flight cap (load shedding: no queue
         // builds up in front of a busy server).
-        let admission = Admission::new(config.max_in_flight, &config.rate_limits);
+        let admission = Admission::new(config.max_in_flight, &config.rate_limits, &config.auth);
         let service = Arc::new(FeatureStoreService::new(
             config.registry.clone(),
             config.limits.clone(),
@@ -116,26 +117,38 @@ impl RunningServer {
             service: service.clone(),
             registry: config.registry.clone(),
             admission: admission.clone(),
+            auth: config.auth.clone(),
         });
         let (feast_serving, feast_server) = crate::feast::grpc::services(feast.clone(), config.max_request_bytes);
 
         let transport = config.transport;
-        let (grpc_addr, incoming) = crate::listener::bind(config.grpc_addr, transport.max_connections)
+        warn_if_open(&config);
+        // One set of TLS files, loaded for each listener with the protocols
+        // it speaks, each checked for changes on its own.
+        let tls = |alpn: &[&[u8]]| -> Result<Option<Arc<Tls>>> {
+            let Some(settings) = &config.tls else { return Ok(None) };
+            let tls = Tls::load(settings.files.clone(), alpn).context("bad TLS configuration")?;
+            tls.watch(settings.reload_every);
+            Ok(Some(tls))
+        };
+        let incoming = crate::listener::bind(config.grpc_addr, transport.max_connections, tls(&[b"h2"])?)
             .await
             .with_context(|| format!("cannot listen for gRPC on {}", config.grpc_addr))?;
-        let metrics_listener = metrics::bind(config.metrics_addr)
+        let grpc_addr = incoming.local_addr();
+        let metrics_tls = if config.tls.as_ref().is_some_and(|t| t.metrics) { tls(&[b"http/1.1"])? } else { None };
+        let metrics_listener = metrics::bind(config.metrics_addr, metrics_tls)
             .await
             .with_context(|| format!("cannot listen for metrics on {}", config.metrics_addr))?;
-        let metrics_addr = metrics_listener.local_addr()?;
+        let metrics_addr = metrics_listener.local_addr();
         let feast_listener = match config.feast_http_addr {
             Some(addr) => Some(
-                tokio::net::TcpListener::bind(addr)
+                crate::listener::bind(addr, transport.max_connections, tls(&[b"http/1.1"])?)
                     .await
                     .with_context(|| format!("cannot listen for Feast's HTTP API on {addr}"))?,
             ),
             None => None,
         };
-        let feast_http_addr = feast_listener.as_ref().map(|l| l.local_addr()).transpose()?;
+        let feast_http_addr = feast_listener.as_ref().map(|l| l.local_addr());
 
         let (stop, stopped) = watch::channel(false);
         let signal = |mut rx: watch::Receiver<bool>| async move {
@@ -147,7 +160,7 @@ impl RunningServer {
             // Refuses FeatureStore calls before their bodies are read or
             // decoded: the memory of requests in decoding is bounded by
             // max_in_flight times max_request_bytes.
-            .layer(AdmissionLayer::new(admission.clone()))
+            .layer(AdmissionLayer::new(admission.clone(), config.auth.clone()))
             // The codec's answers to a client's own mistakes (too large, not
             // decodable) become client-error codes, inside the metrics layer
             // so the metrics count them as such.
@@ -166,14 +179,15 @@ impl RunningServer {
             .layer(layers)
             .add_service(health_service)
             // grpcurl 1.8 speaks reflection v1alpha; newer tools speak v1.
-            .add_service(reflection().build_v1alpha()?)
-            .add_service(reflection().build_v1()?)
+            .add_optional_service(config.reflection.then(|| reflection().build_v1alpha()).transpose()?)
+            .add_optional_service(config.reflection.then(|| reflection().build_v1()).transpose()?)
             .add_service(FeatureStoreServer::from_arc(service).max_decoding_message_size(config.max_request_bytes))
             .add_service(feast_serving)
             .add_service(feast_server);
         let grpc = tokio::spawn(router.serve_with_incoming_shutdown(incoming, signal(stopped.clone())));
         let feast = feast_listener.map(|listener| {
-            let app = crate::feast::http::router(feast, config.max_request_bytes);
+            let app = crate::feast::http::router(feast, config.max_request_bytes)
+                .into_make_service_with_connect_info::<crate::listener::Peer>();
             tokio::spawn(axum::serve(listener, app).with_graceful_shutdown(signal(stopped.clone())).into_future())
         });
         let metrics = tokio::spawn(metrics::serve(metrics_listener, signal(stopped)));
@@ -274,6 +288,27 @@ impl RunningServer {
         };
         let _ = tokio::time::timeout_at(deadline.max(tokio::time::Instant::now() + Duration::from_millis(250)), close)
             .await;
+    }
+}
+
+/// Says loudly, at start-up, that a server anyone on the network can
+/// reach lets anyone read, write and delete every view.
+fn warn_if_open(config: &Config) {
+    if config.auth.required() {
+        return;
+    }
+    let exposed: Vec<String> = [Some(config.grpc_addr), config.feast_http_addr]
+        .into_iter()
+        .flatten()
+        .filter(|addr| !addr.ip().is_loopback())
+        .map(|addr| addr.to_string())
+        .collect();
+    if !exposed.is_empty() {
+        tracing::warn!(
+            listening = ?exposed,
+            "authentication is off (auth.enabled = false) on a non-loopback address: anyone who can reach it may \
+             read, write and delete every feature view; turn auth on before exposing this server"
+        );
     }
 }
 

@@ -16,6 +16,7 @@ use strata_shard_router::UpsertOutcome;
 use tokio::time::Instant;
 use tonic::{Request, Response, Status};
 
+use crate::auth::{Access, Denied, Operation};
 use crate::config::Deadlines;
 use strata_engine::{Served, Source, Tiers};
 
@@ -34,6 +35,8 @@ pub enum ServiceError {
     AnswerTooLarge { bytes: usize, limit: usize },
     #[error("none of the {total} rows was written: {}", errors.join("; "))]
     WriteFailed { total: usize, errors: Vec<String>, retry_may_help: bool },
+    #[error(transparent)]
+    Denied(#[from] Denied),
 }
 
 impl From<ServiceError> for Status {
@@ -43,6 +46,7 @@ impl From<ServiceError> for Status {
             e @ ServiceError::AnswerTooLarge { .. } => Status::resource_exhausted(e.to_string()),
             e @ ServiceError::WriteFailed { retry_may_help: true, .. } => Status::unavailable(e.to_string()),
             e @ ServiceError::WriteFailed { retry_may_help: false, .. } => Status::internal(e.to_string()),
+            ServiceError::Denied(e) => Status::permission_denied(e.to_string()),
         }
     }
 }
@@ -102,16 +106,26 @@ impl FeatureStoreService {
     pub(crate) async fn vectors(
         &self,
         request: v1::GetFeatureVectorsRequest,
+        access: &Access,
         deadline: Instant,
     ) -> Result<v1::GetFeatureVectorsResponse, ServiceError> {
         let read = vectors_request(request, &self.registry, &self.limits)?;
+        for view in &read.views {
+            access.check(Operation::Read, &view.view.name)?;
+        }
         crate::vectors::feature_vectors(&self.tiers, read, self.max_response_bytes, deadline).await
     }
 
     /// Validates a write without running it, so a front end can check every
     /// part of a large write before it stores any.
-    pub(crate) fn check_write(&self, request: v1::WriteFeaturesRequest) -> Result<FeatureWrite, ServiceError> {
-        Ok(write_request(request, &self.registry, &self.limits)?)
+    pub(crate) fn check_write(
+        &self,
+        request: v1::WriteFeaturesRequest,
+        access: &Access,
+    ) -> Result<FeatureWrite, ServiceError> {
+        let write = write_request(request, &self.registry, &self.limits)?;
+        access.check(Operation::Write, &write.view.name)?;
+        Ok(write)
     }
 
     /// Runs a validated write: per-row results, or an error if no row could
@@ -208,8 +222,10 @@ impl FeatureStore for FeatureStoreService {
         request: Request<v1::GetFeaturesRequest>,
     ) -> Result<Response<v1::GetFeaturesResponse>, Status> {
         let deadline = self.deadline_of(&request);
+        let access = Access::of(request.extensions());
         let read = read_request(request.into_inner(), &self.registry, &self.limits).map_err(ServiceError::from)?;
         let view = &read.view;
+        access.check(Operation::Read, &view.name).map_err(ServiceError::from)?;
 
         // Each distinct key is looked up once; duplicates share its answer.
         let mut distinct: Vec<&str> = Vec::with_capacity(read.keys.len());
@@ -289,7 +305,8 @@ impl FeatureStore for FeatureStoreService {
         request: Request<v1::WriteFeaturesRequest>,
     ) -> Result<Response<v1::WriteFeaturesResponse>, Status> {
         let deadline = self.deadline_of(&request);
-        let write = self.check_write(request.into_inner())?;
+        let access = Access::of(request.extensions());
+        let write = self.check_write(request.into_inner(), &access)?;
         Ok(Response::new(self.write(write, deadline).await?))
     }
 
@@ -298,18 +315,28 @@ impl FeatureStore for FeatureStoreService {
         request: Request<v1::DeleteFeaturesRequest>,
     ) -> Result<Response<v1::WriteFeaturesResponse>, Status> {
         let deadline = self.deadline_of(&request);
+        let access = Access::of(request.extensions());
         let delete = delete_request(request.into_inner(), &self.registry, &self.limits).map_err(ServiceError::from)?;
+        access.check(Operation::Write, &delete.view.name).map_err(ServiceError::from)?;
         let outcome = self.tiers.delete(&delete.view, &delete.keys, delete.at, deadline).await;
         let requested = delete.requested.iter().map(|&at| (delete.keys[at].as_str(), true));
         Ok(Response::new(write_response(&delete.view.name, "delete", &outcome, requested)?))
     }
 
+    /// The views the caller may read (all of them without authentication).
     async fn list_feature_views(
         &self,
-        _: Request<v1::ListFeatureViewsRequest>,
+        request: Request<v1::ListFeatureViewsRequest>,
     ) -> Result<Response<v1::ListFeatureViewsResponse>, Status> {
+        let access = Access::of(request.extensions());
         Ok(Response::new(v1::ListFeatureViewsResponse {
-            views: self.registry.views().iter().map(|v| view_to_wire(v)).collect(),
+            views: self
+                .registry
+                .views()
+                .iter()
+                .filter(|v| access.may(Operation::Read, &v.name))
+                .map(|v| view_to_wire(v))
+                .collect(),
             entities: self.registry.entities().iter().map(|e| entity_to_wire(e)).collect(),
             feature_services: self.registry.services().iter().map(|s| service_to_wire(s)).collect(),
         }))
@@ -320,7 +347,8 @@ impl FeatureStore for FeatureStoreService {
         request: Request<v1::GetFeatureVectorsRequest>,
     ) -> Result<Response<v1::GetFeatureVectorsResponse>, Status> {
         let deadline = self.deadline_of(&request);
-        Ok(Response::new(self.vectors(request.into_inner(), deadline).await?))
+        let access = Access::of(request.extensions());
+        Ok(Response::new(self.vectors(request.into_inner(), &access, deadline).await?))
     }
 }
 

@@ -39,11 +39,48 @@ const CONFLICT_RETRY: RetryPolicy =
 const MAX_CONFLICT_RETRIES: u32 = 20;
 
 /// One shard as configured: a name for logs and metrics, and where it is.
-#[derive(Clone, Debug)]
+#[derive(Clone)]
 pub struct ShardConfig {
     pub name: String,
     /// A libpq-style connection string or `postgres://` URL.
     pub url: String,
+}
+
+/// Prints the URL without its password.
+impl std::fmt::Debug for ShardConfig {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.debug_struct("ShardConfig").field("name", &self.name).field("url", &redact_url(&self.url)).finish()
+    }
+}
+
+/// A connection string with its password replaced by `<redacted>`: in a
+/// URL (`postgres://user:secret@host/db`, `?password=secret`) or in the
+/// key=value form (`password=secret`, quoted or not).
+pub fn redact_url(url: &str) -> String {
+    let mut out = url.to_owned();
+    if let Some(scheme_end) = out.find("://") {
+        let authority_start = scheme_end + 3;
+        let authority_end = out[authority_start..].find(['/', '?']).map_or(out.len(), |i| authority_start + i);
+        if let Some(at) = out[authority_start..authority_end].rfind('@')
+            && let Some(colon) = out[authority_start..authority_start + at].find(':')
+        {
+            out.replace_range(authority_start + colon + 1..authority_start + at, "<redacted>");
+        }
+    }
+    // `password=...` as a query parameter or a key=value pair.
+    let mut from = 0;
+    while let Some(i) = out[from..].find("password=").map(|i| from + i) {
+        let start = i + "password=".len();
+        let rest = &out[start..];
+        let len = if let Some(quoted) = rest.strip_prefix('\'') {
+            quoted.find('\'').map_or(rest.len(), |end| end + 2)
+        } else {
+            rest.find([' ', '&']).unwrap_or(rest.len())
+        };
+        out.replace_range(start..start + len, "<redacted>");
+        from = start + "<redacted>".len();
+    }
+    out
 }
 
 /// Connection pool settings, shared by every shard.
@@ -747,5 +784,31 @@ impl Shard {
             .iter()
             .map(|r| (r.get::<_, String>(0), EventTime::from_system_time(r.get::<_, std::time::SystemTime>(1))))
             .collect())
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn passwords_never_show_in_a_shard_s_debug_output() {
+        for (url, shown) in [
+            ("postgres://strata:s3cret@db:5432/strata", "postgres://strata:<redacted>@db:5432/strata"),
+            (
+                "postgres://strata@db/strata?password=s3cret&sslmode=require",
+                "postgres://strata@db/strata?password=<redacted>&sslmode=require",
+            ),
+            (
+                "host=db user=strata password=s3cret dbname=strata",
+                "host=db user=strata password=<redacted> dbname=strata",
+            ),
+            ("host=db password='s3 cret' dbname=strata", "host=db password=<redacted> dbname=strata"),
+            ("postgres://db/strata", "postgres://db/strata"),
+        ] {
+            assert_eq!(redact_url(url), shown);
+            let printed = format!("{:?}", ShardConfig { name: "a".into(), url: url.into() });
+            assert!(!printed.contains("s3"), "{printed}");
+        }
     }
 }

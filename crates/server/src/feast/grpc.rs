@@ -25,6 +25,8 @@ use strata_proto::{echo, v1};
 use tonic::{Request, Response, Status};
 
 use super::{Feast, FeastError, feature_columns, frame_rows, push_views, view_of, write_rows};
+use crate::auth::{Access, Operation};
+use crate::service::ServiceError;
 
 #[tonic::async_trait]
 impl ServingService for Feast {
@@ -54,18 +56,22 @@ impl GrpcFeatureServer for Feast {
 
     async fn push(&self, request: Request<PushRequest>) -> Result<Response<PushResponse>, Status> {
         let deadline = self.service.deadline_of(&request);
+        let access = Access::of(request.extensions());
         let PushRequest { features, stream_feature_view, allow_registry_cache: _, to, typed_features } =
             request.into_inner();
         if !to.is_empty() && to != "online" {
             return Err(FeastError::OnlineOnly(echo(&to)).into());
         }
         let views = push_views(&self.registry, &stream_feature_view)?;
+        for view in &views {
+            access.check(Operation::Write, &view.name).map_err(ServiceError::from).map_err(FeastError::from)?;
+        }
         let mut writes = Vec::with_capacity(views.len());
         for view in views {
             writes.push((view, frame_rows(view, &one_row(view, &features, &typed_features)?)?));
         }
         for (view, rows) in writes {
-            write_rows(self, view, rows, Some(deadline)).await?;
+            write_rows(self, &access, view, rows, Some(deadline)).await?;
         }
         Ok(Response::new(PushResponse { status: true }))
     }
@@ -75,11 +81,13 @@ impl GrpcFeatureServer for Feast {
         request: Request<WriteToOnlineStoreRequest>,
     ) -> Result<Response<WriteToOnlineStoreResponse>, Status> {
         let deadline = self.service.deadline_of(&request);
+        let access = Access::of(request.extensions());
         let WriteToOnlineStoreRequest { features, feature_view_name, allow_registry_cache: _, typed_features } =
             request.into_inner();
         let view = view_of(&self.registry, &feature_view_name)?;
+        access.check(Operation::Write, &view.name).map_err(ServiceError::from).map_err(FeastError::from)?;
         let rows = frame_rows(view, &one_row(view, &features, &typed_features)?)?;
-        write_rows(self, view, rows, Some(deadline)).await?;
+        write_rows(self, &access, view, rows, Some(deadline)).await?;
         Ok(Response::new(WriteToOnlineStoreResponse { status: true }))
     }
 }
@@ -89,6 +97,7 @@ async fn online_features(
     request: Request<GetOnlineFeaturesRequest>,
 ) -> Result<Response<GetOnlineFeaturesResponse>, Status> {
     let deadline = feast.service.deadline_of(&request);
+    let access = Access::of(request.extensions());
     let GetOnlineFeaturesRequest {
         kind,
         entities,
@@ -125,7 +134,7 @@ async fn online_features(
         full_feature_names,
         grouped: true,
     };
-    let answer = feast.service.vectors(read, deadline).await?;
+    let answer = feast.service.vectors(read, &access, deadline).await?;
 
     // A one-value join-key list applies to every row (Strata's rule).
     let rows = join_keys.iter().map(|(_, v)| v.len()).max().unwrap_or(0);

@@ -12,8 +12,9 @@ use std::time::Instant as StdInstant;
 use axum::Router;
 use axum::body::Bytes;
 use axum::extract::rejection::BytesRejection;
-use axum::extract::{DefaultBodyLimit, State};
+use axum::extract::{ConnectInfo, DefaultBodyLimit, Extension, Request, State};
 use axum::http::{HeaderMap, StatusCode, header};
+use axum::middleware::{self, Next};
 use axum::response::{IntoResponse, Response};
 use axum::routing::{get, post};
 use base64::Engine as _;
@@ -25,6 +26,8 @@ use strata_proto::{InvalidRequest, echo, v1};
 
 use super::{Feast, FeastError, feature_columns, frame_rows, join_key_to_wire, push_views, view_of, write_rows};
 use crate::admission::Refusal;
+use crate::auth::{AUTHORIZATION, Access, Operation};
+use crate::listener::Peer;
 use crate::service::ServiceError;
 
 /// `POST /get-online-features`, `/write-to-online-store`, `/push`, and
@@ -39,7 +42,28 @@ pub(crate) fn router(api: Arc<Feast>, max_request_bytes: usize) -> Router {
         .route("/materialize", post(materialize))
         .route("/materialize-incremental", post(materialize))
         .layer(DefaultBodyLimit::max(max_request_bytes))
+        // Before any body is read.
+        .layer(middleware::from_fn_with_state(api.clone(), authenticate))
         .with_state(api)
+}
+
+/// Authenticates a call from its headers (or its client certificate)
+/// before its body is read, and hands its [`Access`] on; `/health` is
+/// open, as probes carry no token.
+async fn authenticate(State(api): State<Arc<Feast>>, mut request: Request, next: Next) -> Response {
+    if request.uri().path() == "/health" {
+        return next.run(request).await;
+    }
+    let authorization = request.headers().get(AUTHORIZATION).map(|v| v.as_bytes());
+    let certificate =
+        request.extensions().get::<ConnectInfo<Peer>>().and_then(|ConnectInfo(peer)| peer.certificate.as_deref());
+    match api.auth.authenticate(authorization, certificate) {
+        Ok(access) => {
+            request.extensions_mut().insert(access);
+            next.run(request).await
+        }
+        Err(reason) => FeastError::Unauthenticated(reason).into_response(),
+    }
 }
 
 /// The HTTP code, the Feast exception class (in `feast.errors`) and the
@@ -69,6 +93,11 @@ fn parts(error: &FeastError) -> (StatusCode, &'static str, String) {
         FeastError::Service(e @ ServiceError::WriteFailed { retry_may_help: false, .. }) => {
             (StatusCode::INTERNAL_SERVER_ERROR, "FeastError", e.to_string())
         }
+        // The SDK raises both as FeastPermissionError, a PermissionError.
+        FeastError::Unauthenticated(reason) => {
+            (StatusCode::UNAUTHORIZED, "FeastPermissionError", reason.message().to_owned())
+        }
+        FeastError::Service(ServiceError::Denied(e)) => (StatusCode::FORBIDDEN, "FeastPermissionError", e.to_string()),
         FeastError::Refused(Refusal::Draining | Refusal::Overloaded, message) => {
             (StatusCode::SERVICE_UNAVAILABLE, "FeastError", message.clone())
         }
@@ -106,13 +135,13 @@ type Answer = Result<Response, FeastError>;
 
 /// Runs `call` under admission (drain, the in-flight cap, rate limits by
 /// `x-client-id`) and counts it by endpoint and HTTP code.
-async fn admitted<F>(api: &Feast, endpoint: &'static str, headers: &HeaderMap, call: F) -> Response
+async fn admitted<F>(api: &Feast, endpoint: &'static str, headers: &HeaderMap, access: &Access, call: F) -> Response
 where
     F: Future<Output = Answer>,
 {
     let started = StdInstant::now();
     let client = headers.get(crate::admission::CLIENT_ID_HEADER).map(|v| v.as_bytes());
-    let response = match api.admission.admit(client) {
+    let response = match api.admission.admit_access(access, client) {
         Ok(_permit) => call.await.unwrap_or_else(IntoResponse::into_response),
         Err((refusal, status)) => FeastError::Refused(refusal, status.message().to_owned()).into_response(),
     };
@@ -203,11 +232,16 @@ struct OnlineFeaturesRequest {
     _include_versions: bool,
 }
 
-async fn get_online_features(State(api): State<Arc<Feast>>, headers: HeaderMap, body: Body) -> Response {
-    admitted(&api, "/get-online-features", &headers, async { read(&api, &body?).await }).await
+async fn get_online_features(
+    State(api): State<Arc<Feast>>,
+    Extension(access): Extension<Access>,
+    headers: HeaderMap,
+    body: Body,
+) -> Response {
+    admitted(&api, "/get-online-features", &headers, &access, async { read(&api, &access, &body?).await }).await
 }
 
-async fn read(api: &Feast, body: &[u8]) -> Answer {
+async fn read(api: &Feast, access: &Access, body: &[u8]) -> Answer {
     let request: OnlineFeaturesRequest = parse_body(body)?;
     let mut entities = HashMap::with_capacity(request.entities.0.len());
     for (name, values) in &request.entities.0 {
@@ -227,7 +261,7 @@ async fn read(api: &Feast, body: &[u8]) -> Answer {
         full_feature_names: request.full_feature_names,
         grouped: true,
     };
-    let answer = api.service.vectors(grpc, api.service.default_deadline()).await?;
+    let answer = api.service.vectors(grpc, access, api.service.default_deadline()).await?;
     let body = online_response(&request.entities.0, &answer);
     Ok(([(header::CONTENT_TYPE, "application/json")], body).into_response())
 }
@@ -394,31 +428,46 @@ fn online() -> String {
     "online".into()
 }
 
-async fn write_to_online_store(State(api): State<Arc<Feast>>, headers: HeaderMap, body: Body) -> Response {
-    admitted(&api, "/write-to-online-store", &headers, async {
+async fn write_to_online_store(
+    State(api): State<Arc<Feast>>,
+    Extension(access): Extension<Access>,
+    headers: HeaderMap,
+    body: Body,
+) -> Response {
+    admitted(&api, "/write-to-online-store", &headers, &access, async {
         let request: WriteRequest = parse_body(&body?)?;
         let view = view_of(&api.registry, &request.feature_view_name)?;
+        // Before the rows are looked at: a caller that may not write learns nothing from them.
+        access.check(Operation::Write, &view.name).map_err(ServiceError::from)?;
         let rows = frame_rows(view, &request.df.0)?;
-        write_rows(&api, view, rows, None).await?;
+        write_rows(&api, &access, view, rows, None).await?;
         Ok(Json::Null.to_string().into_response())
     })
     .await
 }
 
-async fn push(State(api): State<Arc<Feast>>, headers: HeaderMap, body: Body) -> Response {
-    admitted(&api, "/push", &headers, async {
+async fn push(
+    State(api): State<Arc<Feast>>,
+    Extension(access): Extension<Access>,
+    headers: HeaderMap,
+    body: Body,
+) -> Response {
+    admitted(&api, "/push", &headers, &access, async {
         let request: PushRequest = parse_body(&body?)?;
         if request.to != "online" {
             return Err(FeastError::OnlineOnly(echo(&request.to)));
         }
         let views = push_views(&api.registry, &request.push_source_name)?;
+        for view in &views {
+            access.check(Operation::Write, &view.name).map_err(ServiceError::from)?;
+        }
         // Every view's rows are checked before any is written.
         let mut writes = Vec::with_capacity(views.len());
         for view in views {
             writes.push((view, frame_rows(view, &request.df.0)?));
         }
         for (view, rows) in writes {
-            write_rows(&api, view, rows, None).await?;
+            write_rows(&api, &access, view, rows, None).await?;
         }
         Ok(Json::Null.to_string().into_response())
     })

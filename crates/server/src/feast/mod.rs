@@ -23,6 +23,7 @@ use strata_proto::{InvalidRequest, echo, v1};
 use tokio::time::Instant;
 
 use crate::admission::{Admission, Refusal};
+use crate::auth::{Access, Authenticator, Unauthenticated};
 use crate::load::{json_join_key, json_value};
 use crate::service::{FeatureStoreService, ServiceError};
 
@@ -31,6 +32,7 @@ pub(crate) struct Feast {
     pub service: Arc<FeatureStoreService>,
     pub registry: Arc<Registry>,
     pub admission: Arc<Admission>,
+    pub auth: Arc<Authenticator>,
 }
 
 /// Every way a Feast call can fail; `http` maps it to Feast's error classes
@@ -41,6 +43,9 @@ pub(crate) enum FeastError {
     BadRequest(String),
     Service(ServiceError),
     Refused(Refusal, String),
+    /// No valid credential (the HTTP API authenticates itself; gRPC calls
+    /// are refused before they reach a service).
+    Unauthenticated(Unauthenticated),
     /// No view takes pushes from this source (the name is cut short).
     PushSourceNotFound(String),
     /// A push to anything but the online store (the value is cut short).
@@ -80,6 +85,7 @@ impl From<FeastError> for tonic::Status {
                 Status::resource_exhausted(message)
             }
             FeastError::Refused(Refusal::BadClientId, message) => Status::invalid_argument(message),
+            FeastError::Unauthenticated(reason) => reason.status(),
             e @ FeastError::PushSourceNotFound(_) => Status::not_found(e.message()),
             e @ FeastError::OnlineOnly(_) => Status::invalid_argument(e.message()),
             FeastError::BodyUnreadable(_, message) => Status::invalid_argument(message),
@@ -139,6 +145,7 @@ const WRITES_AT_ONCE: usize = 4;
 /// than fail.
 async fn write_rows(
     feast: &Feast,
+    access: &Access,
     view: &FeatureView,
     rows: Vec<v1::WriteRow>,
     deadline: Option<Instant>,
@@ -150,7 +157,9 @@ async fn write_rows(
     while rows.peek().is_some() {
         let chunk: Vec<v1::WriteRow> = rows.by_ref().take(feast.service.max_rows_per_write()).collect();
         writes.push(
-            feast.service.check_write(v1::WriteFeaturesRequest { feature_view: view.name.clone(), rows: chunk })?,
+            feast
+                .service
+                .check_write(v1::WriteFeaturesRequest { feature_view: view.name.clone(), rows: chunk }, access)?,
         );
     }
     let results: Vec<Result<v1::WriteFeaturesResponse, ServiceError>> = futures::stream::iter(writes)

@@ -1,0 +1,351 @@
+//! Safe to expose, against the real stack: TLS on every front end, mutual
+//! TLS, bearer tokens with per-view permissions, authentication before a
+//! body is decoded, certificate files replaced while serving. Certificates
+//! are made in the test.
+
+use std::time::{Duration, Instant};
+
+use anyhow::{Context as _, Result, ensure};
+use strata_proto::feast::serving::GetFeastServingInfoRequest;
+use strata_proto::feast::serving::serving_service_client::ServingServiceClient;
+use strata_proto::v1::feature_store_client::FeatureStoreClient;
+use strata_proto::v1::{self, value::Kind};
+use strata_server::RunningServer;
+use strata_server::auth::{hex, token_hash};
+use strata_server::config::PrincipalSection;
+use strata_tests::tls::{self, Ca};
+use strata_tests::wire::{get, row, status, ts, v, write};
+use strata_tests::{Env, integration_tests, sample, scrape, strata_binary};
+use tonic::transport::Channel;
+use tonic::{Code, Request};
+use tonic_health::pb::health_client::HealthClient;
+use tonic_health::pb::{HealthCheckRequest, health_check_response::ServingStatus};
+
+integration_tests!(
+    tokens_and_tls_guard_strata_grpc_api_per_view,
+    feasts_apis_authenticate_and_check_views_too,
+    mutual_tls_refuses_clients_without_a_certificate_and_names_principals,
+    replaced_certificate_files_serve_new_handshakes_while_open_connections_go_on,
+);
+
+const READER: &str = "reader-token-6f1c2a";
+const WRITER: &str = "writer-token-93be07";
+
+fn principal(
+    name: &str,
+    token: Option<&str>,
+    certificate: Option<&str>,
+    read: &[&str],
+    write: &[&str],
+) -> PrincipalSection {
+    let strings = |names: &[&str]| names.iter().map(|n| (*n).to_owned()).collect();
+    PrincipalSection {
+        name: name.into(),
+        token_sha256: token.map(|t| hex(&token_hash(t))).into_iter().collect(),
+        certificate_names: certificate.map(str::to_owned).into_iter().collect(),
+        read: strings(read),
+        write: strings(write),
+        per_second: 0,
+        burst: 0,
+    }
+}
+
+/// A server with TLS (a certificate of `ca`, files in `dir`) and tokens:
+/// `reader` may read `guarded` and `fe_driver`, `writer` everything.
+/// `client_ca`: mutual TLS against it, and `pipeline.svc` is the writer too.
+async fn secured(env: &'static Env, dir: &std::path::Path, ca: &Ca, client_ca: Option<&Ca>) -> Result<RunningServer> {
+    let leaf = ca.server()?;
+    let cert = tls::write(dir, "server.pem", &leaf.cert)?;
+    let key = tls::write(dir, "server-key.pem", &leaf.key)?;
+    let client_ca = client_ca.map(|ca| tls::write(dir, "client-ca.pem", &ca.pem())).transpose()?;
+    env.server_with(|c| {
+        c.tls.cert_file = cert.display().to_string();
+        c.tls.key_file = key.display().to_string();
+        c.tls.reload_every = Duration::from_millis(50);
+        c.auth.enabled = true;
+        let mutual = client_ca.is_some();
+        if let Some(ca) = client_ca {
+            c.tls.client_ca_file = ca.display().to_string();
+        }
+        c.auth.principals = vec![
+            principal("reader", Some(READER), None, &["guarded", "fe_driver"], &[]),
+            principal("writer", Some(WRITER), mutual.then_some("pipeline.svc"), &["*"], &["*"]),
+        ];
+    })
+    .await
+}
+
+fn with_token<T>(message: T, token: &str) -> Request<T> {
+    let mut request = Request::new(message);
+    request.metadata_mut().insert("authorization", format!("Bearer {token}").parse().expect("ascii"));
+    request
+}
+
+fn n(value: i64) -> v1::Value {
+    v(Kind::Int64Value(value))
+}
+
+async fn tokens_and_tls_guard_strata_grpc_api_per_view(env: &'static Env) -> Result<()> {
+    let dir = tempfile::tempdir()?;
+    let ca = Ca::new("strata test CA")?;
+    let server = secured(env, dir.path(), &ca, None).await?;
+    let addr = server.grpc_addr();
+
+    // Plaintext, or TLS trusting another CA: no call gets through.
+    let plain = FeatureStoreClient::connect(format!("http://{addr}")).await;
+    if let Ok(mut plain) = plain {
+        ensure!(plain.get_features(get("guarded", &["sec:1"], &[])).await.is_err(), "a plaintext call was answered");
+    }
+    let stranger = Ca::new("another CA")?;
+    ensure!(
+        tls::channel(addr, &stranger.pem(), None).await.is_err(),
+        "a server certificate of the wrong CA was trusted"
+    );
+
+    let channel = tls::channel(addr, &ca.pem(), None).await?;
+    let mut client = FeatureStoreClient::new(channel.clone());
+    // Health stays open: probes carry no token.
+    let health = HealthClient::new(channel.clone()).check(HealthCheckRequest { service: String::new() }).await?;
+    ensure!(health.into_inner().status() == ServingStatus::Serving, "health answers without a token");
+
+    for (what, request) in [
+        ("no token", Request::new(get("guarded", &["sec:1"], &[]))),
+        ("a wrong token", with_token(get("guarded", &["sec:1"], &[]), "not-a-token")),
+    ] {
+        let refused = client.get_features(request).await.expect_err(what);
+        ensure!(refused.code() == Code::Unauthenticated, "{what}: {refused:?}");
+        ensure!(!refused.message().contains("not-a-token"), "the token is echoed: {}", refused.message());
+    }
+    let mut basic = Request::new(get("guarded", &["sec:1"], &[]));
+    basic.metadata_mut().insert("authorization", "Basic cmVhZGVy".parse()?);
+    ensure!(
+        client.get_features(basic).await.err().context("answered, not refused")?.code() == Code::Unauthenticated,
+        "Basic is not a bearer"
+    );
+
+    // Authentication comes before the body is decoded: 5 MB from nobody
+    // is UNAUTHENTICATED, the same from the writer over the size limit.
+    let key = "k".repeat(1 << 20);
+    let big = get("guarded", &[key.as_str(); 5], &[]);
+    let refused = client.get_features(Request::new(big.clone())).await.err().context("answered, not refused")?;
+    ensure!(refused.code() == Code::Unauthenticated, "5 MB without a token: {:?}", refused.code());
+    let refused = client.get_features(with_token(big, WRITER)).await.err().context("answered, not refused")?;
+    ensure!(refused.code() == Code::ResourceExhausted, "5 MB with a token: {:?}", refused.code());
+
+    // The reader may read `guarded` and nothing else, and write nothing.
+    let denied = client
+        .write_features(with_token(write("guarded", vec![row("sec:1", ts(1, 0), vec![("n", n(1))])]), READER))
+        .await
+        .err()
+        .context("answered, not refused")?;
+    ensure!(denied.code() == Code::PermissionDenied, "{denied:?}");
+    ensure!(denied.message().contains("reader") && denied.message().contains("guarded"), "{}", denied.message());
+    let written = client
+        .write_features(with_token(write("guarded", vec![row("sec:1", ts(2, 0), vec![("n", n(7))])]), WRITER))
+        .await?
+        .into_inner();
+    ensure!(written.rows_written == 1, "{written:?}");
+    let read = client.get_features(with_token(get("guarded", &["sec:1"], &[]), READER)).await?.into_inner();
+    ensure!(status(&read.rows[0]) == v1::RowStatus::Found && read.rows[0].values == [n(7)], "{:?}", read.rows[0]);
+    let denied = client
+        .get_features(with_token(get("private", &["sec:1"], &[]), READER))
+        .await
+        .err()
+        .context("answered, not refused")?;
+    ensure!(denied.code() == Code::PermissionDenied, "{denied:?}");
+    let delete = v1::DeleteFeaturesRequest {
+        feature_view: "guarded".into(),
+        entity_keys: vec!["sec:1".into()],
+        event_time: Some(ts(3, 0)),
+    };
+    ensure!(
+        client.delete_features(with_token(delete, READER)).await.err().context("answered, not refused")?.code()
+            == Code::PermissionDenied
+    );
+    let vectors = v1::GetFeatureVectorsRequest {
+        features: vec!["fe_driver:trips".into(), "fe_customer:tier".into()],
+        entities: [
+            ("driver_id".to_owned(), v1::JoinKeyColumn { values: vec![n(900_001)] }),
+            ("customer_id".to_owned(), v1::JoinKeyColumn { values: vec![v(Kind::StringValue("c-9".into()))] }),
+        ]
+        .into(),
+        ..Default::default()
+    };
+    let denied =
+        client.get_feature_vectors(with_token(vectors, READER)).await.err().context("answered, not refused")?;
+    ensure!(denied.code() == Code::PermissionDenied && denied.message().contains("fe_customer"), "{denied:?}");
+    // Nothing the reader tried was stored: the row is as the writer left it.
+    let read = client.get_features(with_token(get("guarded", &["sec:1"], &[]), WRITER)).await?.into_inner();
+    ensure!(read.rows[0].values == [n(7)], "{:?}", read.rows[0]);
+    // A listing shows the reader only what it may read.
+    let views = client.list_feature_views(with_token(v1::ListFeatureViewsRequest {}, READER)).await?.into_inner();
+    let names: Vec<&str> = views.views.iter().map(|v| v.name.as_str()).collect();
+    ensure!(names == ["fe_driver", "guarded"] || names == ["guarded", "fe_driver"], "{names:?}");
+
+    // The CLI, with TLS and a token from the environment.
+    let ca_file = tls::write(dir.path(), "ca.pem", &ca.pem())?;
+    let url = format!("https://127.0.0.1:{}", addr.port());
+    let cli = |token: Option<&str>| {
+        let mut command = std::process::Command::new(strata_binary()?);
+        command.args(["get", "--addr", &url, "--ca-file"]).arg(&ca_file).args(["guarded", "sec:1"]);
+        command.env_remove("STRATA_TOKEN").env_remove("STRATA_ADDR");
+        if let Some(token) = token {
+            command.env("STRATA_TOKEN", token);
+        }
+        anyhow::Ok(command.output()?)
+    };
+    let out = cli(Some(READER))?;
+    ensure!(out.status.success(), "strata get: {}", String::from_utf8_lossy(&out.stderr));
+    let stdout = String::from_utf8_lossy(&out.stdout);
+    ensure!(stdout.contains("sec:1") && stdout.contains('7'), "{stdout}");
+    let out = cli(None)?;
+    let stderr = String::from_utf8_lossy(&out.stderr);
+    ensure!(!out.status.success() && stderr.contains("UNAUTHENTICATED"), "{stderr}");
+
+    // Refusals are counted by reason; no token or hash reaches the page.
+    let page = scrape(&server).await?;
+    for reason in ["missing_credential", "unknown_token", "malformed_credential", "write_denied", "read_denied"] {
+        ensure!(sample(&page, "strata_auth_refusals_total", &[("reason", reason)]) >= 1.0, "{reason} not counted");
+    }
+    for secret in [READER.to_owned(), WRITER.to_owned(), hex(&token_hash(READER))] {
+        ensure!(!page.contains(&secret), "/metrics shows a credential");
+    }
+    server.shutdown().await;
+    Ok(())
+}
+
+async fn feasts_apis_authenticate_and_check_views_too(env: &'static Env) -> Result<()> {
+    let dir = tempfile::tempdir()?;
+    let ca = Ca::new("strata test CA")?;
+    let server = secured(env, dir.path(), &ca, None).await?;
+    let http = server.feast_http_addr().context("feast http")?;
+    let pem = ca.pem();
+    let bearer = |token: &str| format!("Bearer {token}");
+
+    let (code, _) = tls::https(http, &pem, "GET", "/health", &[], "").await?;
+    ensure!(code == 200, "/health without a token: {code}");
+    let read = r#"{"features": ["fe_driver:trips"], "entities": {"driver_id": [900001]}}"#;
+    let (code, body) = tls::https(http, &pem, "POST", "/get-online-features", &[], read).await?;
+    ensure!(code == 401 && body.contains("FeastPermissionError"), "{code} {body}");
+    let (code, body) =
+        tls::https(http, &pem, "POST", "/get-online-features", &[("Authorization", &bearer(READER))], read).await?;
+    ensure!(code == 200 && trips_status(&body)? == "NOT_FOUND", "{code} {body}");
+    let other = r#"{"features": ["fe_customer:tier"], "entities": {"customer_id": ["c-9"]}}"#;
+    let (code, body) =
+        tls::https(http, &pem, "POST", "/get-online-features", &[("Authorization", &bearer(READER))], other).await?;
+    ensure!(code == 403 && body.contains("FeastPermissionError") && body.contains("fe_customer"), "{code} {body}");
+    let frame = r#"{"feature_view_name": "fe_driver", "df": {"driver_id": [900001], "trips": [5],
+        "event_timestamp": ["2026-01-01T00:00:00Z"]}}"#;
+    let (code, body) =
+        tls::https(http, &pem, "POST", "/write-to-online-store", &[("Authorization", &bearer(READER))], frame).await?;
+    ensure!(code == 403, "{code} {body}");
+    let (code, body) =
+        tls::https(http, &pem, "POST", "/get-online-features", &[("Authorization", &bearer(WRITER))], read).await?;
+    ensure!(code == 200 && trips_status(&body)? == "NOT_FOUND", "the refused write stored: {body}");
+
+    // Feast's gRPC services sit behind the same authentication.
+    let channel: Channel = tls::channel(server.grpc_addr(), &pem, None).await?;
+    let mut feast = ServingServiceClient::new(channel);
+    let refused =
+        feast.get_feast_serving_info(GetFeastServingInfoRequest {}).await.err().context("answered, not refused")?;
+    ensure!(refused.code() == Code::Unauthenticated, "{refused:?}");
+    feast.get_feast_serving_info(with_token(GetFeastServingInfoRequest {}, READER)).await?;
+    server.shutdown().await;
+    Ok(())
+}
+
+/// The status of the one `trips` value in a Feast HTTP answer (the
+/// join-key column comes first).
+fn trips_status(body: &str) -> Result<String> {
+    let answer: serde_json::Value = serde_json::from_str(body)?;
+    Ok(answer["results"][1]["statuses"][0].as_str().context("no status")?.to_owned())
+}
+
+async fn mutual_tls_refuses_clients_without_a_certificate_and_names_principals(env: &'static Env) -> Result<()> {
+    let dir = tempfile::tempdir()?;
+    let ca = Ca::new("strata test CA")?;
+    let clients = Ca::new("strata client CA")?;
+    let server = secured(env, dir.path(), &ca, Some(&clients)).await?;
+    let addr = server.grpc_addr();
+    let pem = ca.pem();
+
+    let call = |channel: Channel, token: Option<&'static str>| async move {
+        let mut client = FeatureStoreClient::new(channel);
+        let message = write("guarded", vec![row("mtls:1", ts(1, 0), vec![("n", n(3))])]);
+        let request = match token {
+            Some(token) => with_token(message, token),
+            None => Request::new(message),
+        };
+        client.write_features(request).await
+    };
+    // Without a certificate, or with one another CA signed, the handshake
+    // fails (whether at connect or at the first call).
+    for (what, identity) in
+        [("no certificate", None), ("a stranger's", Some(Ca::new("stranger")?.client("pipeline.svc")?))]
+    {
+        if let Ok(channel) = tls::channel(addr, &pem, identity.as_ref()).await {
+            ensure!(call(channel, Some(WRITER)).await.is_err(), "a client with {what} was served");
+        }
+    }
+    // The certificate names the principal; a token, when sent, decides.
+    let pipeline = clients.client("pipeline.svc")?;
+    let written = call(tls::channel(addr, &pem, Some(&pipeline)).await?, None).await?.into_inner();
+    ensure!(written.rows_written == 1, "{written:?}");
+    let refused = call(tls::channel(addr, &pem, Some(&pipeline)).await?, Some(READER))
+        .await
+        .err()
+        .context("answered, not refused")?;
+    ensure!(refused.code() == Code::PermissionDenied, "{refused:?}");
+    let unknown = clients.client("someone.else")?;
+    let refused =
+        call(tls::channel(addr, &pem, Some(&unknown)).await?, None).await.err().context("answered, not refused")?;
+    ensure!(refused.code() == Code::Unauthenticated, "{refused:?}");
+    server.shutdown().await;
+    Ok(())
+}
+
+async fn replaced_certificate_files_serve_new_handshakes_while_open_connections_go_on(env: &'static Env) -> Result<()> {
+    let dir = tempfile::tempdir()?;
+    let first = Ca::new("first CA")?;
+    let server = secured(env, dir.path(), &first, None).await?;
+    let addr = server.grpc_addr();
+    let reloads = || async {
+        anyhow::Ok(sample(&scrape(&server).await?, "strata_tls_reloads_total", &[("outcome", "reloaded")]))
+    };
+    let before = reloads().await?;
+    let open = tls::channel(addr, &first.pem(), None).await?;
+    let mut old = FeatureStoreClient::new(open);
+    old.get_features(with_token(get("guarded", &["rotate:1"], &[]), READER)).await?;
+
+    // Kubernetes replaces a mounted Secret's files in place.
+    let second = Ca::new("second CA")?;
+    let leaf = second.server()?;
+    tls::write(dir.path(), "server-key.pem.new", &leaf.key)?;
+    tls::write(dir.path(), "server.pem.new", &leaf.cert)?;
+    std::fs::rename(dir.path().join("server-key.pem.new"), dir.path().join("server-key.pem"))?;
+    std::fs::rename(dir.path().join("server.pem.new"), dir.path().join("server.pem"))?;
+    let started = Instant::now();
+    while reloads().await? <= before || tls::channel(addr, &second.pem(), None).await.is_err() {
+        ensure!(started.elapsed() < Duration::from_secs(20), "the new certificate was not loaded");
+        tokio::time::sleep(Duration::from_millis(20)).await;
+    }
+    // New handshakes get the new certificate; the open connection goes on.
+    ensure!(tls::channel(addr, &first.pem(), None).await.is_err(), "new handshakes still use the old certificate");
+    let mut new = FeatureStoreClient::new(tls::channel(addr, &second.pem(), None).await?);
+    new.get_features(with_token(get("guarded", &["rotate:1"], &[]), READER)).await?;
+    old.get_features(with_token(get("guarded", &["rotate:1"], &[]), READER)).await?;
+
+    // A half-written file is not loaded: the certificate in use stays.
+    tls::write(dir.path(), "server.pem", "-----BEGIN CERTIFICATE-----\ncut off")?;
+    let failed =
+        || async { anyhow::Ok(sample(&scrape(&server).await?, "strata_tls_reloads_total", &[("outcome", "failed")])) };
+    let started = Instant::now();
+    while failed().await? < 1.0 {
+        ensure!(started.elapsed() < Duration::from_secs(20), "the broken file was not noticed");
+        tokio::time::sleep(Duration::from_millis(20)).await;
+    }
+    let mut again = FeatureStoreClient::new(tls::channel(addr, &second.pem(), None).await?);
+    again.get_features(with_token(get("guarded", &["rotate:1"], &[]), READER)).await?;
+    server.shutdown().await;
+    Ok(())
+}
