@@ -15,7 +15,7 @@ use strata_server::auth::{hex, token_hash};
 use strata_server::config::PrincipalSection;
 use strata_tests::tls::{self, Ca};
 use strata_tests::wire::{get, row, status, ts, v, write};
-use strata_tests::{Env, integration_tests, sample, scrape, strata_binary};
+use strata_tests::{Env, integration_tests, repo_root, sample, scrape, strata_binary};
 use tonic::transport::Channel;
 use tonic::{Code, Request};
 use tonic_health::pb::health_client::HealthClient;
@@ -199,6 +199,23 @@ async fn tokens_and_tls_guard_strata_grpc_api_per_view(env: &'static Env) -> Res
     let stdout = String::from_utf8_lossy(&out.stdout);
     ensure!(stdout.contains("sec:1") && stdout.contains('7'), "{stdout}");
     let out = cli(None)?;
+    let stderr = String::from_utf8_lossy(&out.stderr);
+    ensure!(!out.status.success() && stderr.contains("UNAUTHENTICATED"), "{stderr}");
+
+    // The Python client, likewise.
+    let python = |token: &str| {
+        std::process::Command::new("python3")
+            .arg(repo_root().join("examples/python/strata_client.py"))
+            .arg(format!("127.0.0.1:{}", addr.port()))
+            .args(["guarded", "sec:1"])
+            .env("STRATA_CA_FILE", &ca_file)
+            .env("STRATA_TOKEN", token)
+            .output()
+    };
+    let out = python(READER)?;
+    let stdout = String::from_utf8_lossy(&out.stdout);
+    ensure!(out.status.success() && stdout.contains("FOUND"), "{stdout}{}", String::from_utf8_lossy(&out.stderr));
+    let out = python("wrong")?;
     let stderr = String::from_utf8_lossy(&out.stderr);
     ensure!(!out.status.success() && stderr.contains("UNAUTHENTICATED"), "{stderr}");
 

@@ -78,17 +78,39 @@ def _value(v) -> Any:
 class StrataClient:
     """One channel per process; thread-safe, like the grpcio channel under it."""
 
-    def __init__(self, target: str, timeout: float = 0.05, client_id: str | None = None):
+    def __init__(self, target: str, timeout: float = 0.05, client_id: str | None = None,
+                 ca_file: str | None = None, token: str | None = None,
+                 cert_file: str | None = None, key_file: str | None = None):
+        """TLS when ca_file (the CA the server's certificate chains to) or a
+        client certificate (cert_file and key_file, for mutual TLS) is given;
+        token is sent as `authorization: Bearer <token>` with every call."""
         # Keepalive notices a dead connection between calls; round_robin
         # spreads calls over every address a DNS name resolves to (a
         # headless Kubernetes Service, for one).
-        self._channel = grpc.insecure_channel(target, options=[
+        options = [
             ("grpc.keepalive_time_ms", 30_000),
             ("grpc.lb_policy_name", "round_robin"),
-        ])
+        ]
+        if ca_file or cert_file:
+            def read(path):
+                with open(path, "rb") as f:
+                    return f.read()
+            credentials = grpc.ssl_channel_credentials(
+                root_certificates=read(ca_file) if ca_file else None,
+                private_key=read(key_file) if key_file else None,
+                certificate_chain=read(cert_file) if cert_file else None,
+            )
+            self._channel = grpc.secure_channel(target, credentials, options=options)
+        else:
+            self._channel = grpc.insecure_channel(target, options=options)
         self._stub = pb_grpc.FeatureStoreStub(self._channel)
         self._timeout = timeout
-        self._metadata = (("x-client-id", client_id),) if client_id else ()
+        metadata = []
+        if client_id:
+            metadata.append(("x-client-id", client_id))
+        if token:
+            metadata.append(("authorization", f"Bearer {token}"))
+        self._metadata = tuple(metadata)
 
     def get(self, view: str, keys: list[str], features: list[str] | None = None) -> list[dict]:
         """Rows in request order: entity_key, status (FOUND, NOT_FOUND, STALE,
@@ -183,7 +205,9 @@ def main(argv: list[str]) -> int:
         print("usage: strata_client.py HOST:PORT VIEW KEY...\n"
               "       strata_client.py HOST:PORT --service NAME JOIN_KEY=VALUE[,VALUE...]...", file=sys.stderr)
         return 2
-    client = StrataClient(argv[1], timeout=2.0, client_id="python-example")
+    # TLS and a token as the strata CLI takes them.
+    client = StrataClient(argv[1], timeout=2.0, client_id="python-example",
+                          ca_file=os.environ.get("STRATA_CA_FILE"), token=os.environ.get("STRATA_TOKEN"))
     try:
         if argv[2] == "--service":
             rows = client.vectors(_join_keys(argv[4:]), service=argv[3])
