@@ -25,9 +25,13 @@ impl Bench {
     /// Starts the stack (pg_stat_statements enabled on every shard).
     pub async fn start() -> Result<Bench> {
         let dir = tempfile::Builder::new().prefix("strata-bench-").tempdir()?;
-        let stack =
-            Stack::start(StackOptions { data_dir: dir.path().join("stack"), ports: PortPlan::Ephemeral, shards: 2 })
-                .await?;
+        let stack = Stack::start(StackOptions {
+            data_dir: dir.path().join("stack"),
+            ports: PortPlan::Ephemeral,
+            shards: 2,
+            security: None,
+        })
+        .await?;
         Ok(Bench { stack, _dir: dir })
     }
 

@@ -6,13 +6,14 @@
 use std::time::{Duration, Instant};
 
 use anyhow::{Context as _, Result, ensure};
+use strata_devstack::{PortPlan, Security, Stack, StackOptions};
 use strata_proto::feast::serving::GetFeastServingInfoRequest;
 use strata_proto::feast::serving::serving_service_client::ServingServiceClient;
 use strata_proto::v1::feature_store_client::FeatureStoreClient;
 use strata_proto::v1::{self, value::Kind};
 use strata_server::RunningServer;
 use strata_server::auth::{hex, token_hash};
-use strata_server::config::PrincipalSection;
+use strata_server::config::{FileConfig, PrincipalSection, ShardSection};
 use strata_tests::tls::{self, Ca};
 use strata_tests::wire::{get, row, status, ts, v, write};
 use strata_tests::{Env, integration_tests, repo_root, sample, scrape, strata_binary};
@@ -26,6 +27,7 @@ integration_tests!(
     feasts_apis_authenticate_and_check_views_too,
     mutual_tls_refuses_clients_without_a_certificate_and_names_principals,
     replaced_certificate_files_serve_new_handshakes_while_open_connections_go_on,
+    redis_and_postgres_are_reached_with_passwords_and_tls,
 );
 
 const READER: &str = "reader-token-6f1c2a";
@@ -365,4 +367,90 @@ async fn replaced_certificate_files_serve_new_handshakes_while_open_connections_
     again.get_features(with_token(get("guarded", &["rotate:1"], &[]), READER)).await?;
     server.shutdown().await;
     Ok(())
+}
+
+/// Strata reaches Redis and PostgreSQL with credentials and TLS: a stack of
+/// its own whose Redis nodes speak TLS only, with the default user off and
+/// an ACL user, and whose shards take TLS connections only, for a role with
+/// a scram-sha-256 password. Passwords come from files, not URLs.
+async fn redis_and_postgres_are_reached_with_passwords_and_tls(env: &'static Env) -> Result<()> {
+    const PASSWORD: &str = "b4ckend-s3cret";
+    let dir = tempfile::tempdir()?;
+    let ca = Ca::new("backends CA")?;
+    let leaf = ca.node()?;
+    let ca_file = tls::write(dir.path(), "ca.pem", &ca.pem())?;
+    let security = Security {
+        cert_file: tls::write(dir.path(), "node.pem", &leaf.cert)?,
+        key_file: tls::write(dir.path(), "node-key.pem", &leaf.key)?,
+        ca_file: ca_file.clone(),
+        password: PASSWORD.into(),
+    };
+    let stack = Stack::start(StackOptions {
+        data_dir: dir.path().join("stack"),
+        ports: PortPlan::Ephemeral,
+        shards: 2,
+        security: Some(security),
+    })
+    .await?;
+    let right = tls::write(dir.path(), "password", &format!("{PASSWORD}\n"))?;
+    let wrong = tls::write(dir.path(), "wrong-password", "not-it")?;
+    let config = |password_file: &std::path::Path| -> Result<FileConfig> {
+        let mut c = env.config()?;
+        c.redis.nodes = stack.redis_nodes();
+        c.redis.username = "strata".into();
+        c.redis.password_file = password_file.display().to_string();
+        c.redis.tls = true;
+        c.redis.tls_ca_file = ca_file.display().to_string();
+        c.postgres.tls_ca_file = ca_file.display().to_string();
+        c.postgres.shards = stack
+            .shard_urls()
+            .into_iter()
+            .enumerate()
+            .map(|(i, url)| {
+                let mut shard = ShardSection::new(format!("shard-{i}"), url);
+                shard.password_file = password_file.display().to_string();
+                shard
+            })
+            .collect();
+        Ok(c)
+    };
+    let outcome = async {
+        let writer = RunningServer::start(config(&right)?.validate()?).await?;
+        let reader = RunningServer::start(config(&right)?.validate()?).await?;
+        let mut w = FeatureStoreClient::connect(format!("http://{}", writer.grpc_addr())).await?;
+        let mut r = FeatureStoreClient::connect(format!("http://{}", reader.grpc_addr())).await?;
+        let written = w.write_features(write("guarded", vec![row("tls:1", ts(1, 0), vec![("n", n(11))])])).await?;
+        ensure!(written.into_inner().rows_written == 1, "written through TLS and a scram password");
+        // The other instance has no L1 copy: Redis (TLS, ACL user) answers.
+        let read = r.get_features(get("guarded", &["tls:1"], &[])).await?.into_inner();
+        ensure!(read.rows[0].values == [n(11)], "{:?}", read.rows[0]);
+        ensure!(read.rows[0].source() == v1::Source::L2, "{:?}", read.rows[0]);
+        // A row only PostgreSQL (TLS, scram) holds.
+        w.write_features(write("guarded", vec![row("tls:2", ts(1, 0), vec![("n", n(12))])])).await?;
+        writer.tiers().l2().evict("guarded", &["tls:2"]).await?;
+        let read = r.get_features(get("guarded", &["tls:2"], &[])).await?.into_inner();
+        ensure!(read.rows[0].values == [n(12)] && read.rows[0].source() == v1::Source::L3, "{:?}", read.rows[0]);
+        writer.shutdown().await;
+        reader.shutdown().await;
+
+        // A wrong password is refused by both, and appears in no error.
+        let bad = config(&wrong)?.validate()?;
+        let error =
+            strata_cache_tiers::L2Cache::connect_now(&bad.redis).await.err().context("redis took a wrong password")?;
+        ensure!(!error.to_string().contains("not-it"), "{error}");
+        let shards = strata_shard_router::ShardRouter::new(&bad.shards, &bad.pool)?;
+        ensure!(shards.probe(Duration::from_secs(5)).await == [false, false], "a shard took a wrong password");
+        ensure!(
+            !format!("{bad:?}").contains(PASSWORD) && !format!("{bad:?}").contains("not-it"),
+            "a password in Debug"
+        );
+        // Without TLS, a shard refuses the connection before any password.
+        let plain =
+            stack.shard_urls()[0].replace("sslmode=require", "sslmode=disable") + &format!(" password={PASSWORD}");
+        ensure!(tokio_postgres::connect(&plain, tokio_postgres::NoTls).await.is_err(), "a shard took plaintext");
+        anyhow::Ok(())
+    }
+    .await;
+    stack.stop().await;
+    outcome
 }

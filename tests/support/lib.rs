@@ -378,6 +378,7 @@ impl Env {
             data_dir: dir.path().join("stack"),
             ports: PortPlan::Ephemeral,
             shards: 2,
+            security: None,
         }))?;
         let redis_nodes = stack.redis_nodes();
         let shard_urls = stack.shard_urls();
@@ -410,7 +411,7 @@ impl Env {
             .shard_urls
             .iter()
             .enumerate()
-            .map(|(i, url)| strata_server::config::ShardSection { name: format!("shard-{i}"), url: url.clone() })
+            .map(|(i, url)| strata_server::config::ShardSection::new(format!("shard-{i}"), url))
             .collect();
         Ok(file)
     }

@@ -47,16 +47,29 @@ impl Ca {
         self.leaf(&[SERVER_NAME, "127.0.0.1"], ExtendedKeyUsagePurpose::ServerAuth)
     }
 
+    /// A certificate for a Redis node or a shard: a server, and a client of
+    /// the other nodes (Redis's cluster bus and replication).
+    pub fn node(&self) -> Result<Leaf> {
+        self.leaf_for(
+            &[SERVER_NAME, "127.0.0.1"],
+            vec![ExtendedKeyUsagePurpose::ServerAuth, ExtendedKeyUsagePurpose::ClientAuth],
+        )
+    }
+
     /// A client certificate whose DNS name is `name`.
     pub fn client(&self, name: &str) -> Result<Leaf> {
         self.leaf(&[name], ExtendedKeyUsagePurpose::ClientAuth)
     }
 
     fn leaf(&self, names: &[&str], usage: ExtendedKeyUsagePurpose) -> Result<Leaf> {
+        self.leaf_for(names, vec![usage])
+    }
+
+    fn leaf_for(&self, names: &[&str], usages: Vec<ExtendedKeyUsagePurpose>) -> Result<Leaf> {
         let key = KeyPair::generate()?;
         let mut params = CertificateParams::new(names.iter().map(|n| (*n).to_owned()).collect::<Vec<_>>())?;
         params.distinguished_name.push(DnType::CommonName, names[0]);
-        params.extended_key_usages = vec![usage];
+        params.extended_key_usages = usages;
         let cert = params.signed_by(&key, &self.issuer)?;
         Ok(Leaf { cert: cert.pem(), key: key.serialize_pem() })
     }

@@ -12,9 +12,14 @@ use tokio::time::Instant;
 
 use crate::Cached;
 
-/// Where the Redis Cluster is and how patient to be with it.
-#[derive(Clone, Debug)]
+/// Where the Redis Cluster is, how to log in, and how patient to be with it.
+#[derive(Clone)]
 pub struct L2Config {
+    /// An ACL user (`None`: the default user).
+    pub username: Option<String>,
+    pub password: Option<String>,
+    /// TLS to every node (cache, leases and pub/sub alike).
+    pub tls: Option<RedisTls>,
     /// Seed nodes as `host:port`; one reachable node is enough to discover
     /// the rest of the cluster.
     pub nodes: Vec<String>,
@@ -29,12 +34,63 @@ pub struct L2Config {
     pub breaker: BreakerConfig,
 }
 
+/// Never prints the password.
+impl std::fmt::Debug for L2Config {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.debug_struct("L2Config")
+            .field("nodes", &self.nodes)
+            .field("username", &self.username)
+            .field("password", &self.password.as_ref().map(|_| "<redacted>"))
+            .field("tls", &self.tls)
+            .field("command_timeout", &self.command_timeout)
+            .field("key_prefix", &self.key_prefix)
+            .finish()
+    }
+}
+
+/// TLS towards Redis: the nodes' certificates must chain to these roots
+/// and name the address each node is reached at.
+#[derive(Clone)]
+pub struct RedisTls {
+    pub roots: Arc<rustls::RootCertStore>,
+    /// A client certificate chain and key, for nodes that demand one.
+    pub identity:
+        Option<(Vec<rustls::pki_types::CertificateDer<'static>>, Arc<rustls::pki_types::PrivateKeyDer<'static>>)>,
+}
+
+impl std::fmt::Debug for RedisTls {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.debug_struct("RedisTls")
+            .field("roots", &self.roots.len())
+            .field("client_certificate", &self.identity.is_some())
+            .finish()
+    }
+}
+
+impl RedisTls {
+    fn connector(&self) -> Result<fred::types::config::TlsConnector, L2Error> {
+        let builder = rustls::ClientConfig::builder_with_provider(Arc::new(rustls::crypto::ring::default_provider()))
+            .with_safe_default_protocol_versions()
+            .map_err(|e| L2Error::Tls(e.to_string()))?
+            .with_root_certificates(self.roots.clone());
+        let config = match &self.identity {
+            Some((chain, key)) => builder
+                .with_client_auth_cert(chain.clone(), key.clone_key())
+                .map_err(|e| L2Error::Tls(e.to_string()))?,
+            None => builder.with_no_client_auth(),
+        };
+        Ok(config.into())
+    }
+}
+
 #[derive(Debug, thiserror::Error)]
 pub enum L2Error {
     #[error("bad redis node address {0:?} (want host:port)")]
     BadAddress(String),
     #[error("no redis nodes are configured")]
     NoNodes,
+    #[error("redis TLS: {0}")]
+    Tls(String),
     #[error("redis: {0}")]
     Redis(#[from] fred::error::Error),
     #[error("redis answered {got} results for {want} commands")]
@@ -130,6 +186,7 @@ pub fn is_outage(error: &fred::error::Error) -> bool {
         | ErrorKind::Routing
         | ErrorKind::Backpressure
         | ErrorKind::Auth
+        | ErrorKind::Tls
         | ErrorKind::Config
         | ErrorKind::Url
         | ErrorKind::Sentinel => true,
@@ -157,7 +214,7 @@ impl L2Error {
         match self {
             L2Error::Redis(error) => is_outage(error),
             L2Error::Open | L2Error::Timeout | L2Error::Unreachable(_) => true,
-            L2Error::ShortPipeline { .. } | L2Error::BadAddress(_) | L2Error::NoNodes => false,
+            L2Error::ShortPipeline { .. } | L2Error::BadAddress(_) | L2Error::NoNodes | L2Error::Tls(_) => false,
         }
     }
 }
@@ -327,7 +384,15 @@ pub(crate) fn builder(config: &L2Config) -> Result<Builder, L2Error> {
     // Not fail_fast: a cluster that cannot be reached at start-up is retried
     // with the reconnect policy below, like one that went away later, so a
     // server can start (and serve from L1 and PostgreSQL) while Redis is down.
-    let fred_config = Config { server: ServerConfig::new_clustered(hosts), fail_fast: false, ..Default::default() };
+    let tls = config.tls.as_ref().map(RedisTls::connector).transpose()?.map(fred::types::config::TlsConfig::from);
+    let fred_config = Config {
+        server: ServerConfig::new_clustered(hosts),
+        fail_fast: false,
+        username: config.username.clone(),
+        password: config.password.clone(),
+        tls,
+        ..Default::default()
+    };
     let command_timeout = config.command_timeout;
     let connect_timeout = config.connect_timeout;
     let mut builder = Builder::from_config(fred_config);

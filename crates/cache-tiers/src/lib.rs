@@ -32,6 +32,6 @@ pub use invalidation::{
     Invalidation, InvalidationListener, KEYS_PER_MESSAGE, decode_invalidation, invalidation_messages,
 };
 pub use l1::{Cached, L1Cache, L1Hit, Stamp};
-pub use l2::{L2Cache, L2Config, L2Error, L2Hit, Put, hash_tag};
+pub use l2::{L2Cache, L2Config, L2Error, L2Hit, Put, RedisTls, hash_tag};
 pub use refresh::{RefreshQueue, RefreshTier, Reloader};
 pub use single_flight::{Claim, Leader, SingleFlight, Waiter};

@@ -32,6 +32,33 @@ pub struct StackOptions {
     pub ports: PortPlan,
     /// Number of PostgreSQL shards.
     pub shards: usize,
+    /// TLS and passwords on every service; `None`: plaintext, no passwords.
+    pub security: Option<Security>,
+}
+
+/// TLS and a password for the stack's services, to test a client's TLS
+/// and authentication towards them: every Redis node listens with TLS only
+/// (`tls-cluster`, `tls-replication`), its default user off and an ACL user
+/// `strata`; every shard takes TLS connections only, for the role `strata`
+/// with a scram-sha-256 password.
+#[derive(Clone)]
+pub struct Security {
+    /// A PEM certificate naming 127.0.0.1, which every node and shard serves.
+    pub cert_file: PathBuf,
+    pub key_file: PathBuf,
+    /// The CA that signed it.
+    pub ca_file: PathBuf,
+    /// The password of `strata`, in Redis and in PostgreSQL.
+    pub password: String,
+}
+
+impl std::fmt::Debug for Security {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.debug_struct("Security")
+            .field("cert_file", &self.cert_file)
+            .field("ca_file", &self.ca_file)
+            .finish_non_exhaustive()
+    }
 }
 
 /// The machine-readable description of a running stack, written to
@@ -70,6 +97,7 @@ pub struct ShardInfo {
 pub struct Stack {
     data_dir: PathBuf,
     description: Description,
+    redis_cli: redis::Cli,
     redis: Vec<Managed>,
     postgres: Vec<Managed>,
 }
@@ -92,9 +120,11 @@ impl Stack {
 
         let redis_ports = options.ports.redis_ports(6)?;
         let pg_ports = options.ports.postgres_ports(options.shards)?;
+        let security = options.security.as_ref();
+        let redis_cli = redis::Cli::new(security)?;
         let (redis, postgres) = tokio::try_join!(
-            redis::start_cluster(&data_dir, &redis_ports),
-            postgres::start_shards(&data_dir, &pg_ports)
+            redis::start_cluster(&data_dir, &redis_ports, &redis_cli, security),
+            postgres::start_shards(&data_dir, &pg_ports, security)
         )?;
         let description = Description {
             redis_nodes: redis.iter().map(|(node, _)| node.clone()).collect(),
@@ -104,6 +134,7 @@ impl Stack {
         let stack = Stack {
             data_dir,
             description,
+            redis_cli,
             redis: redis.into_iter().map(|(_, p)| p).collect(),
             postgres: postgres.into_iter().map(|(_, p)| p).collect(),
         };
@@ -164,7 +195,7 @@ impl Stack {
             node.pid = pid;
         }
         self.write_description()?;
-        redis::wait_ready(port).await
+        redis::wait_ready(&self.redis_cli, port).await
     }
 
     fn redis_process(&mut self, port: u16) -> Result<&mut Managed> {

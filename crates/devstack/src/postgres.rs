@@ -9,8 +9,8 @@ use nix::sys::signal::Signal;
 use nix::unistd::{Gid, Uid, User};
 use tokio::process::Command;
 
-use crate::ShardInfo;
-use crate::process::{Managed, output, wait_until, which};
+use crate::process::{Managed, output, output_with, wait_until, which};
+use crate::{Security, ShardInfo};
 
 const READY_TIMEOUT: Duration = Duration::from_secs(60);
 
@@ -53,10 +53,14 @@ fn reachable_by_others(dir: &Path) -> bool {
     dir.ancestors().all(|d| std::fs::metadata(d).is_ok_and(|m| m.permissions().mode() & 0o001 != 0))
 }
 
-pub(crate) async fn start_shards(data_dir: &Path, ports: &[u16]) -> Result<Vec<(ShardInfo, Managed)>> {
+pub(crate) async fn start_shards(
+    data_dir: &Path,
+    ports: &[u16],
+    security: Option<&Security>,
+) -> Result<Vec<(ShardInfo, Managed)>> {
     let bin = bin_dir()?;
     let user = run_as()?;
-    let runs = ports.iter().enumerate().map(|(i, &port)| start_shard(&bin, user, data_dir, i, port));
+    let runs = ports.iter().enumerate().map(|(i, &port)| start_shard(&bin, user, data_dir, i, port, security));
     futures::future::try_join_all(runs).await
 }
 
@@ -66,6 +70,7 @@ async fn start_shard(
     data_dir: &Path,
     index: usize,
     port: u16,
+    security: Option<&Security>,
 ) -> Result<(ShardInfo, Managed)> {
     let name = format!("shard-{index}");
     let mut dir = data_dir.join(format!("postgres-{index}"));
@@ -92,14 +97,47 @@ async fn start_shard(
     let dir_str = dir.to_str().context("data folder path is not UTF-8")?;
     let pgdata_str = pgdata.to_str().context("data folder path is not UTF-8")?;
 
+    // Files the server reads must be its own: the password for initdb,
+    // and the certificate and key (which must not be readable by others).
+    let own = |path: &Path, mode: u32| -> Result<()> {
+        std::fs::set_permissions(path, std::fs::Permissions::from_mode(mode))?;
+        if let Some((uid, gid)) = user {
+            std::os::unix::fs::chown(path, Some(uid.as_raw()), Some(gid.as_raw()))?;
+        }
+        Ok(())
+    };
     let mut initdb = Command::new(bin.join("initdb"));
-    initdb.args(["-D", pgdata_str, "-U", "strata", "--auth=trust", "-E", "UTF8", "--locale=C", "--no-sync"]);
+    initdb.args(["-D", pgdata_str, "-U", "strata", "-E", "UTF8", "--locale=C", "--no-sync"]);
+    let mut tls_files = None;
+    match security {
+        None => {
+            initdb.arg("--auth=trust");
+        }
+        Some(security) => {
+            let pwfile = dir.join("password");
+            std::fs::write(&pwfile, &security.password)?;
+            own(&pwfile, 0o600)?;
+            initdb.arg("--auth=scram-sha-256").arg(format!("--pwfile={}", pwfile.display()));
+            let (cert, key) = (dir.join("server.crt"), dir.join("server.key"));
+            std::fs::copy(&security.cert_file, &cert)?;
+            std::fs::copy(&security.key_file, &key)?;
+            own(&cert, 0o600)?;
+            own(&key, 0o600)?;
+            tls_files = Some((cert, key));
+        }
+    }
     if let Some((uid, gid)) = user {
         initdb.uid(uid.as_raw()).gid(gid.as_raw());
     }
     let out = initdb.output().await.context("cannot run initdb")?;
     if !out.status.success() {
         bail!("initdb for {name} failed: {}", String::from_utf8_lossy(&out.stderr));
+    }
+    if tls_files.is_some() {
+        // TCP connections without TLS are refused before any password.
+        let hba = pgdata.join("pg_hba.conf");
+        let rules = std::fs::read_to_string(&hba)?;
+        std::fs::write(&hba, format!("hostnossl all all 0.0.0.0/0 reject\nhostnossl all all ::/0 reject\n{rules}"))?;
     }
 
     let mut args: Vec<String> =
@@ -115,6 +153,15 @@ async fn start_shard(
         "shared_preload_libraries=pg_stat_statements",
     ] {
         args.extend(["-c".to_owned(), setting.to_owned()]);
+    }
+    if let Some((cert, key)) = &tls_files {
+        for setting in [
+            "ssl=on".to_owned(),
+            format!("ssl_cert_file={}", cert.display()),
+            format!("ssl_key_file={}", key.display()),
+        ] {
+            args.extend(["-c".to_owned(), setting]);
+        }
     }
     let program = bin.join("postgres");
     let recipe = Box::new(move || {
@@ -140,10 +187,13 @@ async fn start_shard(
         }
     })
     .await?;
-    output(&bin.join("createdb"), &["-h", "127.0.0.1", "-p", &port_arg, "-U", "strata", "strata"]).await?;
+    let password = security.map(|s| s.password.clone()).unwrap_or_default();
+    let env: Vec<(&str, &str)> =
+        if security.is_some() { vec![("PGPASSWORD", &password), ("PGSSLMODE", "require")] } else { Vec::new() };
+    output_with(&bin.join("createdb"), &["-h", "127.0.0.1", "-p", &port_arg, "-U", "strata", "strata"], &env).await?;
     // Query statistics, so tests and benchmarks can count lookups on the
     // PostgreSQL side.
-    output(
+    output_with(
         &bin.join("psql"),
         &[
             "-h",
@@ -157,10 +207,13 @@ async fn start_shard(
             "-qc",
             "CREATE EXTENSION pg_stat_statements",
         ],
+        &env,
     )
     .await?;
 
-    let url = format!("host=127.0.0.1 port={port} user=strata dbname=strata");
+    // With security, the password is the caller's to give (not in the URL).
+    let tls = if security.is_some() { " sslmode=require" } else { "" };
+    let url = format!("host=127.0.0.1 port={port} user=strata dbname=strata{tls}");
     let pid = process.pid();
     Ok((ShardInfo { name, url, port, data_dir: pgdata, pid }, process))
 }

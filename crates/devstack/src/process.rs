@@ -168,8 +168,14 @@ where
 /// Runs a short command to completion and returns its stdout; fails with
 /// its stderr if it exits non-zero.
 pub(crate) async fn output(program: &Path, args: &[&str]) -> Result<String> {
+    output_with(program, args, &[]).await
+}
+
+/// [`output`], with these environment variables set.
+pub(crate) async fn output_with(program: &Path, args: &[&str], env: &[(&str, &str)]) -> Result<String> {
     let out = Command::new(program)
         .args(args)
+        .envs(env.iter().copied())
         .stdin(Stdio::null())
         .output()
         .await

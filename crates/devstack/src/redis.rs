@@ -7,46 +7,130 @@ use anyhow::{Context, Result, bail};
 use nix::sys::signal::Signal;
 use tokio::process::Command;
 
-use crate::RedisNode;
 use crate::process::{Managed, output, wait_until, which};
+use crate::{RedisNode, Security};
 
 const READY_TIMEOUT: Duration = Duration::from_secs(30);
 
-pub(crate) async fn start_cluster(data_dir: &Path, ports: &[u16]) -> Result<Vec<(RedisNode, Managed)>> {
+/// `redis-cli`, with TLS and the ACL user's credentials where the stack
+/// has them.
+#[derive(Clone)]
+pub(crate) struct Cli {
+    path: std::path::PathBuf,
+    base: Vec<String>,
+}
+
+impl Cli {
+    pub(crate) fn new(security: Option<&Security>) -> Result<Cli> {
+        let path = which("redis-cli").context("redis-cli is not installed (apt-get install redis-tools)")?;
+        let base = match security {
+            None => Vec::new(),
+            Some(s) => vec![
+                "--tls".to_owned(),
+                "--cacert".to_owned(),
+                s.ca_file.display().to_string(),
+                "--user".to_owned(),
+                "strata".to_owned(),
+                "--pass".to_owned(),
+                s.password.clone(),
+                "--no-auth-warning".to_owned(),
+            ],
+        };
+        Ok(Cli { path, base })
+    }
+
+    async fn run(&self, args: &[&str]) -> Result<String> {
+        let mut all: Vec<&str> = self.base.iter().map(String::as_str).collect();
+        all.extend_from_slice(args);
+        output(&self.path, &all).await
+    }
+}
+
+pub(crate) async fn start_cluster(
+    data_dir: &Path,
+    ports: &[u16],
+    cli: &Cli,
+    security: Option<&Security>,
+) -> Result<Vec<(RedisNode, Managed)>> {
     let server = which("redis-server").context("redis-server is not installed (apt-get install redis-server)")?;
-    let cli = which("redis-cli").context("redis-cli is not installed (apt-get install redis-tools)")?;
     let mut nodes = Vec::with_capacity(ports.len());
     for &port in ports {
         let dir = data_dir.join(format!("redis-{port}"));
         std::fs::create_dir_all(&dir)?;
-        let args: Vec<String> = [
-            "--port",
-            &port.to_string(),
-            "--bind",
-            "127.0.0.1",
-            "--dir",
-            dir.to_str().context("data folder path is not UTF-8")?,
-            "--cluster-enabled",
-            "yes",
-            "--cluster-config-file",
-            "nodes.conf",
-            "--cluster-node-timeout",
-            "2000",
-            "--save",
-            "",
-            "--appendonly",
-            "no",
-            "--daemonize",
-            "no",
-            // A replica's first full sync starts at once instead of after
-            // the default 5 s; until it is done the replica cannot take
-            // over from its primary.
-            "--repl-diskless-sync-delay",
-            "0",
-        ]
-        .into_iter()
-        .map(str::to_owned)
-        .collect();
+        let port_arg = port.to_string();
+        // With TLS the node's one port is its TLS port, and the cluster bus
+        // and replication use TLS too.
+        let listen: Vec<String> = match security {
+            None => vec!["--port".into(), port_arg.clone()],
+            Some(s) => {
+                let password = format!(">{}", s.password);
+                [
+                    "--port",
+                    "0",
+                    "--tls-port",
+                    &port_arg,
+                    "--tls-cluster",
+                    "yes",
+                    "--tls-replication",
+                    "yes",
+                    "--tls-auth-clients",
+                    "no",
+                    "--tls-cert-file",
+                    &s.cert_file.display().to_string(),
+                    "--tls-key-file",
+                    &s.key_file.display().to_string(),
+                    "--tls-ca-cert-file",
+                    &s.ca_file.display().to_string(),
+                    "--user",
+                    "default",
+                    "off",
+                    "--user",
+                    "strata",
+                    "on",
+                    &password,
+                    "~*",
+                    "&*",
+                    "+@all",
+                    "--masteruser",
+                    "strata",
+                    "--masterauth",
+                    &s.password,
+                ]
+                .into_iter()
+                .map(str::to_owned)
+                .collect()
+            }
+        };
+        let args: Vec<String> = listen
+            .into_iter()
+            .chain(
+                [
+                    "--bind",
+                    "127.0.0.1",
+                    "--dir",
+                    dir.to_str().context("data folder path is not UTF-8")?,
+                    "--cluster-enabled",
+                    "yes",
+                    "--cluster-config-file",
+                    "nodes.conf",
+                    "--cluster-node-timeout",
+                    "2000",
+                    "--save",
+                    "",
+                    "--appendonly",
+                    "no",
+                    "--daemonize",
+                    "no",
+                    // A replica's first full sync starts at once instead of after
+                    // the default 5 s; until it is done the replica cannot take
+                    // over from its primary.
+                    "--repl-diskless-sync-delay",
+                    "0",
+                ]
+                .into_iter()
+                .map(str::to_owned),
+            )
+            .collect();
         let server = server.clone();
         let recipe = Box::new(move || {
             let mut command = Command::new(&server);
@@ -63,7 +147,7 @@ pub(crate) async fn start_cluster(data_dir: &Path, ports: &[u16]) -> Result<Vec<
             let ready = process.check_running(log).map(|()| {
                 let cli = cli.clone();
                 let port_arg = port_arg.clone();
-                async move { Ok(output(&cli, &["-p", &port_arg, "ping"]).await.is_ok_and(|o| o.trim() == "PONG")) }
+                async move { Ok(cli.run(&["-p", &port_arg, "ping"]).await.is_ok_and(|o| o.trim() == "PONG")) }
             });
             async move { ready?.await }
         })
@@ -74,7 +158,7 @@ pub(crate) async fn start_cluster(data_dir: &Path, ports: &[u16]) -> Result<Vec<
     let mut create: Vec<&str> = vec!["--cluster", "create"];
     create.extend(addresses.iter().map(String::as_str));
     create.extend(["--cluster-replicas", "1", "--cluster-yes"]);
-    output(&cli, &create).await.context("cannot form the redis cluster")?;
+    cli.run(&create).await.context("cannot form the redis cluster")?;
 
     // `--cluster create` returns once the primaries agree on the slots;
     // wait until every node, replicas included, says the cluster is ok.
@@ -84,7 +168,7 @@ pub(crate) async fn start_cluster(data_dir: &Path, ports: &[u16]) -> Result<Vec<
             let cli = cli.clone();
             let port_arg = port_arg.clone();
             async move {
-                let info = output(&cli, &["-p", &port_arg, "cluster", "info"]).await?;
+                let info = cli.run(&["-p", &port_arg, "cluster", "info"]).await?;
                 Ok(info.contains("cluster_state:ok") && info.contains("cluster_known_nodes:6"))
             }
         })
@@ -99,7 +183,7 @@ pub(crate) async fn start_cluster(data_dir: &Path, ports: &[u16]) -> Result<Vec<
             let cli = cli.clone();
             let port_arg = port_arg.clone();
             async move {
-                let info = output(&cli, &["-p", &port_arg, "info", "replication"]).await?;
+                let info = cli.run(&["-p", &port_arg, "info", "replication"]).await?;
                 Ok(info.contains("role:master") || info.contains("master_link_status:up"))
             }
         })
@@ -108,7 +192,7 @@ pub(crate) async fn start_cluster(data_dir: &Path, ports: &[u16]) -> Result<Vec<
 
     let mut started = Vec::with_capacity(nodes.len());
     for (port, process, _) in nodes {
-        let role = output(&cli, &["-p", &port.to_string(), "role"]).await?;
+        let role = cli.run(&["-p", &port.to_string(), "role"]).await?;
         let role = match role.lines().next().map(str::trim) {
             Some("master") => "master",
             Some("slave") => "replica",
@@ -121,13 +205,12 @@ pub(crate) async fn start_cluster(data_dir: &Path, ports: &[u16]) -> Result<Vec<
 }
 
 /// Waits until the node on `port` answers PING again (after a restart).
-pub(crate) async fn wait_ready(port: u16) -> Result<()> {
-    let cli = which("redis-cli").context("redis-cli is not installed (apt-get install redis-tools)")?;
+pub(crate) async fn wait_ready(cli: &Cli, port: u16) -> Result<()> {
     let port_arg = port.to_string();
     wait_until(&format!("redis on port {port}"), READY_TIMEOUT, || {
         let cli = cli.clone();
         let port_arg = port_arg.clone();
-        async move { Ok(output(&cli, &["-p", &port_arg, "ping"]).await.is_ok_and(|o| o.trim() == "PONG")) }
+        async move { Ok(cli.run(&["-p", &port_arg, "ping"]).await.is_ok_and(|o| o.trim() == "PONG")) }
     })
     .await
 }

@@ -333,7 +333,7 @@ pub struct L1Section {
     pub max_stale: Duration,
 }
 
-#[derive(Debug, Deserialize, Serialize)]
+#[derive(Deserialize, Serialize)]
 #[serde(default, deny_unknown_fields)]
 pub struct RedisSection {
     pub nodes: Vec<String>,
@@ -342,6 +342,32 @@ pub struct RedisSection {
     #[serde(with = "humantime_serde")]
     pub connect_timeout: Duration,
     pub key_prefix: String,
+    /// An ACL user; empty: the default user.
+    pub username: String,
+    /// Its password (better from `STRATA_REDIS__PASSWORD` or
+    /// `password_file` than in a file of settings).
+    pub password: String,
+    /// A file holding the password (surrounding white space ignored).
+    pub password_file: String,
+    /// TLS to every node, trusting `tls_ca_file` (else the system's roots).
+    pub tls: bool,
+    pub tls_ca_file: String,
+    /// A client certificate and key, for nodes with `tls-auth-clients yes`.
+    pub tls_cert_file: String,
+    pub tls_key_file: String,
+}
+
+/// Never prints the password.
+impl std::fmt::Debug for RedisSection {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.debug_struct("RedisSection")
+            .field("nodes", &self.nodes)
+            .field("username", &self.username)
+            .field("password", &if self.password.is_empty() { "" } else { "<redacted>" })
+            .field("password_file", &self.password_file)
+            .field("tls", &self.tls)
+            .finish_non_exhaustive()
+    }
 }
 
 #[derive(Debug, Deserialize, Serialize)]
@@ -350,6 +376,10 @@ pub struct PostgresSection {
     pub max_connections_per_shard: usize,
     #[serde(with = "humantime_serde")]
     pub connect_timeout: Duration,
+    /// PEM CA certificates the shards' certificates must chain to: TLS to
+    /// every shard whose `sslmode` is not `disable`. Empty: TLS only to
+    /// shards with `sslmode=require`, trusting the system's roots.
+    pub tls_ca_file: String,
     pub shards: Vec<ShardSection>,
 }
 
@@ -358,6 +388,19 @@ pub struct PostgresSection {
 pub struct ShardSection {
     pub name: String,
     pub url: String,
+    /// A file holding the password, instead of putting it in `url`.
+    #[serde(default)]
+    pub password_file: String,
+    /// An environment variable holding the password.
+    #[serde(default)]
+    pub password_env: String,
+}
+
+impl ShardSection {
+    /// A shard whose password, if any, is in its URL.
+    pub fn new(name: impl Into<String>, url: impl Into<String>) -> ShardSection {
+        ShardSection { name: name.into(), url: url.into(), password_file: String::new(), password_env: String::new() }
+    }
 }
 
 /// Prints the URL without its password.
@@ -418,6 +461,13 @@ impl Default for RedisSection {
             command_timeout: Duration::from_millis(250),
             connect_timeout: Duration::from_secs(2),
             key_prefix: "strata:".into(),
+            username: String::new(),
+            password: String::new(),
+            password_file: String::new(),
+            tls: false,
+            tls_ca_file: String::new(),
+            tls_cert_file: String::new(),
+            tls_key_file: String::new(),
         }
     }
 }
@@ -428,6 +478,7 @@ impl Default for PostgresSection {
         PostgresSection {
             max_connections_per_shard: pool.max_connections,
             connect_timeout: pool.connect_timeout,
+            tls_ca_file: String::new(),
             shards: Vec::new(),
         }
     }
@@ -710,7 +761,21 @@ impl FileConfig {
             bail!("l1.max_stale ({max_stale:?}) is longer than {MAX_STALE_LIMIT:?}");
         }
 
-        let RedisSection { nodes, command_timeout, connect_timeout, key_prefix } = redis;
+        let RedisSection {
+            nodes,
+            command_timeout,
+            connect_timeout,
+            key_prefix,
+            username,
+            password,
+            password_file,
+            tls: redis_tls,
+            tls_ca_file: redis_ca,
+            tls_cert_file: redis_cert,
+            tls_key_file: redis_key,
+        } = redis;
+        let redis_password = secret("redis.password", password, &password_file, "")?;
+        let redis_tls = redis_tls_settings(redis_tls, &redis_ca, &redis_cert, &redis_key)?;
         // Strata puts its own hash tag right after the prefix; a brace in
         // the prefix would make the prefix the tag, and every key one slot.
         if key_prefix.contains(['{', '}']) {
@@ -725,7 +790,8 @@ impl FileConfig {
             }
         }
 
-        let PostgresSection { max_connections_per_shard, connect_timeout: pg_connect_timeout, shards } = postgres;
+        let PostgresSection { max_connections_per_shard, connect_timeout: pg_connect_timeout, tls_ca_file, shards } =
+            postgres;
         if shards.is_empty() {
             bail!("postgres.shards: at least one shard is needed");
         }
@@ -737,6 +803,16 @@ impl FileConfig {
             if !names.insert(shard.name.as_str()) {
                 bail!("postgres.shards: name {:?} is used twice", shard.name);
             }
+        }
+        let needs_tls = shards.iter().any(|s| tokio_postgres_ssl_mode(&s.url).is_some_and(|mode| mode == "require"));
+        let postgres_tls = match (tls_ca_file.trim(), needs_tls) {
+            ("", false) => None,
+            (ca, _) => Some(Arc::new(client_tls("postgres.tls_ca_file", (!ca.is_empty()).then_some(ca), None)?)),
+        };
+        let mut shard_configs = Vec::with_capacity(shards.len());
+        for ShardSection { name, url, password_file, password_env } in shards {
+            let password = secret(&format!("postgres.shards {name:?}"), String::new(), &password_file, &password_env)?;
+            shard_configs.push(ShardConfig { name, url, password });
         }
 
         let StampedeSection { enabled, lease_ttl, refresh_queue, refresh_concurrency } = stampede;
@@ -799,14 +875,24 @@ impl FileConfig {
             l1_max_bytes: max_bytes,
             hot_keys: HotKeys { sample_rate, keep },
             writes: WritePolicy { channel: format!("{key_prefix}invalidations"), guard_ttl },
-            redis: L2Config { nodes, command_timeout, connect_timeout, key_prefix, breaker },
+            redis: L2Config {
+                nodes,
+                command_timeout,
+                connect_timeout,
+                key_prefix,
+                breaker,
+                username: (!username.is_empty()).then_some(username),
+                password: redis_password,
+                tls: redis_tls,
+            },
             pool: PoolOptions {
                 max_connections: max_connections_per_shard,
                 connect_timeout: pg_connect_timeout,
                 breaker,
                 retry: RetryPolicy { attempts, base: base_delay, cap: max_delay },
+                tls: postgres_tls,
             },
-            shards: shards.into_iter().map(|s| ShardConfig { name: s.name, url: s.url }).collect(),
+            shards: shard_configs,
             protection: Protection { enabled, lease_ttl, refresh_queue, refresh_concurrency },
             registry: Arc::new(registry),
             tls,
@@ -893,6 +979,112 @@ fn authenticator(auth: AuthSection, registry: &Registry, mutual_tls: bool) -> Re
     Ok(Authenticator::new(out))
 }
 
+/// A password from the setting itself, a file or an environment variable
+/// (at most one of them); `None` if none is set. Errors name the setting,
+/// the file or the variable, never the value.
+fn secret(setting: &str, value: String, file: &str, env: &str) -> Result<Option<String>> {
+    let given = [!value.is_empty(), !file.trim().is_empty(), !env.trim().is_empty()];
+    if given.iter().filter(|g| **g).count() > 1 {
+        bail!("{setting}: give the password one way (the setting, a file or a variable), not several");
+    }
+    if !value.is_empty() {
+        return Ok(Some(value));
+    }
+    if !file.trim().is_empty() {
+        let text = std::fs::read_to_string(file.trim())
+            .with_context(|| format!("{setting}: cannot read the password file {}", file.trim()))?;
+        return Ok(Some(text.trim().to_owned()));
+    }
+    if !env.trim().is_empty() {
+        let text =
+            std::env::var(env.trim()).with_context(|| format!("{setting}: the variable {} is not set", env.trim()))?;
+        return Ok(Some(text.trim().to_owned()));
+    }
+    Ok(None)
+}
+
+/// The `sslmode` of a connection string, if it names one.
+fn tokio_postgres_ssl_mode(url: &str) -> Option<String> {
+    url.split([' ', '?', '&'])
+        .find_map(|part| part.strip_prefix("sslmode="))
+        .map(|mode| mode.trim_matches('\'').to_owned())
+}
+
+fn pem_certificates(setting: &str, path: &str) -> Result<Vec<rustls::pki_types::CertificateDer<'static>>> {
+    use rustls::pki_types::pem::PemObject as _;
+    let certs = rustls::pki_types::CertificateDer::pem_file_iter(path)
+        .with_context(|| format!("{setting}: cannot read {path}"))?
+        .collect::<Result<Vec<_>, _>>()
+        .with_context(|| format!("{setting}: {path} is not a PEM certificate file"))?;
+    if certs.is_empty() {
+        bail!("{setting}: {path} holds no PEM certificate");
+    }
+    Ok(certs)
+}
+
+/// Roots from `ca` (PEM), else the system's.
+fn roots(setting: &str, ca: Option<&str>) -> Result<rustls::RootCertStore> {
+    let mut roots = rustls::RootCertStore::empty();
+    match ca {
+        Some(path) => {
+            for cert in pem_certificates(setting, path)? {
+                roots.add(cert).with_context(|| format!("{setting}: {path} holds a certificate that is not a CA"))?;
+            }
+        }
+        None => {
+            for cert in rustls_native_certs::load_native_certs().certs {
+                let _ = roots.add(cert);
+            }
+        }
+    }
+    Ok(roots)
+}
+
+/// A TLS client configuration trusting `ca` (else the system's roots), with
+/// a client certificate if given.
+fn client_tls(setting: &str, ca: Option<&str>, identity: Option<(&str, &str)>) -> Result<rustls::ClientConfig> {
+    use rustls::pki_types::pem::PemObject as _;
+    let builder = rustls::ClientConfig::builder_with_provider(Arc::new(rustls::crypto::ring::default_provider()))
+        .with_safe_default_protocol_versions()
+        .context("no TLS protocol version available")?
+        .with_root_certificates(roots(setting, ca)?);
+    Ok(match identity {
+        Some((cert, key)) => {
+            let chain = pem_certificates(setting, cert)?;
+            let key = rustls::pki_types::PrivateKeyDer::from_pem_file(key)
+                .with_context(|| format!("{setting}: {key} holds no PEM private key"))?;
+            builder
+                .with_client_auth_cert(chain, key)
+                .with_context(|| format!("{setting}: the key does not fit {cert}"))?
+        }
+        None => builder.with_no_client_auth(),
+    })
+}
+
+fn redis_tls_settings(on: bool, ca: &str, cert: &str, key: &str) -> Result<Option<strata_cache_tiers::RedisTls>> {
+    use rustls::pki_types::pem::PemObject as _;
+    let set = |s: &str| !s.trim().is_empty();
+    if !on {
+        if set(ca) || set(cert) || set(key) {
+            bail!("redis.tls_ca_file, tls_cert_file and tls_key_file need redis.tls = true");
+        }
+        return Ok(None);
+    }
+    if set(cert) != set(key) {
+        bail!("redis.tls_cert_file and redis.tls_key_file are set together or not at all");
+    }
+    let roots = roots("redis.tls_ca_file", set(ca).then_some(ca.trim()))?;
+    let identity = if set(cert) {
+        let chain = pem_certificates("redis.tls_cert_file", cert.trim())?;
+        let key = rustls::pki_types::PrivateKeyDer::from_pem_file(key.trim())
+            .with_context(|| format!("redis.tls_key_file: {} holds no PEM private key", key.trim()))?;
+        Some((chain, Arc::new(key)))
+    } else {
+        None
+    };
+    Ok(Some(strata_cache_tiers::RedisTls { roots: Arc::new(roots), identity }))
+}
+
 fn parse_sha256(hex: &str) -> Option<[u8; 32]> {
     let hex = hex.trim();
     if hex.len() != 64 || !hex.is_ascii() {
@@ -971,6 +1163,8 @@ mod tests {
         "rate_limits.clients[].burst",
         "postgres.shards[].name",
         "postgres.shards[].url",
+        "postgres.shards[].password_file",
+        "postgres.shards[].password_env",
         "auth.principals[].name",
         "auth.principals[].token_sha256",
         "auth.principals[].certificate_names",

@@ -26,9 +26,13 @@ pub async fn run(options: DevOptions) -> Result<()> {
     let mut file = FileConfig::load(&options.config)?;
     let started = Instant::now();
     println!("starting the local stack under {} ...", options.data_dir.display());
-    let mut stack =
-        Stack::start(StackOptions { data_dir: options.data_dir.clone(), ports: DEV_PORTS, shards: options.shards })
-            .await?;
+    let mut stack = Stack::start(StackOptions {
+        data_dir: options.data_dir.clone(),
+        ports: DEV_PORTS,
+        shards: options.shards,
+        security: None,
+    })
+    .await?;
     println!("redis cluster and {} postgres shards up in {:.1?}", options.shards, started.elapsed());
 
     // The rest may fail; the stack is stopped whatever happens.
@@ -40,8 +44,7 @@ pub async fn run(options: DevOptions) -> Result<()> {
 /// Points a configuration at a running stack's Redis nodes and shards.
 pub fn use_stack(file: &mut FileConfig, stack: &Stack) {
     file.redis.nodes = stack.redis_nodes();
-    file.postgres.shards =
-        stack.description().shards.iter().map(|s| ShardSection { name: s.name.clone(), url: s.url.clone() }).collect();
+    file.postgres.shards = stack.description().shards.iter().map(|s| ShardSection::new(&s.name, &s.url)).collect();
 }
 
 async fn serve_on(stack: &mut Stack, file: &mut FileConfig, options: &DevOptions) -> Result<()> {

@@ -42,14 +42,23 @@ const MAX_CONFLICT_RETRIES: u32 = 20;
 #[derive(Clone)]
 pub struct ShardConfig {
     pub name: String,
-    /// A libpq-style connection string or `postgres://` URL.
+    /// A libpq-style connection string or `postgres://` URL. Its `sslmode`
+    /// is honoured: `disable`, `prefer` (the default: TLS where the server
+    /// offers it, when TLS is configured) or `require`.
     pub url: String,
+    /// The password, when it is not in the URL (read from a file or the
+    /// environment by the configuration).
+    pub password: Option<String>,
 }
 
 /// Prints the URL without its password.
 impl std::fmt::Debug for ShardConfig {
     fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
-        f.debug_struct("ShardConfig").field("name", &self.name).field("url", &redact_url(&self.url)).finish()
+        f.debug_struct("ShardConfig")
+            .field("name", &self.name)
+            .field("url", &redact_url(&self.url))
+            .field("password", &self.password.as_ref().map(|_| "<redacted>"))
+            .finish()
     }
 }
 
@@ -94,6 +103,9 @@ pub struct PoolOptions {
     pub breaker: BreakerConfig,
     /// How failed reads are retried within their deadline.
     pub retry: RetryPolicy,
+    /// TLS towards the shards (verifying each server's certificate and
+    /// name); `None`: plaintext.
+    pub tls: Option<Arc<rustls::ClientConfig>>,
 }
 
 impl Default for PoolOptions {
@@ -103,6 +115,7 @@ impl Default for PoolOptions {
             connect_timeout: Duration::from_secs(2),
             breaker: BreakerConfig::default(),
             retry: RetryPolicy::default(),
+            tls: None,
         }
     }
 }
@@ -305,7 +318,17 @@ impl ShardRouter {
                 pg.application_name("strata");
             }
             pg.connect_timeout(options.connect_timeout);
-            let manager = Manager::from_config(pg, NoTls, ManagerConfig { recycling_method: RecyclingMethod::Fast });
+            if let Some(password) = &config.password {
+                pg.password(password);
+            }
+            let recycling = ManagerConfig { recycling_method: RecyclingMethod::Fast };
+            let manager = match &options.tls {
+                Some(tls) if pg.get_ssl_mode() != tokio_postgres::config::SslMode::Disable => {
+                    let connect = tokio_postgres_rustls::MakeRustlsConnect::new((**tls).clone());
+                    Manager::from_config(pg, connect, recycling)
+                }
+                _ => Manager::from_config(pg, NoTls, recycling),
+            };
             let pool = Pool::builder(manager)
                 .max_size(options.max_connections)
                 .runtime(Runtime::Tokio1)
@@ -807,7 +830,8 @@ mod tests {
             ("postgres://db/strata", "postgres://db/strata"),
         ] {
             assert_eq!(redact_url(url), shown);
-            let printed = format!("{:?}", ShardConfig { name: "a".into(), url: url.into() });
+            let printed =
+                format!("{:?}", ShardConfig { name: "a".into(), url: url.into(), password: Some("s3cret".into()) });
             assert!(!printed.contains("s3"), "{printed}");
         }
     }
