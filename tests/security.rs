@@ -28,6 +28,7 @@ integration_tests!(
     mutual_tls_refuses_clients_without_a_certificate_and_names_principals,
     replaced_certificate_files_serve_new_handshakes_while_open_connections_go_on,
     redis_and_postgres_are_reached_with_passwords_and_tls,
+    a_planted_secret_reaches_no_log_metric_error_or_cli_output,
 );
 
 const READER: &str = "reader-token-6f1c2a";
@@ -453,4 +454,117 @@ async fn redis_and_postgres_are_reached_with_passwords_and_tls(env: &'static Env
     .await;
     stack.stop().await;
     outcome
+}
+
+/// One known secret in every secret setting (the Redis password, each
+/// shard's password file, a principal's token, whose hash is in the
+/// config), a server run as `strata serve` with debug logs, failures that
+/// make it log (Redis refuses the password; a caller sends the token as a
+/// wrong one), then every output scanned: its logs, /metrics, the errors
+/// callers see, the CLI's output.
+async fn a_planted_secret_reaches_no_log_metric_error_or_cli_output(env: &'static Env) -> Result<()> {
+    use tokio::io::AsyncBufReadExt as _;
+    const SECRET: &str = "pl4nted-S3CRET-7731";
+    let dir = tempfile::tempdir()?;
+    let password_file = tls::write(dir.path(), "pg-password", SECRET)?;
+    let hash = hex(&token_hash(SECRET));
+    let config = env.config()?;
+    let shards: String = config
+        .postgres
+        .shards
+        .iter()
+        .map(|s| {
+            format!(
+                "[[postgres.shards]]\nname = {:?}\nurl = {:?}\npassword_file = {:?}\n\n",
+                s.name, s.url, password_file
+            )
+        })
+        .collect();
+    let overlay = format!(
+        "[server]\ngrpc_addr = \"127.0.0.1:0\"\nmetrics_addr = \"127.0.0.1:0\"\nfeast_http_addr = \"127.0.0.1:0\"\n\
+         [redis]\nnodes = {:?}\nconnect_timeout = \"300ms\"\n\n[auth]\nenabled = true\n\
+         [[auth.principals]]\nname = \"planted\"\ntoken_sha256 = [\"{hash}\"]\nread = [\"*\"]\n\n{shards}",
+        config.redis.nodes
+    );
+    let base = std::fs::read_to_string(repo_root().join("config/strata.toml"))?;
+    let base_path = tls::write(dir.path(), "strata.toml", &format!("{base}\n{}", strata_tests::TEST_VIEWS))?;
+    let overlay_path = tls::write(dir.path(), "secrets.toml", &overlay)?;
+    let mut child = tokio::process::Command::new(strata_binary()?)
+        .args(["serve", "--config"])
+        .arg(&base_path)
+        .arg("--config")
+        .arg(&overlay_path)
+        // The default user of the test cluster has no password: Redis
+        // refuses this one, and the server logs why, over and over.
+        .env("STRATA_REDIS__PASSWORD", SECRET)
+        .env("RUST_LOG", "debug")
+        .env("NO_COLOR", "1")
+        .stdin(std::process::Stdio::null())
+        .stdout(std::process::Stdio::piped())
+        .stderr(std::process::Stdio::piped())
+        .kill_on_drop(true)
+        .spawn()?;
+    let logs = std::sync::Arc::new(std::sync::Mutex::new(Vec::<String>::new()));
+    let (tx, rx) = tokio::sync::oneshot::channel::<String>();
+    let mut tx = Some(tx);
+    let (stdout, stderr) = (child.stdout.take().context("stdout")?, child.stderr.take().context("stderr")?);
+    let collect = |stream: Box<dyn tokio::io::AsyncRead + Send + Unpin>,
+                   tx: Option<tokio::sync::oneshot::Sender<String>>| {
+        let logs = logs.clone();
+        tokio::spawn(async move {
+            let mut tx = tx;
+            let mut lines = tokio::io::BufReader::new(stream).lines();
+            while let Ok(Some(line)) = lines.next_line().await {
+                if line.contains(" serving ")
+                    && let Some(tx) = tx.take()
+                {
+                    let _ = tx.send(line.clone());
+                }
+                logs.lock().expect("logs").push(line);
+            }
+        })
+    };
+    let out_task = collect(Box::new(stdout), tx.take());
+    let err_task = collect(Box::new(stderr), None);
+    let line = tokio::time::timeout(Duration::from_secs(60), rx).await.context("strata serve did not start")??;
+    let field = |name: &str| {
+        line.split_whitespace().find_map(|f| f.strip_prefix(name)).map(str::to_owned).context("address in log line")
+    };
+    let (grpc, metrics) = (field("grpc_addr=")?, field("metrics_addr=")?);
+
+    let mut outputs = Vec::new();
+    let mut client = FeatureStoreClient::connect(format!("http://{grpc}")).await?;
+    for token in [SECRET.to_owned(), format!("{SECRET}x"), hash.clone()] {
+        let refused = client.get_features(with_token(get("guarded", &["k"], &[]), &token)).await;
+        outputs.push(format!("{refused:?}"));
+    }
+    let answered = client.get_features(with_token(get("guarded", &["k"], &[]), SECRET)).await;
+    outputs.push(format!("{answered:?}"));
+    outputs.push(strata_tests::scrape_at(&metrics).await?);
+    for args in [vec!["views", "--addr", &grpc], vec!["shards", "--config"]] {
+        let mut command = std::process::Command::new(strata_binary()?);
+        command.args(&args).env("STRATA_TOKEN", SECRET).env("STRATA_REDIS__PASSWORD", SECRET).env("RUST_LOG", "debug");
+        if args[0] == "shards" {
+            command.arg(&base_path).arg("--config").arg(&overlay_path);
+        }
+        let out = command.output()?;
+        outputs.push(format!("{}{}", String::from_utf8_lossy(&out.stdout), String::from_utf8_lossy(&out.stderr)));
+    }
+    ensure!(outputs[3].contains("Ok("), "the planted token authenticates: {}", outputs[3]);
+
+    nix::sys::signal::kill(
+        nix::unistd::Pid::from_raw(i32::try_from(child.id().context("pid")?)?),
+        nix::sys::signal::Signal::SIGTERM,
+    )?;
+    child.wait().await?;
+    let _ = tokio::join!(out_task, err_task);
+    let logs = logs.lock().expect("logs").join("\n");
+    // The failure was logged (Redis's words), so the scan saw that path.
+    ensure!(logs.contains("without any password configured"), "redis's refusal is not in the logs:\n{logs}");
+    for (what, text) in std::iter::once(("the server's logs", &logs)).chain(outputs.iter().map(|o| ("an output", o))) {
+        for secret in [SECRET, hash.as_str()] {
+            ensure!(!text.contains(secret), "{what} shows a secret:\n{text}");
+        }
+    }
+    Ok(())
 }
