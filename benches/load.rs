@@ -10,6 +10,7 @@
 //! | `l1-1`, `l1-10`, `l1-100`: L1 hits, 1/10/100 keys of 10 features | `floor-N`: a tonic server answering a canned response of the same bytes |
 //! | `l2-100`: L2 hits, on a server with L1 off (`l1.max_bytes = 0`) | `redis-100`: the same GETs pipelined with fred |
 //! | `l3-100`: cold keys (1 ms TTLs), 100 keys over 2 shards | `postgres-100`: the same `= ANY` queries through the pool (`ShardRouter::fetch`) |
+//! | `secure-1`, `secure-100`: L1 hits over TLS with a bearer token, on a server with authentication on | `plain-N`: the same reads in plaintext without a token |
 //! | `vectors-500`: GetFeatureVectors, 1 user + 500 items over two views (the ranking shape), all in L1; `vectors-500-grouped`: the same with the user given once and the answer grouped (each view's values once per distinct key) | `two-calls-500`: the same rows with two GetFeatures calls at once (the user once; `-rows`: once per candidate); `floor-vectors-500`: a canned answer of the same bytes |
 //! | `mixed-10`: one call in ten writes 10 rows, the rest read 10 keys | `reads-10`: the same reads without the writes |
 //! | `stampede`: 64 callers on 10 hot keys with 1 s/2 s TTLs over two instances, protections on | `stampede-off`: the same with them off; PostgreSQL lookups per key per TTL period for both |
@@ -42,7 +43,8 @@ use tonic::transport::Channel;
 #[command(name = "strata-bench", about = "Strata's read path under load, against same-run baselines")]
 struct Args {
     /// Scenarios to run (with their baselines): l1-1, l1-10, l1-100, l2-100,
-    /// l3-100, vectors-500, mixed-10, stampede, zipf, or all.
+    /// l3-100, secure-1, secure-100, vectors-500, mixed-10, stampede, zipf,
+    /// or all.
     #[arg(long, value_delimiter = ',', default_value = "all")]
     scenarios: Vec<String>,
     /// Measured seconds per run.
@@ -141,8 +143,25 @@ fn batch(keys: &[String], pick: Pick, i: u64, n: usize) -> Vec<String> {
 
 /// One GetFeatures of `batch` of `view`, with its rows' sources.
 async fn get(client: &mut FeatureStoreClient<Channel>, view: &str, batch: Vec<String>) -> Result<Sample, Failure> {
+    get_as(client, view, batch, None).await
+}
+
+/// [`get`], sending `authorization` if given.
+async fn get_as(
+    client: &mut FeatureStoreClient<Channel>,
+    view: &str,
+    batch: Vec<String>,
+    authorization: Option<&tonic::metadata::AsciiMetadataValue>,
+) -> Result<Sample, Failure> {
     let n = batch.len();
-    let request = v1::GetFeaturesRequest { feature_view: view.into(), entity_keys: batch, features: Vec::new() };
+    let mut request = tonic::Request::new(v1::GetFeaturesRequest {
+        feature_view: view.into(),
+        entity_keys: batch,
+        features: Vec::new(),
+    });
+    if let Some(value) = authorization {
+        request.metadata_mut().insert("authorization", value.clone());
+    }
     match client.get_features(request).await {
         Ok(response) => {
             let mut sample = Sample { keys: n as u64, sources: [0; 4] };
@@ -177,6 +196,27 @@ impl Setup {
         self.grpc_in(name, endpoint, view, n, pick, self.mode).await
     }
 
+    /// [`Setup::grpc`] against the secure server: TLS, and the token on
+    /// every call.
+    async fn grpc_secure(&self, name: &str, secure: &Secure, n: usize) -> Result<Report> {
+        let callers = match self.mode {
+            Mode::Closed { callers } => callers,
+            Mode::Open { .. } => self.args.concurrency,
+        };
+        let mut clients = Vec::with_capacity(callers);
+        for _ in 0..callers {
+            clients.push(FeatureStoreClient::new(secure.channel().await?));
+        }
+        let (clients, keys, token) = (Arc::new(clients), self.keys.clone(), Arc::new(secure.authorization.clone()));
+        Ok(loadgen::run(name, self.mode, self.warmup, self.duration, move |i| {
+            let mut client = clients[i as usize % clients.len()].clone();
+            let batch = batch(&keys, Pick::Random, i, n);
+            let token = token.clone();
+            async move { get_as(&mut client, "bench_hot", batch, Some(&token)).await }
+        })
+        .await)
+    }
+
     async fn grpc_in(
         &self,
         name: &str,
@@ -201,6 +241,62 @@ impl Setup {
             async move { get(&mut client, view, batch).await }
         })
         .await)
+    }
+}
+
+/// A server with TLS (a certificate made here) and authentication, its L1
+/// warmed with every key of `bench_hot`.
+struct Secure {
+    server: strata_server::RunningServer,
+    ca: String,
+    authorization: tonic::metadata::AsciiMetadataValue,
+    _dir: tempfile::TempDir,
+}
+
+const BENCH_TOKEN: &str = "bench-token-0b9c";
+
+impl Secure {
+    async fn start(bench: &Bench, keys: &[String]) -> Result<Secure> {
+        let dir = tempfile::tempdir()?;
+        let ca = strata_tests::tls::Ca::new("bench CA")?;
+        let leaf = ca.server()?;
+        let cert = strata_tests::tls::write(dir.path(), "server.pem", &leaf.cert)?;
+        let key = strata_tests::tls::write(dir.path(), "server-key.pem", &leaf.key)?;
+        let server = bench
+            .server(&views(), |file| {
+                file.hot_keys.sample_rate = 0.0;
+                file.server.max_in_flight = 100_000;
+                file.tls.cert_file = cert.display().to_string();
+                file.tls.key_file = key.display().to_string();
+                file.auth.enabled = true;
+                file.auth.principals = vec![strata_server::config::PrincipalSection {
+                    name: "bench".into(),
+                    token_sha256: vec![strata_server::auth::hex(&strata_server::auth::token_hash(BENCH_TOKEN))],
+                    certificate_names: Vec::new(),
+                    read: vec!["*".into()],
+                    write: Vec::new(),
+                    per_second: 0,
+                    burst: 0,
+                }];
+            })
+            .await?;
+        let secure =
+            Secure { server, ca: ca.pem(), authorization: format!("Bearer {BENCH_TOKEN}").parse()?, _dir: dir };
+        let mut client = FeatureStoreClient::new(secure.channel().await?);
+        for chunk in keys.chunks(1_000) {
+            let mut request = tonic::Request::new(v1::GetFeaturesRequest {
+                feature_view: "bench_hot".into(),
+                entity_keys: chunk.to_vec(),
+                features: Vec::new(),
+            });
+            request.metadata_mut().insert("authorization", secure.authorization.clone());
+            client.get_features(request).await?;
+        }
+        Ok(secure)
+    }
+
+    async fn channel(&self) -> Result<Channel> {
+        strata_tests::tls::channel(self.server.grpc_addr(), &self.ca, None).await
     }
 }
 
@@ -275,6 +371,20 @@ async fn main() -> Result<()> {
             let strata = setup.grpc(&scenario, endpoint.clone(), "bench_hot", n, Pick::Random).await?;
             pairs.push((strata, base));
         }
+    }
+    if wants("secure-1") || wants("secure-100") {
+        // The same L1 reads over TLS with a bearer token, against the
+        // plaintext server without authentication: the cost of security.
+        let secure = Secure::start(&bench, &keys).await?;
+        for n in [1, 100] {
+            let scenario = format!("secure-{n}");
+            if wants(&scenario) {
+                let plain = setup.grpc(&format!("plain-{n}"), endpoint.clone(), "bench_hot", n, Pick::Random).await?;
+                let tls = setup.grpc_secure(&scenario, &secure, n).await?;
+                pairs.push((tls, plain));
+            }
+        }
+        secure.server.shutdown().await;
     }
     if wants("l2-100") {
         // A second server with L1 off (`l1.max_bytes = 0`): every read is

@@ -185,6 +185,30 @@ async fn the_compose_file_matches_the_docker_config_and_the_monitoring_files(_en
     let home =
         text(&services["grafana"]["environment"]["GF_DASHBOARDS_DEFAULT_HOME_DASHBOARD_PATH"]).context("home")?;
     ensure!(home == format!("{dashboards}/strata.json"), "grafana's home dashboard {home}");
+
+    // The TLS override: the files it reads are the image's and the mounted
+    // folder's, and with the example principals they make a configuration
+    // the server accepts, TLS and authentication on.
+    let tls = yaml(&root.join("docker-compose.tls.yml"))?;
+    let strata = &tls["services"]["strata"];
+    let mount = texts(&strata["volumes"]).first().cloned().context("the override mounts deploy/tls")?;
+    let (host, inside) = mount.split_once(':').context("volume")?;
+    ensure!(host == "./deploy/tls" && root.join("deploy/tls/README.md").is_file(), "mounts {host}");
+    let inside = inside.trim_end_matches(":ro");
+    let command = texts(&strata["command"]);
+    ensure!(command.contains(&format!("{inside}/principals.toml")), "serve reads {command:?}");
+    let mut file = FileConfig::load(&[root.join("config/strata.toml"), root.join("config/docker.toml")])?;
+    let principals = std::fs::read_to_string(root.join("deploy/k8s/tls/principals.example.toml"))?;
+    file.auth = FileConfig::from_toml(&principals)?.auth;
+    let env = &strata["environment"];
+    file.tls.cert_file = text(&env["STRATA_TLS__CERT_FILE"]).context("cert")?;
+    file.tls.key_file = text(&env["STRATA_TLS__KEY_FILE"]).context("key")?;
+    file.auth.enabled = text(&env["STRATA_AUTH__ENABLED"]).as_deref() == Some("true");
+    let secured = file.validate().context("docker-compose.tls.yml's configuration")?;
+    let files = &secured.tls.as_ref().context("TLS on")?.files;
+    ensure!(files.cert.starts_with(inside) && files.key.starts_with(inside) && secured.auth.required());
+    let check = texts(&strata["healthcheck"]["test"]);
+    ensure!(check.iter().any(|a| a.starts_with("https://")), "the health check speaks TLS: {check:?}");
     Ok(())
 }
 
@@ -291,6 +315,64 @@ async fn the_kubernetes_manifests_agree_with_each_other_and_the_server(_env: &'s
     let pdb = find(&docs, "PodDisruptionBudget")?;
     ensure!(selects(&pdb["spec"]["selector"]["matchLabels"], labels), "the PodDisruptionBudget selects other pods");
     ensure!(selects(&deployment["spec"]["selector"]["matchLabels"], labels));
+
+    // The TLS overlay: its patch, the example principals and the base
+    // ConfigMap make a configuration the server accepts, with TLS and
+    // authentication on, and its probes use the metrics port's plaintext
+    // /live and /ready (kubelet's gRPC probes cannot speak TLS).
+    let overlay = repo_root().join("deploy/k8s/tls");
+    let kustomization = yaml(&overlay.join("kustomization.yaml"))?;
+    ensure!(texts(&kustomization["resources"]) == ["../"], "the overlay builds on the base");
+    let patch = yaml(&overlay.join("deployment-patch.yaml"))?;
+    let patched = &patch["spec"]["template"]["spec"];
+    let container = &patched["containers"][0];
+    let args = texts(&container["args"]);
+    let principals_mount = container["volumeMounts"]
+        .as_vec()
+        .and_then(|m| m.iter().find(|m| m["name"].as_str() == Some("principals")))
+        .and_then(|m| text(&m["mountPath"]))
+        .context("principals mount")?;
+    ensure!(args.contains(&format!("{principals_mount}/principals.toml")), "serve reads {args:?}");
+    let mut file = FileConfig::from_toml(&format!(
+        "{toml}\n{}",
+        std::fs::read_to_string(overlay.join("principals.example.toml"))?
+    ))?;
+    for variable in container["env"].as_vec().context("env")? {
+        let (name, value) = (text(&variable["name"]).context("name")?, text(&variable["value"]).context("value")?);
+        match name.as_str() {
+            "STRATA_TLS__CERT_FILE" => file.tls.cert_file = value,
+            "STRATA_TLS__KEY_FILE" => file.tls.key_file = value,
+            "STRATA_AUTH__ENABLED" => file.auth.enabled = value == "true",
+            other => bail!("the overlay sets {other}, which this test does not know"),
+        }
+    }
+    let secured = file.validate().context("the TLS overlay's configuration")?;
+    ensure!(secured.tls.is_some() && secured.auth.required(), "the overlay turns TLS and authentication on");
+    let secret_mount = |volume: &str| -> Result<String> {
+        let mount = container["volumeMounts"]
+            .as_vec()
+            .and_then(|m| m.iter().find(|m| m["name"].as_str() == Some(volume)))
+            .and_then(|m| text(&m["mountPath"]))
+            .context("mount")?;
+        let secret = patched["volumes"]
+            .as_vec()
+            .and_then(|v| v.iter().find(|v| v["name"].as_str() == Some(volume)))
+            .and_then(|v| text(&v["secret"]["secretName"]));
+        ensure!(secret.is_some(), "volume {volume} is no Secret");
+        Ok(mount)
+    };
+    let tls_mount = secret_mount("tls")?;
+    secret_mount("principals")?;
+    let tls = secured.tls.as_ref().context("tls")?;
+    ensure!(tls.files.cert.starts_with(&tls_mount) && tls.files.key.starts_with(&tls_mount), "certificate paths");
+    for (probe, path) in [("startupProbe", "/live"), ("livenessProbe", "/live"), ("readinessProbe", "/ready")] {
+        let get = &container[probe]["httpGet"];
+        ensure!(
+            text(&get["port"]).as_deref() == Some("metrics") && text(&get["path"]).as_deref() == Some(path),
+            "{probe}"
+        );
+    }
+    ensure!(!secured.tls.as_ref().is_some_and(|t| t.metrics), "the probes' port stays plaintext");
     Ok(())
 }
 

@@ -107,9 +107,15 @@ async fn tokens_and_tls_guard_strata_grpc_api_per_view(env: &'static Env) -> Res
 
     let channel = tls::channel(addr, &ca.pem(), None).await?;
     let mut client = FeatureStoreClient::new(channel.clone());
-    // Health stays open: probes carry no token.
+    // Health stays open: probes carry no token. The metrics port answers
+    // it in plaintext too, for probes that cannot speak gRPC over TLS.
     let health = HealthClient::new(channel.clone()).check(HealthCheckRequest { service: String::new() }).await?;
     ensure!(health.into_inner().status() == ServingStatus::Serving, "health answers without a token");
+    let metrics = server.metrics_addr().to_string();
+    for path in ["/live", "/ready"] {
+        let (code, body) = strata_tests::http_get(&metrics, path).await?;
+        ensure!(code == 200 && body.trim() == "SERVING", "{path}: {code} {body}");
+    }
 
     for (what, request) in [
         ("no token", Request::new(get("guarded", &["sec:1"], &[]))),

@@ -683,6 +683,17 @@ pub async fn scrape_at(addr: &str) -> Result<String> {
     Ok(body.to_owned())
 }
 
+/// `GET path` over plain HTTP/1.0 at `addr`: the status code and the body.
+pub async fn http_get(addr: &str, path: &str) -> Result<(u16, String)> {
+    let mut stream = tokio::net::TcpStream::connect(addr).await?;
+    stream.write_all(format!("GET {path} HTTP/1.0\r\nHost: strata\r\n\r\n").as_bytes()).await?;
+    let mut response = String::new();
+    stream.read_to_string(&mut response).await?;
+    let (head, body) = response.split_once("\r\n\r\n").context("malformed HTTP response")?;
+    let code = head.split(' ').nth(1).and_then(|c| c.parse().ok()).context("no status code")?;
+    Ok((code, body.to_owned()))
+}
+
 /// The value of one sample in a Prometheus text page, 0 if absent. Labels
 /// are matched as written, in any order.
 pub fn sample(page: &str, name: &str, labels: &[(&str, &str)]) -> f64 {

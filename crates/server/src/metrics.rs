@@ -311,9 +311,12 @@ pub fn record_build_info() {
     metrics::gauge!("strata_build_info", "version" => env!("CARGO_PKG_VERSION")).set(1.0);
 }
 
-/// Serves `GET /metrics` on `listener` until `shutdown` resolves.
+/// Serves `GET /metrics`, and `GET /live` and `GET /ready` (200 or 503,
+/// as the gRPC health services `liveness` and `""` answer, for probes that
+/// cannot speak gRPC over TLS), on `listener` until `shutdown` resolves.
 pub async fn serve(
     listener: crate::listener::Incoming,
+    ready: std::sync::Arc<std::sync::atomic::AtomicBool>,
     shutdown: impl Future<Output = ()> + Send + 'static,
 ) -> std::io::Result<()> {
     let handle = handle().clone();
@@ -326,13 +329,28 @@ pub async fn serve(
             upkeep.run_upkeep();
         }
     });
-    let app = axum::Router::new().route(
-        "/metrics",
-        axum::routing::get(move || {
-            let handle = handle.clone();
-            async move { handle.render() }
-        }),
-    );
+    let app = axum::Router::new()
+        .route(
+            "/metrics",
+            axum::routing::get(move || {
+                let handle = handle.clone();
+                async move { handle.render() }
+            }),
+        )
+        .route("/live", axum::routing::get(|| async { "SERVING\n" }))
+        .route(
+            "/ready",
+            axum::routing::get(move || {
+                let ready = ready.load(std::sync::atomic::Ordering::SeqCst);
+                async move {
+                    if ready {
+                        (axum::http::StatusCode::OK, "SERVING\n")
+                    } else {
+                        (axum::http::StatusCode::SERVICE_UNAVAILABLE, "NOT_SERVING\n")
+                    }
+                }
+            }),
+        );
     let result = axum::serve(listener, app).with_graceful_shutdown(shutdown).await;
     upkeep.abort();
     result

@@ -9,6 +9,7 @@
 
 use std::net::SocketAddr;
 use std::sync::Arc;
+use std::sync::atomic::{AtomicBool, Ordering};
 use std::time::Duration;
 
 use anyhow::{Context, Result};
@@ -47,6 +48,8 @@ pub struct RunningServer {
     invalidations: InvalidationListener,
     health: HealthReporter,
     admission: Arc<Admission>,
+    /// Readiness as `/ready` on the metrics port tells it.
+    ready: Arc<AtomicBool>,
     drain_timeout: Duration,
     monitor: JoinHandle<()>,
     stop: watch::Sender<bool>,
@@ -190,9 +193,10 @@ impl RunningServer {
                 .into_make_service_with_connect_info::<crate::listener::Peer>();
             tokio::spawn(axum::serve(listener, app).with_graceful_shutdown(signal(stopped.clone())).into_future())
         });
-        let metrics = tokio::spawn(metrics::serve(metrics_listener, signal(stopped)));
+        let ready = Arc::new(AtomicBool::new(true));
+        let metrics = tokio::spawn(metrics::serve(metrics_listener, ready.clone(), signal(stopped)));
         health.set_service_status("", ServingStatus::Serving).await;
-        let monitor = tokio::spawn(monitor(tiers.clone(), health.clone(), admission.clone()));
+        let monitor = tokio::spawn(monitor(tiers.clone(), health.clone(), admission.clone(), ready.clone()));
         tracing::info!(%grpc_addr, %metrics_addr, feast_http_addr = ?feast_http_addr, views = config.registry.views().len(), shards = config.shards.len(), "serving");
         Ok(RunningServer {
             grpc_addr,
@@ -202,6 +206,7 @@ impl RunningServer {
             invalidations,
             health,
             admission,
+            ready,
             drain_timeout: config.drain_timeout,
             monitor,
             stop,
@@ -254,6 +259,7 @@ impl RunningServer {
         self.monitor.abort();
         let _ = self.monitor.await;
         self.admission.drain();
+        self.ready.store(false, Ordering::SeqCst);
         self.health.set_service_status("", ServingStatus::NotServing).await;
         self.health.set_not_serving::<FeatureStoreServer<FeatureStoreService>>().await;
         tracing::info!(in_flight = self.admission.in_flight(), drain_timeout = ?self.drain_timeout, "draining");
@@ -350,7 +356,7 @@ async fn migrate(shards: &ShardRouter, config: &Config) -> Result<()> {
 /// traffic), forgets idle rate-limit buckets, and keeps readiness true:
 /// SERVING while some shard answers, or Redis does, or L1 holds anything;
 /// NOT_SERVING otherwise.
-async fn monitor(tiers: Tiers, health: HealthReporter, admission: Arc<Admission>) {
+async fn monitor(tiers: Tiers, health: HealthReporter, admission: Arc<Admission>, ready_flag: Arc<AtomicBool>) {
     let mut every = tokio::time::interval(HEALTH_EVERY);
     every.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Delay);
     let mut ready = true;
@@ -370,6 +376,7 @@ async fn monitor(tiers: Tiers, health: HealthReporter, admission: Arc<Admission>
         });
         if now_ready != ready {
             ready = now_ready;
+            ready_flag.store(ready, Ordering::SeqCst);
             let status = if ready { ServingStatus::Serving } else { ServingStatus::NotServing };
             tracing::warn!(?status, shards_up = ?shards_up, cached, "readiness changed");
             health.set_service_status("", status).await;
