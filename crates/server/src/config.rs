@@ -807,7 +807,7 @@ impl FileConfig {
         let needs_tls = shards.iter().any(|s| tokio_postgres_ssl_mode(&s.url).is_some_and(|mode| mode == "require"));
         let postgres_tls = match (tls_ca_file.trim(), needs_tls) {
             ("", false) => None,
-            (ca, _) => Some(Arc::new(client_tls("postgres.tls_ca_file", (!ca.is_empty()).then_some(ca), None)?)),
+            (ca, _) => Some(Arc::new(client_tls("postgres.tls_ca_file", (!ca.is_empty()).then_some(ca))?)),
         };
         let mut shard_configs = Vec::with_capacity(shards.len());
         for ShardSection { name, url, password_file, password_env } in shards {
@@ -1010,55 +1010,27 @@ fn tokio_postgres_ssl_mode(url: &str) -> Option<String> {
         .map(|mode| mode.trim_matches('\'').to_owned())
 }
 
-fn pem_certificates(setting: &str, path: &str) -> Result<Vec<rustls::pki_types::CertificateDer<'static>>> {
-    use rustls::pki_types::pem::PemObject as _;
-    let certs = rustls::pki_types::CertificateDer::pem_file_iter(path)
-        .with_context(|| format!("{setting}: cannot read {path}"))?
-        .collect::<Result<Vec<_>, _>>()
-        .with_context(|| format!("{setting}: {path} is not a PEM certificate file"))?;
-    if certs.is_empty() {
-        bail!("{setting}: {path} holds no PEM certificate");
-    }
-    Ok(certs)
-}
-
 /// Roots from `ca` (PEM), else the system's.
 fn roots(setting: &str, ca: Option<&str>) -> Result<rustls::RootCertStore> {
-    let mut roots = rustls::RootCertStore::empty();
     match ca {
-        Some(path) => {
-            for cert in pem_certificates(setting, path)? {
-                roots.add(cert).with_context(|| format!("{setting}: {path} holds a certificate that is not a CA"))?;
-            }
-        }
+        Some(path) => crate::tls::roots(Path::new(path)).with_context(|| format!("{setting}: {path}")),
         None => {
+            let mut roots = rustls::RootCertStore::empty();
             for cert in rustls_native_certs::load_native_certs().certs {
                 let _ = roots.add(cert);
             }
+            Ok(roots)
         }
     }
-    Ok(roots)
 }
 
-/// A TLS client configuration trusting `ca` (else the system's roots), with
-/// a client certificate if given.
-fn client_tls(setting: &str, ca: Option<&str>, identity: Option<(&str, &str)>) -> Result<rustls::ClientConfig> {
-    use rustls::pki_types::pem::PemObject as _;
-    let builder = rustls::ClientConfig::builder_with_provider(Arc::new(rustls::crypto::ring::default_provider()))
+/// A TLS client configuration trusting `ca`, else the system's roots.
+fn client_tls(setting: &str, ca: Option<&str>) -> Result<rustls::ClientConfig> {
+    Ok(rustls::ClientConfig::builder_with_provider(Arc::new(rustls::crypto::ring::default_provider()))
         .with_safe_default_protocol_versions()
         .context("no TLS protocol version available")?
-        .with_root_certificates(roots(setting, ca)?);
-    Ok(match identity {
-        Some((cert, key)) => {
-            let chain = pem_certificates(setting, cert)?;
-            let key = rustls::pki_types::PrivateKeyDer::from_pem_file(key)
-                .with_context(|| format!("{setting}: {key} holds no PEM private key"))?;
-            builder
-                .with_client_auth_cert(chain, key)
-                .with_context(|| format!("{setting}: the key does not fit {cert}"))?
-        }
-        None => builder.with_no_client_auth(),
-    })
+        .with_root_certificates(roots(setting, ca)?)
+        .with_no_client_auth())
 }
 
 fn redis_tls_settings(on: bool, ca: &str, cert: &str, key: &str) -> Result<Option<strata_cache_tiers::RedisTls>> {
@@ -1075,7 +1047,7 @@ fn redis_tls_settings(on: bool, ca: &str, cert: &str, key: &str) -> Result<Optio
     }
     let roots = roots("redis.tls_ca_file", set(ca).then_some(ca.trim()))?;
     let identity = if set(cert) {
-        let chain = pem_certificates("redis.tls_cert_file", cert.trim())?;
+        let chain = crate::tls::certificates(Path::new(cert.trim())).context("redis.tls_cert_file")?;
         let key = rustls::pki_types::PrivateKeyDer::from_pem_file(key.trim())
             .with_context(|| format!("redis.tls_key_file: {} holds no PEM private key", key.trim()))?;
         Some((chain, Arc::new(key)))

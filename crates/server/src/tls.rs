@@ -118,7 +118,8 @@ fn provider() -> Arc<rustls::crypto::CryptoProvider> {
     Arc::new(rustls::crypto::ring::default_provider())
 }
 
-fn certificates(path: &Path) -> Result<Vec<CertificateDer<'static>>> {
+/// The certificates of a PEM file; at least one.
+pub(crate) fn certificates(path: &Path) -> Result<Vec<CertificateDer<'static>>> {
     let certs = CertificateDer::pem_file_iter(path)
         .with_context(|| format!("cannot read {}", path.display()))?
         .collect::<Result<Vec<_>, _>>()
@@ -127,6 +128,15 @@ fn certificates(path: &Path) -> Result<Vec<CertificateDer<'static>>> {
         bail!("{} holds no PEM certificate", path.display());
     }
     Ok(certs)
+}
+
+/// The CA certificates of a PEM file, as roots to verify peers against.
+pub(crate) fn roots(path: &Path) -> Result<rustls::RootCertStore> {
+    let mut roots = rustls::RootCertStore::empty();
+    for cert in certificates(path)? {
+        roots.add(cert).with_context(|| format!("{} holds a certificate that is not a CA", path.display()))?;
+    }
+    Ok(roots)
 }
 
 fn acceptor(files: &TlsFiles, alpn: &[Vec<u8>]) -> Result<TlsAcceptor> {
@@ -138,11 +148,7 @@ fn acceptor(files: &TlsFiles, alpn: &[Vec<u8>]) -> Result<TlsAcceptor> {
         .context("no TLS protocol version available")?;
     let builder = match &files.client_ca {
         Some(ca) => {
-            let mut roots = rustls::RootCertStore::empty();
-            for cert in certificates(ca)? {
-                roots.add(cert).with_context(|| format!("{} holds a certificate that is not a CA", ca.display()))?;
-            }
-            let verifier = WebPkiClientVerifier::builder_with_provider(Arc::new(roots), provider())
+            let verifier = WebPkiClientVerifier::builder_with_provider(Arc::new(roots(ca)?), provider())
                 .build()
                 .with_context(|| format!("cannot verify clients with {}", ca.display()))?;
             builder.with_client_cert_verifier(verifier)
