@@ -31,6 +31,11 @@ pub type Test = (&'static str, fn(&'static Env) -> TestFuture);
 /// Declares the test binary's `main` from a list of async test functions.
 #[macro_export]
 macro_rules! integration_tests {
+    (shards = $shards:expr; $($name:ident),* $(,)?) => {
+        fn main() -> std::process::ExitCode {
+            $crate::run_with_shards($shards, vec![$((stringify!($name), |env| Box::pin($name(env)))),*])
+        }
+    };
     ($($name:ident),* $(,)?) => {
         fn main() -> std::process::ExitCode {
             $crate::run(vec![$((stringify!($name), |env| Box::pin($name(env)))),*])
@@ -337,9 +342,17 @@ pub struct Env {
 }
 
 static ENV: OnceLock<Env> = OnceLock::new();
+/// Shards of the binary's stack: 2 unless it asks for more.
+static SHARDS: OnceLock<usize> = OnceLock::new();
 
 fn env() -> &'static Env {
     ENV.get_or_init(|| Env::start().unwrap_or_else(|e| panic!("cannot start the test stack: {e:#}")))
+}
+
+/// [`run`] with a stack of `shards` PostgreSQL shards.
+pub fn run_with_shards(shards: usize, tests: Vec<Test>) -> std::process::ExitCode {
+    let _ = SHARDS.set(shards);
+    run(tests)
 }
 
 /// Runs the tests (honouring the usual test-binary arguments), then stops
@@ -377,7 +390,7 @@ impl Env {
         let stack = runtime.block_on(Stack::start(StackOptions {
             data_dir: dir.path().join("stack"),
             ports: PortPlan::Ephemeral,
-            shards: 2,
+            shards: *SHARDS.get().unwrap_or(&2),
             security: None,
         }))?;
         let redis_nodes = stack.redis_nodes();
@@ -394,26 +407,7 @@ impl Env {
     /// The shipped `config/strata.toml` plus [`TEST_VIEWS`], pointed at the
     /// test stack, listening on free ports.
     pub fn config(&self) -> Result<FileConfig> {
-        let shipped = std::fs::read_to_string(repo_root().join("config/strata.toml"))?;
-        let mut file = FileConfig::from_toml(&format!("{shipped}\n{TEST_VIEWS}"))?;
-        file.server.grpc_addr = "127.0.0.1:0".into();
-        file.server.metrics_addr = "127.0.0.1:0".into();
-        file.server.feast_http_addr = "127.0.0.1:0".into();
-        // Tests fire a thousand concurrent reads on a debug build: neither
-        // shedding nor the default deadline is what they test.
-        file.server.max_in_flight = 100_000;
-        // The stampede tests hold 1,000 reads in flight over one connection
-        // per server; a client would otherwise queue those past 128.
-        file.server.max_concurrent_streams = 2_000;
-        file.server.default_deadline = std::time::Duration::from_secs(10);
-        file.redis.nodes = self.redis_nodes.clone();
-        file.postgres.shards = self
-            .shard_urls
-            .iter()
-            .enumerate()
-            .map(|(i, url)| strata_server::config::ShardSection::new(format!("shard-{i}"), url))
-            .collect();
-        Ok(file)
+        config_for(&self.redis_nodes, &self.shard_urls)
     }
 
     /// Starts a server with [`Env::config`].
@@ -427,7 +421,6 @@ impl Env {
         change(&mut config);
         RunningServer::start(config.validate()?).await
     }
-
     /// How many times PostgreSQL ran Strata's batch read of `view`.
     pub async fn postgres_reads(&self, view: &str) -> Result<u64> {
         postgres_reads(&self.shard_urls, view).await
@@ -624,6 +617,11 @@ impl Env {
         Ok(self.config()?.validate()?.registry)
     }
 
+    /// Connection strings of the stack's shards, in shard order.
+    pub fn shard_urls(&self) -> &[String] {
+        &self.shard_urls
+    }
+
     pub fn shard_count(&self) -> usize {
         self.shard_urls.len()
     }
@@ -662,6 +660,54 @@ pub async fn postgres_reads(shard_urls: &[String], view: &str) -> Result<u64> {
 }
 
 /// A gRPC client of a server.
+/// The shipped `config/strata.toml` plus [`TEST_VIEWS`], pointed at a
+/// stack's Redis nodes and shards (named `shard-0`, `shard-1`, …),
+/// listening on free ports.
+pub fn config_for(redis_nodes: &[String], shard_urls: &[String]) -> Result<FileConfig> {
+    let shipped = std::fs::read_to_string(repo_root().join("config/strata.toml"))?;
+    let mut file = FileConfig::from_toml(&format!("{shipped}\n{TEST_VIEWS}"))?;
+    file.server.grpc_addr = "127.0.0.1:0".into();
+    file.server.metrics_addr = "127.0.0.1:0".into();
+    file.server.feast_http_addr = "127.0.0.1:0".into();
+    // Tests fire a thousand concurrent reads on a debug build: neither
+    // shedding nor the default deadline is what they test.
+    file.server.max_in_flight = 100_000;
+    // The stampede tests hold 1,000 reads in flight over one connection
+    // per server; a client would otherwise queue those past 128.
+    file.server.max_concurrent_streams = 2_000;
+    file.server.default_deadline = std::time::Duration::from_secs(10);
+    file.redis.nodes = redis_nodes.to_vec();
+    file.postgres.shards = shard_urls
+        .iter()
+        .enumerate()
+        .map(|(i, url)| strata_server::config::ShardSection::new(format!("shard-{i}"), url))
+        .collect();
+    Ok(file)
+}
+
+/// Configuration files for the `strata` binary on a stack, as
+/// [`config_for`] sees it: `strata.toml` (the shipped file and
+/// [`TEST_VIEWS`]) and `stack.toml` (the stack's addresses), written into
+/// `dir`; pass each with `--config`.
+pub fn config_files(dir: &std::path::Path, redis_nodes: &[String], shard_urls: &[String]) -> Result<[PathBuf; 2]> {
+    let shipped = std::fs::read_to_string(repo_root().join("config/strata.toml"))?;
+    let shards: String = shard_urls
+        .iter()
+        .enumerate()
+        .map(|(i, url)| format!("[[postgres.shards]]\nname = \"shard-{i}\"\nurl = {url:?}\n\n"))
+        .collect();
+    let files = [dir.join("strata.toml"), dir.join("stack.toml")];
+    std::fs::write(&files[0], format!("{shipped}\n{TEST_VIEWS}"))?;
+    std::fs::write(&files[1], format!("[redis]\nnodes = {redis_nodes:?}\n\n{shards}"))?;
+    Ok(files)
+}
+
+/// Runs the `strata` binary; its exit status, stdout and stderr.
+pub async fn strata(args: &[&std::ffi::OsStr]) -> Result<(bool, String, String)> {
+    let out = tokio::process::Command::new(strata_binary()?).args(args).env("NO_COLOR", "1").output().await?;
+    Ok((out.status.success(), String::from_utf8(out.stdout)?, String::from_utf8(out.stderr)?))
+}
+
 pub async fn client(server: &RunningServer) -> Result<FeatureStoreClient<Channel>> {
     Ok(FeatureStoreClient::connect(format!("http://{}", server.grpc_addr())).await?)
 }

@@ -9,6 +9,7 @@
 
 pub mod admission;
 pub mod auth;
+pub mod backup;
 pub mod cli;
 mod client_errors;
 pub mod config;

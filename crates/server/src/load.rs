@@ -352,7 +352,7 @@ impl LoadReport {
     }
 }
 
-fn progress_bar(size: u64, enabled: bool) -> ProgressBar {
+pub(crate) fn progress_bar(size: u64, enabled: bool) -> ProgressBar {
     let bar = ProgressBar::with_draw_target(
         Some(size),
         if enabled { ProgressDrawTarget::stderr() } else { ProgressDrawTarget::hidden() },

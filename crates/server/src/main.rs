@@ -10,6 +10,7 @@ use std::path::PathBuf;
 use anyhow::{Context as _, Result};
 use clap::{Parser, Subcommand};
 use strata_server::RunningServer;
+use strata_server::backup::{self, BackupOptions, RestoreOptions};
 use strata_server::cli;
 use strata_server::config::FileConfig;
 use strata_server::dev::{self, DevOptions};
@@ -85,6 +86,30 @@ enum Command {
         /// Warm the N keys most read recently, as the servers sampled them.
         #[arg(long)]
         top: Option<usize>,
+    },
+    /// Back up every shard into a new folder: each view's table from one
+    /// snapshot per shard (shards in parallel), the most-read keys from
+    /// Redis, and a manifest with each file's rows and SHA-256, written last.
+    Backup {
+        #[arg(long, short, default_value = "config/strata.toml")]
+        config: Vec<PathBuf>,
+        /// The folder to create (it must not exist or be empty).
+        dir: PathBuf,
+        /// Most-read keys saved per view, for `strata restore --warm`.
+        #[arg(long, default_value_t = 10_000)]
+        hot_keys: usize,
+    },
+    /// Restore a backup into the configured shards (the backup's, by name
+    /// and order): files are checked first, tables created, and rows merged
+    /// with the event-time rule, so it can be run again.
+    Restore {
+        #[arg(long, short, default_value = "config/strata.toml")]
+        config: Vec<PathBuf>,
+        /// A folder `strata backup` wrote.
+        dir: PathBuf,
+        /// Afterwards, load the backup's most-read keys into Redis.
+        #[arg(long)]
+        warm: bool,
     },
     /// Look up entities of a feature view on a running server, as a table
     /// (or JSON).
@@ -282,6 +307,37 @@ async fn run(cli: Cli) -> Result<()> {
             }
             anyhow::ensure!(!keys.is_empty() || top.is_some(), "no keys to warm: give keys, --keys-file or --top");
             warm::print_report(&warm::run(&config, &WarmOptions { view, keys, top }).await?);
+            Ok(())
+        }
+        Command::Backup { config, dir, hot_keys } => {
+            let config = FileConfig::load(&config)?.validate()?;
+            let progress = std::io::IsTerminal::is_terminal(&std::io::stderr());
+            let manifest = backup::backup(&config, &BackupOptions { dir: dir.clone(), hot_keys, progress }).await?;
+            println!(
+                "backed up {} rows and {} deletions of {} views from {} shards ({} bytes) into {}",
+                manifest.rows(),
+                manifest.tombstones(),
+                manifest.views.len(),
+                manifest.shards.len(),
+                manifest.bytes(),
+                dir.display()
+            );
+            Ok(())
+        }
+        Command::Restore { config, dir, warm } => {
+            let config = FileConfig::load(&config)?.validate()?;
+            let progress = std::io::IsTerminal::is_terminal(&std::io::stderr());
+            let report = backup::restore(&config, &RestoreOptions { dir: dir.clone(), warm, progress }).await?;
+            println!(
+                "restored {} rows and {} deletions ({} applied, the rest not newer than the shards' own) from {} in {:.1?}; \
+                 {} keys warmed",
+                report.rows,
+                report.tombstones,
+                report.applied,
+                dir.display(),
+                report.elapsed,
+                report.warmed
+            );
             Ok(())
         }
         Command::Get { target, args, features, service, full_names, json } => {

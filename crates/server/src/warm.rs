@@ -58,6 +58,15 @@ pub fn read_keys(path: &Path) -> Result<Vec<String>> {
 
 /// Warms keys as configured.
 pub async fn run(config: &Config, options: &WarmOptions) -> Result<WarmReport> {
+    let (tiers, l2) = tiers(config).await?;
+    let report = warm(&tiers, config, options).await;
+    l2.close().await;
+    report
+}
+
+/// Tiers for warming: the configured shards and Redis, a small L1 and no
+/// sampling. Close the Redis client when done.
+pub async fn tiers(config: &Config) -> Result<(Tiers, L2Cache)> {
     let shards = ShardRouter::new(&config.shards, &config.pool)?;
     let l2 = L2Cache::connect_now(&config.redis).await.context("cannot connect to the redis cluster")?;
     let tiers = Tiers::new(
@@ -68,9 +77,7 @@ pub async fn run(config: &Config, options: &WarmOptions) -> Result<WarmReport> {
         config.writes.clone(),
         HotKeys { sample_rate: 0.0, keep: 0 },
     );
-    let report = warm(&tiers, config, options).await;
-    l2.close().await;
-    report
+    Ok((tiers, l2))
 }
 
 /// Warms keys through existing tiers.

@@ -17,6 +17,7 @@
 
 mod routing;
 mod schema;
+mod snapshot;
 mod sql;
 
 use std::future::Future;
@@ -31,6 +32,7 @@ use strata_core::{Breaker, BreakerConfig, BreakerState, EventTime, FeatureView, 
 use tokio_postgres::NoTls;
 
 pub use routing::{jump_hash, shard_for, shard_for_key};
+pub use snapshot::{Column, Exported, Imported};
 
 /// Backoff between runs of a write transaction that conflicted with another.
 const CONFLICT_RETRY: RetryPolicy =
@@ -134,6 +136,8 @@ pub enum ShardError {
     Schema { shard: String, view: String, column: String, found: String, expected: String },
     #[error("shard {shard}: view {view}: {message}")]
     Decode { shard: String, view: String, message: String },
+    #[error("shard {shard}: view {view}: snapshot: {message}")]
+    Snapshot { shard: String, view: String, message: String },
     #[error("shard {shard} is unavailable: its circuit breaker is open after repeated failures")]
     Open { shard: String },
     #[error("shard {shard} did not answer within the deadline")]
@@ -186,6 +190,7 @@ impl ShardError {
             | ShardError::Pool { .. }
             | ShardError::Schema { .. }
             | ShardError::Decode { .. }
+            | ShardError::Snapshot { .. }
             | ShardError::NoShards => false,
         }
     }
@@ -218,6 +223,7 @@ impl ShardError {
             ShardError::Decode { shard, view, .. } => {
                 format!("shard {shard}: a stored row of view {view} is unreadable")
             }
+            ShardError::Snapshot { .. } => self.to_string(),
             ShardError::Open { shard } => {
                 format!("shard {shard} is unavailable after repeated failures; nothing was written there; retry later")
             }
