@@ -96,7 +96,7 @@ impl Tiers {
             if let Served::Found { stale, source, .. } = served
                 && !*stale
                 && *source != Source::L3
-                && down[shards.shard_of(view, key)]
+                && shards.shard_of(view, key).is_none_or(|s| down[s])
             {
                 *stale = true;
                 marked += 1;

@@ -380,6 +380,10 @@ pub struct PostgresSection {
     /// every shard whose `sslmode` is not `disable`. Empty: TLS only to
     /// shards with `sslmode=require`, trusting the system's roots.
     pub tls_ca_file: String,
+    /// How often the shard map is read from the shards, so a reshard is
+    /// followed without a restart.
+    #[serde(with = "humantime_serde")]
+    pub map_refresh: Duration,
     pub shards: Vec<ShardSection>,
 }
 
@@ -479,6 +483,7 @@ impl Default for PostgresSection {
             max_connections_per_shard: pool.max_connections,
             connect_timeout: pool.connect_timeout,
             tls_ca_file: String::new(),
+            map_refresh: Duration::from_secs(1),
             shards: Vec::new(),
         }
     }
@@ -556,6 +561,7 @@ pub struct Config {
     pub redis: L2Config,
     pub pool: PoolOptions,
     pub shards: Vec<ShardConfig>,
+    pub map_refresh: Duration,
     pub protection: Protection,
     pub writes: WritePolicy,
     pub hot_keys: HotKeys,
@@ -790,8 +796,16 @@ impl FileConfig {
             }
         }
 
-        let PostgresSection { max_connections_per_shard, connect_timeout: pg_connect_timeout, tls_ca_file, shards } =
-            postgres;
+        let PostgresSection {
+            max_connections_per_shard,
+            connect_timeout: pg_connect_timeout,
+            tls_ca_file,
+            map_refresh,
+            shards,
+        } = postgres;
+        if map_refresh.is_zero() {
+            bail!("postgres.map_refresh must be greater than zero");
+        }
         if shards.is_empty() {
             bail!("postgres.shards: at least one shard is needed");
         }
@@ -893,6 +907,7 @@ impl FileConfig {
                 tls: postgres_tls,
             },
             shards: shard_configs,
+            map_refresh,
             protection: Protection { enabled, lease_ttl, refresh_queue, refresh_concurrency },
             registry: Arc::new(registry),
             tls,

@@ -19,6 +19,7 @@ pub mod feast;
 pub mod listener;
 pub mod load;
 pub mod metrics;
+pub mod reshard;
 mod server;
 mod service;
 pub mod tls;

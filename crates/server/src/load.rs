@@ -167,6 +167,14 @@ pub async fn run(config: &Config, options: &LoadOptions) -> Result<LoadReport> {
         .clone();
     let shards = ShardRouter::new(&config.shards, &config.pool)?;
     shards.migrate(config.registry.views()).await.context("cannot create the feature view tables")?;
+    shards.refresh_map(Duration::from_secs(5)).await.context("cannot read the shard map")?;
+    let map = shards.map();
+    if map.moving() {
+        bail!("a reshard is in progress (shard map epoch {}): load once `strata reshard` has finished", map.epoch);
+    }
+    if let Some(missing) = shards.map_shards().into_iter().find_map(Result::err) {
+        bail!("the shard map names shard {missing}, which postgres.shards lacks: add it, then load");
+    }
     let mut redis = config.redis.clone();
     redis.command_timeout = redis.command_timeout.max(LOAD_COMMAND_TIMEOUT);
     let l2 = L2Cache::connect_now(&redis).await.context("cannot connect to the redis cluster")?;
@@ -266,7 +274,8 @@ pub async fn load(
                 }
                 match parsed {
                     Ok((key, row)) => {
-                        let shard = router.shard_of(&view, &key);
+                        // Every shard of the map is configured (checked above).
+                        let shard = router.shard_of(&view, &key).context("a key routed to no configured shard")?;
                         batches[shard].push((key, row));
                         if batches[shard].len() >= batch_rows {
                             let full = std::mem::replace(&mut batches[shard], Vec::with_capacity(batch_rows));

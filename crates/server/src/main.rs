@@ -15,6 +15,7 @@ use strata_server::cli;
 use strata_server::config::FileConfig;
 use strata_server::dev::{self, DevOptions};
 use strata_server::load::{self, Format, LoadOptions};
+use strata_server::reshard::{self, ReshardOptions};
 use strata_server::warm::{self, WarmOptions};
 use strata_shard_router::ShardRouter;
 
@@ -110,6 +111,27 @@ enum Command {
         /// Afterwards, load the backup's most-read keys into Redis.
         #[arg(long)]
         warm: bool,
+    },
+    /// Add shards to a running deployment: list the new ones at the end of
+    /// postgres.shards and run this. Only keys whose shard changes move,
+    /// while reads and writes go on; every server follows the shard map
+    /// without a restart. Resumable: run it again after a crash.
+    Reshard {
+        #[arg(long, short, default_value = "config/strata.toml")]
+        config: Vec<PathBuf>,
+        /// Count the keys that would move, per view and shard; change nothing.
+        #[arg(long)]
+        dry_run: bool,
+        /// Keys scanned per batch.
+        #[arg(long, default_value_t = 5_000)]
+        batch: usize,
+        /// Wait after each change of the shard map for every server to follow
+        /// it (at least a few times postgres.map_refresh).
+        #[arg(long, default_value = "5s", value_parser = humantime_serde::re::humantime::parse_duration)]
+        settle: std::time::Duration,
+        /// Shards in use now, where no shard map is stored yet.
+        #[arg(long)]
+        from: Option<usize>,
     },
     /// Look up entities of a feature view on a running server, as a table
     /// (or JSON).
@@ -338,6 +360,14 @@ async fn run(cli: Cli) -> Result<()> {
                 report.elapsed,
                 report.warmed
             );
+            Ok(())
+        }
+        Command::Reshard { config, dry_run, batch, settle, from } => {
+            let config = FileConfig::load(&config)?.validate()?;
+            let progress = std::io::IsTerminal::is_terminal(&std::io::stderr());
+            let options = ReshardOptions { dry_run, batch: batch.max(1), settle, from, progress };
+            let report = reshard::run(&config, &options).await?;
+            reshard::print_report(&report, dry_run);
             Ok(())
         }
         Command::Get { target, args, features, service, full_names, json } => {

@@ -69,6 +69,11 @@ impl RunningServer {
         metrics::record_build_info();
         let shards = ShardRouter::new(&config.shards, &config.pool)?;
         migrate(&shards, &config).await?;
+        // Routed by the shard map the shards hold, followed from now on.
+        if let Err(error) = shards.claim_map(config.pool.connect_timeout).await {
+            tracing::warn!(%error, "cannot read the shard map yet; routing by the configuration until it is read");
+        }
+        shards.follow(config.map_refresh);
         // A cluster that does not answer yet is connected to in the
         // background; meanwhile reads are answered from L1 and PostgreSQL.
         let l2 = L2Cache::connect(&config.redis).await.context("bad redis configuration")?;

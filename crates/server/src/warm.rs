@@ -68,6 +68,7 @@ pub async fn run(config: &Config, options: &WarmOptions) -> Result<WarmReport> {
 /// sampling. Close the Redis client when done.
 pub async fn tiers(config: &Config) -> Result<(Tiers, L2Cache)> {
     let shards = ShardRouter::new(&config.shards, &config.pool)?;
+    shards.refresh_map(config.pool.connect_timeout).await.context("cannot read the shard map")?;
     let l2 = L2Cache::connect_now(&config.redis).await.context("cannot connect to the redis cluster")?;
     let tiers = Tiers::new(
         L1Cache::new(1 << 20),

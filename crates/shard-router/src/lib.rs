@@ -15,6 +15,8 @@
 
 #![forbid(unsafe_code)]
 
+mod map;
+mod reshard;
 mod routing;
 mod schema;
 mod snapshot;
@@ -31,6 +33,7 @@ use rand::Rng;
 use strata_core::{Breaker, BreakerConfig, BreakerState, EventTime, FeatureView, Guarded, RetryPolicy, Row};
 use tokio_postgres::NoTls;
 
+pub use map::ShardMap;
 pub use routing::{jump_hash, shard_for, shard_for_key};
 pub use snapshot::{Column, Exported, Imported};
 
@@ -144,6 +147,10 @@ pub enum ShardError {
     Timeout { shard: String },
     #[error("no shards are configured")]
     NoShards,
+    #[error("shard {shard} holds shard map epoch {epoch}, newer than this instance's")]
+    StaleMap { shard: String, epoch: u64 },
+    #[error("shard {shard} of the shard map is not in this instance's configuration (postgres.shards)")]
+    Unrouted { shard: String },
 }
 
 impl ShardError {
@@ -184,7 +191,11 @@ impl ShardError {
     /// An error about the data or the schema would fail again.
     pub fn retry_may_help(&self) -> bool {
         match self {
-            ShardError::Connect { .. } | ShardError::Open { .. } | ShardError::Timeout { .. } => true,
+            ShardError::Connect { .. }
+            | ShardError::Open { .. }
+            | ShardError::Timeout { .. }
+            | ShardError::StaleMap { .. }
+            | ShardError::Unrouted { .. } => true,
             ShardError::Query { .. } => self.is_outage() || self.is_conflict(),
             ShardError::Config { .. }
             | ShardError::Pool { .. }
@@ -231,6 +242,12 @@ impl ShardError {
                 format!("shard {shard} did not answer within the deadline; the write may still land; retrying is safe")
             }
             ShardError::NoShards => "no shards are configured".into(),
+            ShardError::StaleMap { shard, .. } => {
+                format!("shard {shard}: the shard map changed while writing; nothing was written there; retrying is safe")
+            }
+            ShardError::Unrouted { shard } => {
+                format!("shard {shard} is not configured on this server; nothing was written there; retry on another")
+            }
         }
     }
 
@@ -281,6 +298,29 @@ impl UpsertOutcome {
     }
 }
 
+/// Of a key's rows on its two shards during a move, the newer; either one
+/// unreadable makes the key unavailable, since the other may be older.
+fn newer(a: Fetched, b: Fetched) -> Fetched {
+    fn time(f: &Fetched) -> Option<EventTime> {
+        match f {
+            Fetched::Found(row) => Some(row.event_time),
+            Fetched::Deleted(at) => Some(*at),
+            Fetched::NotFound | Fetched::Unavailable => None,
+        }
+    }
+    match (a, b) {
+        (Fetched::Unavailable, _) | (_, Fetched::Unavailable) => Fetched::Unavailable,
+        (Fetched::NotFound, x) | (x, Fetched::NotFound) => x,
+        (a, b) => {
+            if time(&b) > time(&a) {
+                b
+            } else {
+                a
+            }
+        }
+    }
+}
+
 struct Shard {
     name: String,
     /// The shard index as a metrics label.
@@ -307,6 +347,9 @@ pub struct PoolUsage {
 pub struct ShardRouter {
     shards: Arc<Vec<Shard>>,
     retry: RetryPolicy,
+    /// The shard map this instance routes by; replaced when a newer one is
+    /// read from the shards.
+    routing: Arc<std::sync::RwLock<Arc<map::Routing>>>,
 }
 
 impl ShardRouter {
@@ -345,7 +388,131 @@ impl ShardRouter {
             let breaker = Breaker::new(format!("postgres:{}", config.name), options.breaker);
             shards.push(Shard { name: config.name.clone(), label: index.to_string(), pool, breaker });
         }
-        Ok(ShardRouter { shards: Arc::new(shards), retry: options.retry })
+        let names: Vec<String> = configs.iter().map(|c| c.name.clone()).collect();
+        let refs: Vec<&str> = names.iter().map(String::as_str).collect();
+        let routing = map::Routing::new(ShardMap::of_config(&names), &refs);
+        Ok(ShardRouter {
+            shards: Arc::new(shards),
+            retry: options.retry,
+            routing: Arc::new(std::sync::RwLock::new(Arc::new(routing))),
+        })
+    }
+
+    fn routing(&self) -> Arc<map::Routing> {
+        self.routing.read().unwrap_or_else(std::sync::PoisonError::into_inner).clone()
+    }
+
+    /// The shard map this instance routes by.
+    pub fn map(&self) -> ShardMap {
+        self.routing().map.clone()
+    }
+
+    /// Reads the map from every shard (each within `timeout`) and follows
+    /// the newest, if newer than the current one. Returns whether it
+    /// changed; an error only if no shard answered.
+    pub async fn refresh_map(&self, timeout: Duration) -> Result<bool, ShardError> {
+        let reads = self.shards.iter().map(|shard| async move {
+            let read = async {
+                let client = shard.client().await?;
+                let row = client.query_opt(map::SELECT, &[]).await.map_err(|e| shard.query_error(e))?;
+                Ok::<_, ShardError>(row.map(|r| map::decode(&r)))
+            };
+            tokio::time::timeout(timeout, read).await.unwrap_or(Err(ShardError::Timeout { shard: shard.name.clone() }))
+        });
+        let mut newest: Option<ShardMap> = None;
+        let mut error = None;
+        for result in join_all(reads).await {
+            match result {
+                Ok(Some(found)) if newest.as_ref().is_none_or(|n| found.epoch > n.epoch) => newest = Some(found),
+                Ok(_) => {}
+                Err(e) => error = Some(e),
+            }
+        }
+        let Some(newest) = newest else {
+            return match error {
+                Some(e) => Err(e),
+                None => Ok(false),
+            };
+        };
+        Ok(self.adopt(newest))
+    }
+
+    /// Routes by `map` from now on if it is newer than the current one.
+    fn adopt(&self, map: ShardMap) -> bool {
+        let mut routing = self.routing.write().unwrap_or_else(std::sync::PoisonError::into_inner);
+        if map.epoch == 0 || map.epoch <= routing.map.epoch {
+            return false;
+        }
+        let names = self.names();
+        let next = map::Routing::new(map, &names);
+        for (position, index) in next.index.iter().enumerate() {
+            if index.is_none() {
+                tracing::warn!(shard = %next.map.shards[position], epoch = next.map.epoch,
+                    "the shard map names a shard this instance's configuration lacks: its keys are unavailable here");
+            }
+        }
+        tracing::info!(epoch = next.map.epoch, shards = ?next.map.shards, from = next.map.from, to = next.map.to,
+            "following the shard map");
+        metrics::gauge!("strata_shard_map_epoch").set(next.map.epoch as f64);
+        *routing = Arc::new(next);
+        true
+    }
+
+    /// Writes `map` to every configured shard (each keeps a newer one it
+    /// already has) and routes by it. Every shard must take it.
+    pub async fn store_map(&self, map: &ShardMap) -> Result<(), ShardError> {
+        self.store_each(map).await.into_iter().collect::<Result<Vec<()>, _>>()?;
+        self.adopt(map.clone());
+        Ok(())
+    }
+
+    async fn store_each(&self, map: &ShardMap) -> Vec<Result<(), ShardError>> {
+        let epoch = i64::try_from(map.epoch).unwrap_or(i64::MAX);
+        let (from, to) = (map.from as i32, map.to as i32);
+        let writes = self.shards.iter().map(|shard| async move {
+            let client = shard.client().await?;
+            client.execute(map::STORE, &[&epoch, &map.shards, &from, &to]).await.map_err(|e| shard.query_error(e))?;
+            Ok::<_, ShardError>(())
+        });
+        join_all(writes).await
+    }
+
+    /// Where no shard map is stored yet (a deployment never resharded, or
+    /// one upgraded to this version), stores the configuration's as epoch
+    /// 1 on every shard that answers, so later instances and `strata
+    /// reshard` route by the same one. The first instance to do so wins.
+    pub async fn claim_map(&self, timeout: Duration) -> Result<(), ShardError> {
+        self.refresh_map(timeout).await?;
+        let current = self.routing().map.clone();
+        if current.epoch != 0 {
+            return Ok(());
+        }
+        let claimed = ShardMap { epoch: 1, ..current };
+        for (result, name) in self.store_each(&claimed).await.iter().zip(self.names()) {
+            if let Err(error) = result {
+                tracing::debug!(shard = name, %error, "cannot store the first shard map there");
+            }
+        }
+        self.refresh_map(timeout).await?;
+        Ok(())
+    }
+
+    /// Refreshes the map every `every`, until the router is dropped (the
+    /// task holds no pool alive).
+    pub fn follow(&self, every: Duration) -> tokio::task::JoinHandle<()> {
+        let (shards, routing, retry) = (Arc::downgrade(&self.shards), Arc::downgrade(&self.routing), self.retry);
+        tokio::spawn(async move {
+            let mut tick = tokio::time::interval(every);
+            tick.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Delay);
+            loop {
+                tick.tick().await;
+                let (Some(shards), Some(routing)) = (shards.upgrade(), routing.upgrade()) else { return };
+                let router = ShardRouter { shards, retry, routing };
+                if let Err(error) = router.refresh_map(every.max(Duration::from_secs(1))).await {
+                    tracing::debug!(%error, "cannot read the shard map");
+                }
+            }
+        })
     }
 
     /// The breaker state of each shard, in config order.
@@ -386,9 +553,10 @@ impl ShardRouter {
 
     /// The index of the shard that owns `key` (a key's text) of `view`, in
     /// config order: by the key's canonical encoding.
-    pub fn shard_of(&self, view: &FeatureView, key: &str) -> usize {
-        // The shard count came from a Vec, so it fits a u32 in any real config.
-        shard_for_key(&view.entity.routing_bytes(key), self.shards.len() as u32) as usize
+    /// `None`: the map routes it to a shard this instance's configuration
+    /// lacks.
+    pub fn shard_of(&self, view: &FeatureView, key: &str) -> Option<usize> {
+        self.routing().place(view, key).0.ok()
     }
 
     /// Creates the schema and each view's table on every shard, adding
@@ -430,65 +598,88 @@ impl ShardRouter {
     /// that owns any of them, all shards at once. The answer is aligned with
     /// `keys`. A shard that fails, or has not answered by `deadline`, marks
     /// its keys [`Fetched::Unavailable`]; a failed query is retried with
-    /// backoff while the deadline allows.
+    /// backoff while the deadline allows. While a reshard moves a key, it is
+    /// read from both its shards and the newer row wins.
     pub async fn fetch(&self, view: &FeatureView, keys: &[&str], deadline: tokio::time::Instant) -> Vec<Fetched> {
-        let mut by_shard: Vec<Vec<usize>> = vec![Vec::new(); self.shards.len()];
-        for (i, key) in keys.iter().enumerate() {
-            by_shard[self.shard_of(view, key)].push(i);
-        }
-        let queries = by_shard.iter().enumerate().filter(|(_, idx)| !idx.is_empty()).map(|(s, idx)| {
-            let shard = &self.shards[s];
-            let shard_keys: Vec<&str> = idx.iter().map(|&i| keys[i]).collect();
-            async move {
-                let mut retry = 0;
-                let result = loop {
-                    let started = Instant::now();
-                    let result = shard.guarded(Some(deadline), shard.fetch(view, &shard_keys)).await;
-                    shard.observe("fetch", started, &result);
-                    match result {
-                        Err(error) if error.retryable() && retry + 1 < self.retry.attempts => {
-                            let wait = self.retry.backoff(retry, rand::rng().random::<f64>());
-                            if tokio::time::Instant::now() + wait >= deadline {
-                                break Err(error);
-                            }
-                            tracing::debug!(shard = %shard.name, %error, ?wait, "retrying a shard read");
-                            metrics::counter!("strata_shard_retries_total", "shard" => shard.label.clone())
-                                .increment(1);
-                            tokio::time::sleep(wait).await;
-                            retry += 1;
-                        }
-                        result => break result,
-                    }
-                };
-                (idx, result)
+        let routing = self.routing();
+        let places: Vec<_> = keys.iter().map(|key| routing.place(view, key)).collect();
+        let mut by_shard: Vec<Vec<&str>> = vec![Vec::new(); self.shards.len()];
+        for (key, (home, other)) in keys.iter().zip(&places) {
+            for slot in std::iter::once(home).chain(other) {
+                if let Ok(s) = slot {
+                    by_shard[*s].push(key);
+                }
             }
+        }
+        let queries = by_shard.iter().enumerate().filter(|(_, part)| !part.is_empty()).map(|(s, part)| async move {
+            let result = self.fetch_from(s, view, part, deadline).await;
+            if let Err(error) = &result {
+                if matches!(error, ShardError::Open { .. }) {
+                    tracing::debug!(view = %view.name, keys = part.len(), %error, "shard read refused");
+                } else {
+                    tracing::warn!(view = %view.name, keys = part.len(), error = %error.detail(), "shard read failed");
+                }
+            }
+            (s, result.ok())
         });
-        let mut out = vec![Fetched::NotFound; keys.len()];
-        for (idx, result) in join_all(queries).await {
+        let mut answers: Vec<Option<std::collections::HashMap<String, sql::Selected>>> =
+            (0..self.shards.len()).map(|_| None).collect();
+        for (s, found) in join_all(queries).await {
+            answers[s] = found;
+        }
+        let mut take = |slot: &map::Slot, key: &str| match slot {
+            Err(_) => Fetched::Unavailable,
+            Ok(s) => match &mut answers[*s] {
+                None => Fetched::Unavailable,
+                Some(found) => match found.remove(key) {
+                    Some(sql::Selected::Row(row)) => Fetched::Found(row),
+                    Some(sql::Selected::Deleted(at)) => Fetched::Deleted(at),
+                    Some(sql::Selected::Unreadable) => Fetched::Unavailable,
+                    None => Fetched::NotFound,
+                },
+            },
+        };
+        keys.iter()
+            .zip(&places)
+            .map(|(key, (home, other))| {
+                let found = take(home, key);
+                match other {
+                    Some(other) => newer(found, take(other, key)),
+                    None => found,
+                }
+            })
+            .collect()
+    }
+
+    /// One shard's part of a batch read, retried with backoff while the
+    /// deadline allows.
+    async fn fetch_from(
+        &self,
+        s: usize,
+        view: &FeatureView,
+        keys: &[&str],
+        deadline: tokio::time::Instant,
+    ) -> Result<std::collections::HashMap<String, sql::Selected>, ShardError> {
+        let shard = &self.shards[s];
+        let mut retry = 0;
+        loop {
+            let started = Instant::now();
+            let result = shard.guarded(Some(deadline), shard.fetch(view, keys)).await;
+            shard.observe("fetch", started, &result);
             match result {
-                Ok(mut found) => {
-                    for &i in idx {
-                        match found.remove(keys[i]) {
-                            Some(sql::Selected::Row(row)) => out[i] = Fetched::Found(row),
-                            Some(sql::Selected::Deleted(at)) => out[i] = Fetched::Deleted(at),
-                            Some(sql::Selected::Unreadable) => out[i] = Fetched::Unavailable,
-                            None => {}
-                        }
+                Err(error) if error.retryable() && retry + 1 < self.retry.attempts => {
+                    let wait = self.retry.backoff(retry, rand::rng().random::<f64>());
+                    if tokio::time::Instant::now() + wait >= deadline {
+                        return Err(error);
                     }
+                    tracing::debug!(shard = %shard.name, %error, ?wait, "retrying a shard read");
+                    metrics::counter!("strata_shard_retries_total", "shard" => shard.label.clone()).increment(1);
+                    tokio::time::sleep(wait).await;
+                    retry += 1;
                 }
-                Err(error) => {
-                    if matches!(error, ShardError::Open { .. }) {
-                        tracing::debug!(view = %view.name, keys = idx.len(), %error, "shard read refused");
-                    } else {
-                        tracing::warn!(view = %view.name, keys = idx.len(), error = %error.detail(), "shard read failed");
-                    }
-                    for &i in idx {
-                        out[i] = Fetched::Unavailable;
-                    }
-                }
+                result => return result,
             }
         }
-        out
     }
 
     /// Upserts rows (distinct keys): one transaction per shard, all shards at
@@ -501,7 +692,8 @@ impl ShardRouter {
         rows: &[(String, Row)],
         deadline: tokio::time::Instant,
     ) -> UpsertOutcome {
-        self.per_shard(view, rows, |row| &row.0, "upsert", deadline, |shard, rows| shard.upsert(view, rows)).await
+        self.per_shard(view, rows, |row| &row.0, "upsert", deadline, |shard, rows, epoch| shard.upsert(view, rows, epoch))
+            .await
     }
 
     /// Deletes keys (distinct) at event time `at`: each becomes a tombstone,
@@ -514,10 +706,16 @@ impl ShardRouter {
         at: EventTime,
         deadline: tokio::time::Instant,
     ) -> UpsertOutcome {
-        self.per_shard(view, keys, |key| key, "delete", deadline, |shard, keys| shard.delete(view, keys, at)).await
+        self.per_shard(view, keys, |key| key, "delete", deadline, |shard, keys, epoch| shard.delete(view, keys, at, epoch))
+            .await
     }
 
-    /// Runs `op` on each shard's part of `items`, all shards at once.
+    /// Runs `op` on each shard's part of `items`, all shards at once, under
+    /// the current map's epoch. While a reshard moves a key, it is written to
+    /// both its shards and counts as written only if both took it; its
+    /// outcome is its home shard's. A shard that knows a newer map makes the
+    /// router follow it and write again (writes are idempotent), while the
+    /// deadline allows.
     async fn per_shard<'a, T, F, Fut>(
         &'a self,
         view: &FeatureView,
@@ -528,42 +726,90 @@ impl ShardRouter {
         op: F,
     ) -> UpsertOutcome
     where
-        F: Fn(&'a Shard, Vec<&'a T>) -> Fut,
+        F: Fn(&'a Shard, Vec<&'a T>, u64) -> Fut,
         Fut: Future<Output = Result<std::collections::HashSet<String>, ShardError>>,
     {
-        let mut by_shard: Vec<Vec<&T>> = (0..self.shards.len()).map(|_| Vec::new()).collect();
-        for item in items {
-            by_shard[self.shard_of(view, key(item))].push(item);
-        }
-        let (key, op) = (&key, &op);
-        let runs = by_shard.into_iter().enumerate().filter(|(_, part)| !part.is_empty()).map(|(s, mut part)| {
-            let shard = &self.shards[s];
-            // Row locks in one order everywhere (byte order of the key, which
-            // the bulk merge uses too): two writers of overlapping keys then
-            // wait for each other instead of deadlocking.
-            part.sort_unstable_by(|a, b| key(a).as_bytes().cmp(key(b).as_bytes()));
-            let keys: Vec<String> = part.iter().map(|item| key(item).clone()).collect();
-            async move {
-                let result = self.with_conflict_retries(shard, label, deadline, || op(shard, part.clone())).await;
-                (keys, result)
-            }
-        });
-        let mut outcome = UpsertOutcome::default();
-        for (keys, result) in join_all(runs).await {
-            match result {
-                Ok(applied) => {
-                    for key in keys {
-                        if applied.contains(&key) {
-                            outcome.written.push(key);
-                        } else {
-                            outcome.skipped_older.push(key);
+        let mut attempt = 0;
+        loop {
+            let routing = self.routing();
+            let epoch = routing.map.epoch;
+            let mut by_shard: Vec<Vec<&T>> = (0..self.shards.len()).map(|_| Vec::new()).collect();
+            let mut home: std::collections::HashMap<&str, usize> = std::collections::HashMap::new();
+            let mut unrouted: Vec<(String, Vec<String>)> = Vec::new();
+            for item in items {
+                let (first, other) = routing.place(view, key(item));
+                for (i, slot) in std::iter::once(first).chain(other).enumerate() {
+                    match slot {
+                        Ok(s) => {
+                            by_shard[s].push(item);
+                            if i == 0 {
+                                home.insert(key(item).as_str(), s);
+                            }
                         }
+                        Err(name) => match unrouted.iter_mut().find(|(n, _)| *n == name) {
+                            Some((_, keys)) => keys.push(key(item).clone()),
+                            None => unrouted.push((name, vec![key(item).clone()])),
+                        },
                     }
                 }
-                Err(error) => outcome.failed.push((error, keys)),
             }
+            let (key, op) = (&key, &op);
+            let runs = by_shard.into_iter().enumerate().filter(|(_, part)| !part.is_empty()).map(|(s, mut part)| {
+                let shard = &self.shards[s];
+                // Row locks in one order everywhere (byte order of the key,
+                // which the bulk merge uses too): two writers of overlapping
+                // keys then wait for each other instead of deadlocking.
+                part.sort_unstable_by(|a, b| key(a).as_bytes().cmp(key(b).as_bytes()));
+                let keys: Vec<String> = part.iter().map(|item| key(item).clone()).collect();
+                async move {
+                    let result =
+                        self.with_conflict_retries(shard, label, deadline, || op(shard, part.clone(), epoch)).await;
+                    (s, keys, result)
+                }
+            });
+            let results = join_all(runs).await;
+            let stale = results.iter().any(|(_, _, r)| matches!(r, Err(ShardError::StaleMap { .. })));
+            if stale && attempt < 3 && tokio::time::Instant::now() < deadline {
+                let left = deadline.saturating_duration_since(tokio::time::Instant::now());
+                if let Err(error) = self.refresh_map(left.min(Duration::from_secs(1))).await {
+                    tracing::debug!(%error, "cannot read the shard map");
+                }
+                attempt += 1;
+                continue;
+            }
+
+            let mut outcome = UpsertOutcome::default();
+            let mut failed: std::collections::HashSet<String> = std::collections::HashSet::new();
+            let mut fail = |outcome: &mut UpsertOutcome, error: ShardError, keys: Vec<String>| {
+                let keys: Vec<String> = keys.into_iter().filter(|k| failed.insert(k.clone())).collect();
+                if !keys.is_empty() {
+                    outcome.failed.push((error, keys));
+                }
+            };
+            for (shard, keys) in unrouted {
+                fail(&mut outcome, ShardError::Unrouted { shard }, keys);
+            }
+            let mut applied = Vec::new();
+            for (s, keys, result) in results {
+                match result {
+                    Ok(set) => applied.push((s, keys, set)),
+                    Err(error) => fail(&mut outcome, error, keys),
+                }
+            }
+            for (s, keys, set) in applied {
+                for key in keys {
+                    if home.get(key.as_str()) != Some(&s) || failed.contains(&key) {
+                        continue;
+                    }
+                    if set.contains(&key) {
+                        outcome.written.push(key);
+                    } else {
+                        outcome.skipped_older.push(key);
+                    }
+                }
+            }
+            return outcome;
         }
-        outcome
     }
 
     /// Runs a write transaction on `shard` through its breaker, cut at
@@ -620,7 +866,8 @@ impl ShardRouter {
         deadline: tokio::time::Instant,
     ) -> Result<Vec<(String, EventTime)>, ShardError> {
         let shard = &self.shards[shard];
-        self.with_conflict_retries(shard, "copy", deadline, || shard.copy_upsert(view, rows)).await
+        let epoch = self.routing().map.epoch;
+        self.with_conflict_retries(shard, "copy", deadline, || shard.copy_upsert(view, rows, epoch)).await
     }
 
     /// Counts the rows of a view on each shard (tombstones aside), in config
@@ -643,6 +890,19 @@ impl Shard {
 
     fn query_error(&self, source: tokio_postgres::Error) -> ShardError {
         ShardError::Query { shard: self.name.clone(), source }
+    }
+
+    /// The epoch check every write transaction starts with: the shard's map
+    /// row is read `FOR SHARE` (a map change waits for the transaction), and
+    /// a shard that knows a newer map than `epoch` refuses the write.
+    async fn fence(&self, tx: &deadpool_postgres::Transaction<'_>, epoch: u64) -> Result<(), ShardError> {
+        let row = tx.query_opt(map::FENCE, &[]).await.map_err(|e| self.query_error(e))?;
+        let stored = row.map_or(0, |r| r.get::<_, i64>(0).unsigned_abs());
+        if stored > epoch {
+            metrics::counter!("strata_shard_map_stale_writes_total", "shard" => self.label.clone()).increment(1);
+            return Err(ShardError::StaleMap { shard: self.name.clone(), epoch: stored });
+        }
+        Ok(())
     }
 
     /// Records a query's duration, and its failure by reason. Calls the
@@ -720,9 +980,11 @@ impl Shard {
         &self,
         view: &FeatureView,
         rows: Vec<&(String, Row)>,
+        epoch: u64,
     ) -> Result<std::collections::HashSet<String>, ShardError> {
         let mut client = self.client().await?;
         let tx = client.transaction().await.map_err(|e| self.query_error(e))?;
+        self.fence(&tx, epoch).await?;
         let mut written = std::collections::HashSet::with_capacity(rows.len());
         for chunk in rows.chunks(sql::upsert_chunk_rows(view)) {
             let times: Vec<_> = chunk.iter().map(|(_, row)| row.event_time.to_system_time()).collect();
@@ -742,9 +1004,11 @@ impl Shard {
         view: &FeatureView,
         keys: Vec<&String>,
         at: EventTime,
+        epoch: u64,
     ) -> Result<std::collections::HashSet<String>, ShardError> {
         let mut client = self.client().await?;
         let tx = client.transaction().await.map_err(|e| self.query_error(e))?;
+        self.fence(&tx, epoch).await?;
         let time = at.to_system_time();
         let mut deleted = std::collections::HashSet::with_capacity(keys.len());
         for chunk in keys.chunks(sql::MAX_ROWS_PER_STATEMENT) {
@@ -766,12 +1030,14 @@ impl Shard {
         &self,
         view: &FeatureView,
         rows: &[(String, Row)],
+        epoch: u64,
     ) -> Result<Vec<(String, EventTime)>, ShardError> {
         use tokio_postgres::binary_copy::BinaryCopyInWriter;
         use tokio_postgres::types::{ToSql, Type};
 
         let mut client = self.client().await?;
         let tx = client.transaction().await.map_err(|e| self.query_error(e))?;
+        self.fence(&tx, epoch).await?;
         tx.batch_execute(&sql::create_staging(view)).await.map_err(|e| self.query_error(e))?;
         let sink = tx.copy_in(&sql::copy_into_staging(view)).await.map_err(|e| self.query_error(e))?;
         let types: Vec<Type> = std::iter::once(Type::TEXT)

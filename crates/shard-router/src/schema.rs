@@ -32,6 +32,7 @@ async fn migrate_locked(
 ) -> Result<(), ShardError> {
     let query_error = |source| ShardError::Query { shard: shard.to_owned(), source };
     client.batch_execute("CREATE SCHEMA IF NOT EXISTS strata").await.map_err(query_error)?;
+    client.batch_execute(crate::map::CREATE).await.map_err(query_error)?;
     for view in views {
         let mut ddl = format!(
             "CREATE TABLE IF NOT EXISTS {0} (entity_key text PRIMARY KEY, event_time timestamptz NOT NULL, \
