@@ -561,7 +561,8 @@ async fn zipf(setup: &Setup, bench: &Bench) -> Result<(Report, Report, String)> 
     let mut by_shard: Vec<Vec<(String, strata_core::Row)>> = vec![Vec::new(); shards.shard_count()];
     for i in 0..n {
         let k = key(i);
-        by_shard[shards.shard_of(&view, &k)].push((k, ten_feature_row(i)));
+        let shard = shards.shard_of(&view, &k).context("every shard of the bench stack is configured")?;
+        by_shard[shard].push((k, ten_feature_row(i)));
     }
     for (shard, rows) in by_shard.iter().enumerate() {
         for chunk in rows.chunks(20_000) {

@@ -20,6 +20,7 @@ integration_tests!(
     shards = 5;
     a_million_rows_over_five_shards_sit_where_the_rule_says_each_within_five_percent_of_the_mean,
     the_disaster_drill_restores_every_row_into_a_fresh_stack_and_serves_the_most_read_from_redis,
+    a_reshard_from_two_to_three_shards_killed_and_resumed_under_load_loses_and_misses_nothing,
 );
 
 async fn a_million_rows_over_five_shards_sit_where_the_rule_says_each_within_five_percent_of_the_mean(
@@ -110,7 +111,11 @@ fn features(view: &str) -> &'static [&'static str] {
 }
 
 async fn start_stack(dir: &std::path::Path) -> Result<Stack> {
-    Stack::start(StackOptions { data_dir: dir.to_owned(), ports: PortPlan::Ephemeral, shards: 5, security: None }).await
+    start_stack_of(dir, 5).await
+}
+
+async fn start_stack_of(dir: &std::path::Path, shards: usize) -> Result<Stack> {
+    Stack::start(StackOptions { data_dir: dir.to_owned(), ports: PortPlan::Ephemeral, shards, security: None }).await
 }
 
 async fn serve(stack: &Stack) -> Result<RunningServer> {
@@ -323,5 +328,262 @@ fn copy_dir(from: &std::path::Path, to: &std::path::Path) -> Result<()> {
             std::fs::copy(entry.path(), to.join(entry.file_name()))?;
         }
     }
+    Ok(())
+}
+
+const RESHARD_KEYS: usize = 3_000;
+
+fn rs_key(i: usize) -> String {
+    format!("rs:{i:05}")
+}
+
+/// What the load saw during a reshard.
+#[derive(Debug, Default)]
+struct Seen {
+    reads: u64,
+    writes: u64,
+    wrong: u64,
+    not_found: u64,
+    failed_writes: u64,
+    first_problem: Option<String>,
+}
+
+async fn a_reshard_from_two_to_three_shards_killed_and_resumed_under_load_loses_and_misses_nothing(
+    env: &'static Env,
+) -> Result<()> {
+    use std::collections::HashMap;
+    use std::sync::{Arc, Mutex};
+    let _exclusive = env.exclusive().await;
+    let work = tempfile::tempdir()?;
+    let stack = start_stack_of(&work.path().join("stack"), 3).await?;
+    let urls = stack.shard_urls();
+
+    // A: an instance of the deployment as it was, configured with two
+    // shards; it stores the first shard map (two shards). B: configured
+    // with the new third shard too, routing by the map all the same.
+    let a = RunningServer::start(config_for(&stack.redis_nodes(), &urls[..2])?.validate()?).await?;
+    let mut ca = client(&a).await?;
+    let base = 1_767_225_600;
+    for chunk in (0..RESHARD_KEYS).collect::<Vec<_>>().chunks(1_000) {
+        let rows = chunk.iter().map(|&i| row(&rs_key(i), ts(base, 0), vec![("n", v(Kind::Int64Value(1)))])).collect();
+        ensure!(ca.write_features(write("bulk", rows)).await?.into_inner().rows_written == chunk.len() as u64);
+    }
+    let b = RunningServer::start(config_for(&stack.redis_nodes(), &urls)?.validate()?).await?;
+    let cb = client(&b).await?;
+
+    let two = config_files(work.path(), &stack.redis_nodes(), &urls)?;
+    let reshard = |extra: &[&str]| {
+        let mut args: Vec<std::ffi::OsString> = vec!["reshard".into()];
+        for f in &two {
+            args.push("-c".into());
+            args.push(f.clone().into_os_string());
+        }
+        args.extend(extra.iter().map(|a| a.into()));
+        args
+    };
+    // A dry run counts about a third of the keys and changes nothing.
+    let (ok, out, err) = run(&reshard(&["--dry-run"])).await?;
+    ensure!(ok, "dry run failed: {err}");
+    let would: u64 = out
+        .lines()
+        .filter(|l| l.starts_with("bulk:"))
+        .filter_map(|l| l.split_whitespace().nth(1)?.parse::<u64>().ok())
+        .sum();
+    ensure!((600..=1_400).contains(&would), "the dry run would move {would} of {RESHARD_KEYS} bulk keys:\n{out}");
+    let on_third = shard_client(&urls[2]).await?;
+    let before: i64 = on_third.query_one("SELECT count(*) FROM strata.bulk", &[]).await?.get(0);
+    ensure!(before == 0, "the dry run wrote {before} rows onto the new shard");
+
+    // Continuous load through B: writes of newer versions, reads that check
+    // every value against what was acknowledged before the read began.
+    let acked: Arc<Mutex<HashMap<usize, i64>>> = Arc::new(Mutex::new((0..RESHARD_KEYS).map(|i| (i, 1)).collect()));
+    let seen = Arc::new(Mutex::new(Seen::default()));
+    let stop = Arc::new(std::sync::atomic::AtomicBool::new(false));
+    let mut load = Vec::new();
+    for worker in 0..2u64 {
+        let (acked, seen, stop, mut c) = (acked.clone(), seen.clone(), stop.clone(), cb.clone());
+        load.push(tokio::spawn(async move {
+            let mut round = 0u64;
+            while !stop.load(std::sync::atomic::Ordering::Relaxed) {
+                round += 1;
+                // Writers own disjoint keys (worker 0 even, 1 odd), so a
+                // key's versions are acknowledged in order.
+                let keys: Vec<usize> = (0..20)
+                    .map(|j| ((round * 37 + j * 149) as usize % (RESHARD_KEYS / 2)) * 2 + worker as usize)
+                    .collect();
+                let mut keys = keys;
+                keys.sort_unstable();
+                keys.dedup();
+                let next: Vec<(usize, i64)> = {
+                    let acked = acked.lock().unwrap_or_else(std::sync::PoisonError::into_inner);
+                    keys.iter().map(|&k| (k, acked[&k] + 1)).collect()
+                };
+                let rows = next
+                    .iter()
+                    .map(|&(k, version)| {
+                        row(&rs_key(k), ts(base + version, 0), vec![("n", v(Kind::Int64Value(version)))])
+                    })
+                    .collect();
+                match c.write_features(write("bulk", rows)).await {
+                    Ok(done) => {
+                        let done = done.into_inner();
+                        let mut acked = acked.lock().unwrap_or_else(std::sync::PoisonError::into_inner);
+                        let mut seen = seen.lock().unwrap_or_else(std::sync::PoisonError::into_inner);
+                        seen.writes += 1;
+                        for (result, &(k, version)) in done.results.iter().zip(&next) {
+                            if result.outcome == v1::WriteOutcome::Written as i32 {
+                                acked.insert(k, version);
+                            } else {
+                                seen.failed_writes += 1;
+                                seen.first_problem.get_or_insert(format!("write of {}: {result:?}", rs_key(k)));
+                            }
+                        }
+                    }
+                    Err(status) => {
+                        let mut seen = seen.lock().unwrap_or_else(std::sync::PoisonError::into_inner);
+                        seen.failed_writes += 1;
+                        seen.first_problem.get_or_insert(format!("write call: {status}"));
+                    }
+                }
+                let read: Vec<usize> =
+                    (0..50).map(|j| (round as usize * 61 + j * 59 + worker as usize) % RESHARD_KEYS).collect();
+                let floor: Vec<i64> = {
+                    let acked = acked.lock().unwrap_or_else(std::sync::PoisonError::into_inner);
+                    read.iter().map(|k| acked[k]).collect()
+                };
+                let names: Vec<String> = read.iter().map(|&k| rs_key(k)).collect();
+                let refs: Vec<&str> = names.iter().map(String::as_str).collect();
+                let answer = c.get_features(get("bulk", &refs, &["n"])).await;
+                let mut seen = seen.lock().unwrap_or_else(std::sync::PoisonError::into_inner);
+                seen.reads += 1;
+                match answer {
+                    Ok(answer) => {
+                        for ((r, floor), name) in answer.into_inner().rows.iter().zip(&floor).zip(&names) {
+                            match (status(r), r.values.first().and_then(|v| v.kind.clone())) {
+                                (v1::RowStatus::Found, Some(Kind::Int64Value(n))) if n >= *floor => {}
+                                (v1::RowStatus::NotFound, _) => {
+                                    seen.not_found += 1;
+                                    seen.first_problem.get_or_insert(format!("{name} NOT_FOUND"));
+                                }
+                                _ => {
+                                    seen.wrong += 1;
+                                    seen.first_problem.get_or_insert(format!("{name}: {r:?}, acknowledged {floor}"));
+                                }
+                            }
+                        }
+                    }
+                    Err(status) => {
+                        seen.wrong += 1;
+                        seen.first_problem.get_or_insert(format!("read call: {status}"));
+                    }
+                }
+            }
+        }));
+    }
+
+    // The reshard, killed once it has copied part of the keys, then run
+    // again to the end.
+    let started = Instant::now();
+    let mut first = tokio::process::Command::new(strata_tests::strata_binary()?)
+        .args(reshard(&["--batch", "100", "--settle", "3s"]))
+        .env("NO_COLOR", "1")
+        .stdout(std::process::Stdio::null())
+        .kill_on_drop(true)
+        .spawn()?;
+    let on_first = shard_client(&urls[0]).await?;
+    let deadline = Instant::now() + Duration::from_secs(120);
+    loop {
+        let copied: Option<i64> = on_first
+            .query_opt("SELECT copied FROM strata.reshard_progress WHERE view = 'bulk'", &[])
+            .await
+            .ok()
+            .flatten()
+            .map(|r| r.get(0));
+        if copied.is_some_and(|c| c > 0) {
+            break;
+        }
+        ensure!(first.try_wait()?.is_none(), "the first reshard ended before it was killed");
+        ensure!(Instant::now() < deadline, "the reshard copied nothing in two minutes");
+        tokio::time::sleep(Duration::from_millis(20)).await;
+    }
+    first.kill().await?;
+    let (ok, out, err) = run(&reshard(&["--batch", "100", "--settle", "3s"])).await?;
+    ensure!(ok, "the resumed reshard failed: {err}");
+    println!("reshard: {}", out.lines().last().unwrap_or_default());
+    println!("reshard: 2 -> 3 under load in {:.1?}, killed once", started.elapsed());
+    stop.store(true, std::sync::atomic::Ordering::Relaxed);
+    for task in load {
+        task.await?;
+    }
+    let seen = std::mem::take(&mut *seen.lock().unwrap_or_else(std::sync::PoisonError::into_inner));
+    println!("reshard: load {seen:?}");
+    ensure!(seen.reads > 10 && seen.writes > 10, "too little load ran: {seen:?}");
+    ensure!(seen.wrong == 0 && seen.not_found == 0 && seen.failed_writes == 0, "{seen:?}");
+
+    // Every key on the shard the rule names for three shards, once; about
+    // a third on the new one; and every acknowledged value served.
+    let registry = env.registry()?;
+    let view = registry.get("bulk").context("bulk")?;
+    let mut total = 0;
+    for (i, url) in urls.iter().enumerate() {
+        let shard = shard_client(url).await?;
+        let keys: Vec<String> = shard
+            .query("SELECT entity_key FROM strata.bulk WHERE entity_key LIKE 'rs:%'", &[])
+            .await?
+            .iter()
+            .map(|r| r.get(0))
+            .collect();
+        let misplaced = keys
+            .iter()
+            .filter(|k| strata_shard_router::shard_for_key(&view.entity.routing_bytes(k), 3) as usize != i)
+            .count();
+        ensure!(misplaced == 0, "{misplaced} keys left on shard-{i} that the rule puts elsewhere");
+        if i == 2 {
+            ensure!((700..=1_300).contains(&keys.len()), "{} of {RESHARD_KEYS} keys moved", keys.len());
+        }
+        total += keys.len();
+    }
+    ensure!(total == RESHARD_KEYS, "{total} keys over the three shards");
+    let acked = acked.lock().unwrap_or_else(std::sync::PoisonError::into_inner).clone();
+    let names: Vec<String> = (0..RESHARD_KEYS).map(rs_key).collect();
+    for (chunk, keys) in names.chunks(1_000).enumerate() {
+        let refs: Vec<&str> = keys.iter().map(String::as_str).collect();
+        let rows = cb.clone().get_features(get("bulk", &refs, &["n"])).await?.into_inner().rows;
+        for (j, r) in rows.iter().enumerate() {
+            let i = chunk * 1_000 + j;
+            ensure!(r.values == [v(Kind::Int64Value(acked[&i]))], "{}: {r:?}, acknowledged {}", rs_key(i), acked[&i]);
+        }
+    }
+
+    // A, still configured with two shards, follows the map and cannot write
+    // a key of the third shard anywhere.
+    let moved = (0..RESHARD_KEYS)
+        .find(|&i| strata_shard_router::shard_for_key(&view.entity.routing_bytes(&rs_key(i)), 3) == 2)
+        .context("a key of the third shard")?;
+    let refused = ca
+        .write_features(write(
+            "bulk",
+            vec![row(&rs_key(moved), ts(base + 1_000_000, 0), vec![("n", v(Kind::Int64Value(-7)))])],
+        ))
+        .await
+        .err()
+        .context("a write to a shard the instance lacks was accepted")?;
+    ensure!(
+        refused.code() == tonic::Code::Unavailable
+            && refused.message().contains("shard-2")
+            && refused.message().contains("not configured"),
+        "{refused:?}"
+    );
+    for url in &urls[..2] {
+        let stray: i64 = shard_client(url)
+            .await?
+            .query_one("SELECT count(*) FROM strata.bulk WHERE entity_key = $1", &[&rs_key(moved)])
+            .await?
+            .get(0);
+        ensure!(stray == 0, "the out-of-date instance wrote the key onto an old shard");
+    }
+    a.shutdown().await;
+    b.shutdown().await;
+    stack.stop().await;
     Ok(())
 }

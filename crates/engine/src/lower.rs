@@ -106,8 +106,9 @@ impl Lower {
         // A key whose shard is down is not waited for: its holder will not
         // fill it, and waiting would hold up the rest of the batch (and
         // every request waiting on this one) for half its deadline.
-        let (theirs, down): (Vec<usize>, Vec<usize>) =
-            theirs.into_iter().partition(|&i| self.shards.shard_of(view, keys[i]).is_some_and(|s| self.shards.available(s)));
+        let (theirs, down): (Vec<usize>, Vec<usize>) = theirs
+            .into_iter()
+            .partition(|&i| self.shards.shard_of(view, keys[i]).is_some_and(|s| self.shards.available(s)));
         for i in down {
             out[i] = Some(Loaded::Unavailable);
         }

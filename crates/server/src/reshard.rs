@@ -83,7 +83,10 @@ pub async fn run(config: &Config, options: &ReshardOptions) -> Result<ReshardRep
     if !options.dry_run {
         router.migrate(views).await.context("cannot create the views' tables on every shard")?;
     }
-    router.refresh_map(config.pool.connect_timeout.max(Duration::from_secs(5))).await.context("cannot read the shard map")?;
+    router
+        .refresh_map(config.pool.connect_timeout.max(Duration::from_secs(5)))
+        .await
+        .context("cannot read the shard map")?;
     let names: Vec<String> = router.names().iter().map(|n| (*n).to_owned()).collect();
     let mut map = router.map();
     if map.epoch == 0 {
@@ -140,9 +143,13 @@ pub async fn run(config: &Config, options: &ReshardOptions) -> Result<ReshardRep
         report.moves = moves;
         let (_, _) = scan(&router, views, &target, options, Pass::Verify).await?;
         println!("verified: every moving key is on its new shard");
-        let stable = ShardMap { epoch: target.epoch + 1, shards: target.shards.clone(), from: target.to, to: target.to };
+        let stable =
+            ShardMap { epoch: target.epoch + 1, shards: target.shards.clone(), from: target.to, to: target.to };
         router.store_map(&stable).await.context("cannot store the final shard map on every shard")?;
-        println!("shard map epoch {}: {} shards; waiting {:?} before removing moved rows", stable.epoch, stable.to, options.settle);
+        println!(
+            "shard map epoch {}: {} shards; waiting {:?} before removing moved rows",
+            stable.epoch, stable.to, options.settle
+        );
         tokio::time::sleep(options.settle).await;
         report.epoch = stable.epoch;
         report.removed = cleanup(&router, views, target.from as usize, &stable, options).await?;
@@ -226,8 +233,7 @@ async fn scan(
                             }
                             Pass::Verify => verify(router, view, source, index[new], &keys, deadline).await?,
                         }
-                        let entry =
-                            (view.name.clone(), map.shards[old].clone(), map.shards[new].clone());
+                        let entry = (view.name.clone(), map.shards[old].clone(), map.shards[new].clone());
                         *moves.entry(entry).or_default() += keys.len() as u64;
                     }
                     if pass == Pass::Copy {
@@ -302,7 +308,13 @@ async fn verify(
     let old = router.fetch_on(from, view, &again, deadline).await?;
     let new = router.fetch_on(to, view, &again, deadline).await?;
     let still = behind(&old, &new);
-    ensure!(still.is_empty(), "view {}: {} keys are still behind on their new shard, e.g. {:?}", view.name, still.len(), again[still[0]]);
+    ensure!(
+        still.is_empty(),
+        "view {}: {} keys are still behind on their new shard, e.g. {:?}",
+        view.name,
+        still.len(),
+        again[still[0]]
+    );
     Ok(())
 }
 

@@ -243,7 +243,9 @@ impl ShardError {
             }
             ShardError::NoShards => "no shards are configured".into(),
             ShardError::StaleMap { shard, .. } => {
-                format!("shard {shard}: the shard map changed while writing; nothing was written there; retrying is safe")
+                format!(
+                    "shard {shard}: the shard map changed while writing; nothing was written there; retrying is safe"
+                )
             }
             ShardError::Unrouted { shard } => {
                 format!("shard {shard} is not configured on this server; nothing was written there; retry on another")
@@ -605,10 +607,8 @@ impl ShardRouter {
         let places: Vec<_> = keys.iter().map(|key| routing.place(view, key)).collect();
         let mut by_shard: Vec<Vec<&str>> = vec![Vec::new(); self.shards.len()];
         for (key, (home, other)) in keys.iter().zip(&places) {
-            for slot in std::iter::once(home).chain(other) {
-                if let Ok(s) = slot {
-                    by_shard[*s].push(key);
-                }
+            for s in std::iter::once(home).chain(other).flatten() {
+                by_shard[*s].push(key);
             }
         }
         let queries = by_shard.iter().enumerate().filter(|(_, part)| !part.is_empty()).map(|(s, part)| async move {
@@ -692,8 +692,15 @@ impl ShardRouter {
         rows: &[(String, Row)],
         deadline: tokio::time::Instant,
     ) -> UpsertOutcome {
-        self.per_shard(view, rows, |row| &row.0, "upsert", deadline, |shard, rows, epoch| shard.upsert(view, rows, epoch))
-            .await
+        self.per_shard(
+            view,
+            rows,
+            |row| &row.0,
+            "upsert",
+            deadline,
+            |shard, rows, epoch| shard.upsert(view, rows, epoch),
+        )
+        .await
     }
 
     /// Deletes keys (distinct) at event time `at`: each becomes a tombstone,
@@ -706,8 +713,15 @@ impl ShardRouter {
         at: EventTime,
         deadline: tokio::time::Instant,
     ) -> UpsertOutcome {
-        self.per_shard(view, keys, |key| key, "delete", deadline, |shard, keys, epoch| shard.delete(view, keys, at, epoch))
-            .await
+        self.per_shard(
+            view,
+            keys,
+            |key| key,
+            "delete",
+            deadline,
+            |shard, keys, epoch| shard.delete(view, keys, at, epoch),
+        )
+        .await
     }
 
     /// Runs `op` on each shard's part of `items`, all shards at once, under

@@ -76,9 +76,11 @@ impl Routing {
     }
 
     fn slot(&self, position: usize) -> Slot {
-        self.index.get(position).copied().flatten().ok_or_else(|| {
-            self.map.shards.get(position).cloned().unwrap_or_else(|| format!("#{position}"))
-        })
+        self.index
+            .get(position)
+            .copied()
+            .flatten()
+            .ok_or_else(|| self.map.shards.get(position).cloned().unwrap_or_else(|| format!("#{position}")))
     }
 
     /// The key's shard, and during a move the other one it is written to.

@@ -103,7 +103,12 @@ impl ShardRouter {
 
     /// Where the copy of `view` from shard `shard` stopped under map
     /// `epoch`: the last key done and the rows copied so far.
-    pub async fn cursor(&self, shard: usize, view: &FeatureView, epoch: u64) -> Result<Option<(String, u64)>, ShardError> {
+    pub async fn cursor(
+        &self,
+        shard: usize,
+        view: &FeatureView,
+        epoch: u64,
+    ) -> Result<Option<(String, u64)>, ShardError> {
         let shard = &self.shards[shard];
         let client = shard.client().await?;
         let epoch = i64::try_from(epoch).unwrap_or(i64::MAX);
@@ -144,11 +149,6 @@ impl ShardRouter {
     /// this instance's configuration lacks.
     pub fn map_shards(&self) -> Vec<Result<usize, String>> {
         let routing = self.routing();
-        routing
-            .index
-            .iter()
-            .zip(&routing.map.shards)
-            .map(|(index, name)| index.ok_or_else(|| name.clone()))
-            .collect()
+        routing.index.iter().zip(&routing.map.shards).map(|(index, name)| index.ok_or_else(|| name.clone())).collect()
     }
 }
