@@ -199,6 +199,16 @@ pub const METRICS: &[Metric] = &[
     },
     Metric { name: "strata_shard_retries_total", kind: Kind::Counter, help: "Retried PostgreSQL reads, by shard" },
     Metric {
+        name: "strata_shard_map_epoch",
+        kind: Kind::Gauge,
+        help: "Epoch of the shard map this instance routes by (it changes twice per reshard)",
+    },
+    Metric {
+        name: "strata_shard_map_stale_writes_total",
+        kind: Kind::Counter,
+        help: "Write transactions a shard refused because it knows a newer shard map than the writer, by shard",
+    },
+    Metric {
         name: "strata_breaker_state",
         kind: Kind::Gauge,
         help: "Circuit breaker state by dependency (redis, postgres:<shard>): 0 closed, 1 half-open, 2 open",

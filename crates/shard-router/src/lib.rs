@@ -1101,6 +1101,21 @@ mod tests {
     use super::*;
 
     #[test]
+    fn of_a_moving_key_s_two_rows_the_newer_wins_and_an_unreadable_one_wins_nothing() {
+        let row = |s: i64| Fetched::Found(Row { event_time: EventTime::from_parts(s, 0).unwrap(), values: vec![] });
+        let deleted = |s: i64| Fetched::Deleted(EventTime::from_parts(s, 0).unwrap());
+        assert_eq!(newer(row(1), row(2)), row(2));
+        assert_eq!(newer(row(3), row(2)), row(3));
+        assert_eq!(newer(row(1), deleted(2)), deleted(2));
+        assert_eq!(newer(deleted(3), row(2)), deleted(3));
+        assert_eq!(newer(Fetched::NotFound, row(1)), row(1));
+        assert_eq!(newer(row(1), Fetched::NotFound), row(1));
+        assert_eq!(newer(Fetched::NotFound, Fetched::NotFound), Fetched::NotFound);
+        assert_eq!(newer(row(5), Fetched::Unavailable), Fetched::Unavailable);
+        assert_eq!(newer(Fetched::Unavailable, Fetched::NotFound), Fetched::Unavailable);
+    }
+
+    #[test]
     fn passwords_never_show_in_a_shard_s_debug_output() {
         for (url, shown) in [
             ("postgres://strata:s3cret@db:5432/strata", "postgres://strata:<redacted>@db:5432/strata"),

@@ -113,3 +113,52 @@ pub(crate) fn decode(row: &tokio_postgres::Row) -> ShardMap {
         to: row.get::<_, i32>(3).unsigned_abs(),
     }
 }
+
+#[cfg(test)]
+mod tests {
+    use strata_core::{FeatureSpec, FeatureType, FeatureViewSpec};
+
+    use super::*;
+
+    fn view() -> FeatureView {
+        FeatureViewSpec::new("v", vec![FeatureSpec { name: "a".into(), ty: FeatureType::Int64 }]).validate().unwrap()
+    }
+
+    fn names(n: usize) -> Vec<String> {
+        (0..n).map(|i| format!("shard-{i}")).collect()
+    }
+
+    #[test]
+    fn a_move_from_two_to_three_shards_sends_a_third_of_the_keys_to_the_new_shard_and_no_other() {
+        let view = view();
+        let stable = ShardMap { epoch: 1, shards: names(3), from: 2, to: 2 };
+        let moving = ShardMap { epoch: 2, shards: names(3), from: 2, to: 3 };
+        let mut moved = 0;
+        for i in 0..30_000 {
+            let key = format!("k{i}");
+            let (home, none) = stable.place(&view, &key);
+            assert!(home < 2 && none.is_none());
+            let (same, other) = moving.place(&view, &key);
+            assert_eq!(same, home, "a move keeps every key's old shard as its home");
+            if let Some(new) = other {
+                assert_eq!(new, 2, "a key only ever moves to the new shard");
+                moved += 1;
+            }
+        }
+        assert!((9_000..11_000).contains(&moved), "{moved} of 30,000 keys move");
+    }
+
+    #[test]
+    fn a_shard_the_configuration_lacks_is_named_not_guessed() {
+        let view = view();
+        let map = ShardMap { epoch: 2, shards: names(3), from: 2, to: 3 };
+        let routing = Routing::new(map.clone(), &["shard-0", "shard-1"]);
+        let key = (0..).map(|i| format!("k{i}")).find(|k| map.place(&view, k).1.is_some()).unwrap();
+        let (home, other) = routing.place(&view, &key);
+        assert!(home.is_ok());
+        assert_eq!(other, Some(Err("shard-2".to_owned())));
+        // Config order may differ from the map's: positions map by name.
+        let reordered = Routing::new(map.clone(), &["shard-1", "shard-2", "shard-0"]);
+        assert_eq!(reordered.index, vec![Some(2), Some(0), Some(1)]);
+    }
+}
