@@ -294,7 +294,7 @@ async fn verify(
     deadline: tokio::time::Instant,
 ) -> Result<()> {
     let behind = |old: &[Fetched], new: &[Fetched]| -> Vec<usize> {
-        old.iter().zip(new).enumerate().filter(|(_, (o, n))| time(o) > time(n)).map(|(i, _)| i).collect()
+        old.iter().zip(new).enumerate().filter(|(_, (o, n))| o.event_time() > n.event_time()).map(|(i, _)| i).collect()
     };
     let old = router.fetch_on(from, view, keys, deadline).await?;
     let new = router.fetch_on(to, view, keys, deadline).await?;
@@ -316,14 +316,6 @@ async fn verify(
         again[still[0]]
     );
     Ok(())
-}
-
-fn time(f: &Fetched) -> Option<strata_core::EventTime> {
-    match f {
-        Fetched::Found(row) => Some(row.event_time),
-        Fetched::Deleted(at) => Some(*at),
-        Fetched::NotFound | Fetched::Unavailable => None,
-    }
 }
 
 /// Removes from the first `old` shards the rows `map` routes elsewhere.

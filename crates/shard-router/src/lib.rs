@@ -279,6 +279,17 @@ pub enum Fetched {
     Unavailable,
 }
 
+impl Fetched {
+    /// The event time of a row or a deletion; none for the rest.
+    pub fn event_time(&self) -> Option<EventTime> {
+        match self {
+            Fetched::Found(row) => Some(row.event_time),
+            Fetched::Deleted(at) => Some(*at),
+            Fetched::NotFound | Fetched::Unavailable => None,
+        }
+    }
+}
+
 /// What a batch write (or delete) did.
 #[derive(Debug, Default)]
 pub struct UpsertOutcome {
@@ -303,18 +314,11 @@ impl UpsertOutcome {
 /// Of a key's rows on its two shards during a move, the newer; either one
 /// unreadable makes the key unavailable, since the other may be older.
 fn newer(a: Fetched, b: Fetched) -> Fetched {
-    fn time(f: &Fetched) -> Option<EventTime> {
-        match f {
-            Fetched::Found(row) => Some(row.event_time),
-            Fetched::Deleted(at) => Some(*at),
-            Fetched::NotFound | Fetched::Unavailable => None,
-        }
-    }
     match (a, b) {
         (Fetched::Unavailable, _) | (_, Fetched::Unavailable) => Fetched::Unavailable,
         (Fetched::NotFound, x) | (x, Fetched::NotFound) => x,
         (a, b) => {
-            if time(&b) > time(&a) {
+            if b.event_time() > a.event_time() {
                 b
             } else {
                 a
