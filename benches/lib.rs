@@ -29,6 +29,7 @@ impl Bench {
             data_dir: dir.path().join("stack"),
             ports: PortPlan::Ephemeral,
             shards: 2,
+            replicas: false,
             security: None,
         })
         .await?;

@@ -398,6 +398,7 @@ async fn redis_and_postgres_are_reached_with_passwords_and_tls(env: &'static Env
         data_dir: dir.path().join("stack"),
         ports: PortPlan::Ephemeral,
         shards: 2,
+        replicas: false,
         security: Some(security),
     })
     .await?;

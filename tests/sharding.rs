@@ -115,7 +115,14 @@ async fn start_stack(dir: &std::path::Path) -> Result<Stack> {
 }
 
 async fn start_stack_of(dir: &std::path::Path, shards: usize) -> Result<Stack> {
-    Stack::start(StackOptions { data_dir: dir.to_owned(), ports: PortPlan::Ephemeral, shards, security: None }).await
+    Stack::start(StackOptions {
+        data_dir: dir.to_owned(),
+        ports: PortPlan::Ephemeral,
+        shards,
+        replicas: false,
+        security: None,
+    })
+    .await
 }
 
 async fn serve(stack: &Stack) -> Result<RunningServer> {

@@ -391,6 +391,7 @@ impl Env {
             data_dir: dir.path().join("stack"),
             ports: PortPlan::Ephemeral,
             shards: *SHARDS.get().unwrap_or(&2),
+            replicas: false,
             security: None,
         }))?;
         let redis_nodes = stack.redis_nodes();

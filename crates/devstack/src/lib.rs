@@ -32,6 +32,9 @@ pub struct StackOptions {
     pub ports: PortPlan,
     /// Number of PostgreSQL shards.
     pub shards: usize,
+    /// A streaming replica for every shard, which the primary waits for on
+    /// each commit (so a promotion loses nothing acknowledged).
+    pub replicas: bool,
     /// TLS and passwords on every service; `None`: plaintext, no passwords.
     pub security: Option<Security>,
 }
@@ -90,6 +93,21 @@ pub struct ShardInfo {
     pub port: u16,
     pub data_dir: PathBuf,
     pub pid: u32,
+    /// The shard's streaming replica, if the stack started one. The
+    /// shard's `url` then lists both hosts with
+    /// `target_session_attrs=read-write`, so it reaches whichever of the
+    /// two takes writes.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub replica: Option<ReplicaInfo>,
+}
+
+#[derive(Clone, Debug, Serialize, Deserialize)]
+pub struct ReplicaInfo {
+    /// A libpq connection string of the replica alone.
+    pub url: String,
+    pub port: u16,
+    pub data_dir: PathBuf,
+    pub pid: u32,
 }
 
 /// A running stack. Stop it with [`Stack::stop`]; dropping it kills the
@@ -99,7 +117,8 @@ pub struct Stack {
     description: Description,
     redis_cli: redis::Cli,
     redis: Vec<Managed>,
-    postgres: Vec<Managed>,
+    postgres: Vec<postgres::ShardProcesses>,
+    security: Option<Security>,
 }
 
 impl Stack {
@@ -119,12 +138,14 @@ impl Stack {
         process::make_traversable(&data_dir)?;
 
         let redis_ports = options.ports.redis_ports(6)?;
-        let pg_ports = options.ports.postgres_ports(options.shards)?;
+        let servers = if options.replicas { 2 * options.shards } else { options.shards };
+        let mut pg_ports = options.ports.postgres_ports(servers)?;
+        let replica_ports = pg_ports.split_off(options.shards);
         let security = options.security.as_ref();
         let redis_cli = redis::Cli::new(security)?;
         let (redis, postgres) = tokio::try_join!(
             redis::start_cluster(&data_dir, &redis_ports, &redis_cli, security),
-            postgres::start_shards(&data_dir, &pg_ports, security)
+            postgres::start_shards(&data_dir, &pg_ports, &replica_ports, security)
         )?;
         let description = Description {
             redis_nodes: redis.iter().map(|(node, _)| node.clone()).collect(),
@@ -137,6 +158,7 @@ impl Stack {
             redis_cli,
             redis: redis.into_iter().map(|(_, p)| p).collect(),
             postgres: postgres.into_iter().map(|(_, p)| p).collect(),
+            security: options.security.clone(),
         };
         stack.write_description()?;
         Ok(stack)
@@ -165,6 +187,12 @@ impl Stack {
     /// Connection strings of the shards, in shard order.
     pub fn shard_urls(&self) -> Vec<String> {
         self.description.shards.iter().map(|s| s.url.clone()).collect()
+    }
+
+    /// Connection strings of the shards' replicas, in shard order (none
+    /// where a shard has no replica).
+    pub fn replica_urls(&self) -> Vec<Option<String>> {
+        self.description.shards.iter().map(|s| s.replica.as_ref().map(|r| r.url.clone())).collect()
     }
 
     /// Records an endpoint of a service running on top of the stack and
@@ -204,6 +232,22 @@ impl Stack {
         Ok(&mut self.redis[i])
     }
 
+    /// Kills shard `i`'s primary outright (SIGKILL to the postmaster and
+    /// every backend, as when its host dies) and waits until it is gone.
+    pub async fn kill_primary(&mut self, i: usize) -> Result<()> {
+        let process = self.shard_process(i)?;
+        process.signal_tree(Signal::SIGKILL)?;
+        process.end(Signal::SIGKILL).await
+    }
+
+    /// Promotes shard `i`'s replica to primary (`pg_promote()`, as Patroni
+    /// or an operator does) and waits until it takes writes.
+    pub async fn promote_replica(&mut self, i: usize) -> Result<()> {
+        let shard = self.description.shards.get(i).with_context(|| format!("no shard {i}"))?;
+        let replica = shard.replica.as_ref().with_context(|| format!("shard {i} has no replica"))?;
+        postgres::promote(replica.port, self.security.as_ref()).await
+    }
+
     /// Stops shard `i` (a fast shutdown: connections are closed, as when
     /// a database goes down for maintenance) and waits until it is gone.
     pub async fn stop_shard(&mut self, i: usize) -> Result<()> {
@@ -234,17 +278,18 @@ impl Stack {
     /// children (backends and background workers).
     fn signal_shard_group(&self, i: usize, signal: Signal) -> Result<()> {
         let process = self.postgres.get(i).with_context(|| format!("no shard {i}"))?;
-        process.signal_tree(signal)
+        process.primary.signal_tree(signal)
     }
 
     fn shard_process(&mut self, i: usize) -> Result<&mut Managed> {
-        self.postgres.get_mut(i).with_context(|| format!("no shard {i}"))
+        self.postgres.get_mut(i).map(|p| &mut p.primary).with_context(|| format!("no shard {i}"))
     }
 
     /// Stops every process: PostgreSQL with a fast shutdown, Redis with
     /// SIGTERM; anything still running after a grace period is killed.
     pub async fn stop(self) {
-        let all = self.redis.into_iter().chain(self.postgres);
+        let postgres = self.postgres.into_iter().flat_map(|p| std::iter::once(p.primary).chain(p.replica));
+        let all = self.redis.into_iter().chain(postgres);
         futures::future::join_all(all.map(Managed::stop)).await;
     }
 }

@@ -7,7 +7,8 @@ use rand::Rng;
 #[derive(Clone, Copy, Debug)]
 pub enum PortPlan {
     /// Consecutive ports from fixed bases, for a demo users can remember:
-    /// Redis on `redis..redis+6`, PostgreSQL on `postgres..postgres+shards`.
+    /// Redis on `redis..redis+6`, PostgreSQL on `postgres..postgres+shards`
+    /// (replicas, if any, on the next `shards` ports).
     Fixed { redis: u16, postgres: u16 },
     /// Free ports picked at random, for tests that may run side by side.
     Ephemeral,

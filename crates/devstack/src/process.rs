@@ -117,7 +117,8 @@ impl Managed {
 pub(crate) async fn stop_leftovers(description: &Path) {
     let Ok(text) = std::fs::read_to_string(description) else { return };
     let Ok(old) = serde_json::from_str::<crate::Description>(&text) else { return };
-    let pids = old.redis_nodes.iter().map(|n| n.pid).chain(old.shards.iter().map(|s| s.pid));
+    let replicas = old.shards.iter().filter_map(|s| s.replica.as_ref().map(|r| r.pid));
+    let pids = old.redis_nodes.iter().map(|n| n.pid).chain(old.shards.iter().map(|s| s.pid)).chain(replicas);
     for pid in pids {
         let comm = std::fs::read_to_string(format!("/proc/{pid}/comm")).unwrap_or_default();
         if !(comm.starts_with("redis-server") || comm.starts_with("postgres")) {

@@ -176,6 +176,9 @@ enum Loaded {
         /// How long the Redis entry it was read from stays fresh; `None`
         /// for a value read from PostgreSQL.
         l2_fresh_for: Option<Duration>,
+        /// Read from a replica that may be behind (its primary could not
+        /// answer): served stale, never cached.
+        behind: bool,
     },
     /// The owning shard could not be read (shared with waiters, not cached).
     Unavailable,
@@ -183,11 +186,13 @@ enum Loaded {
 
 impl Loaded {
     fn from_l2(hit: L2Hit) -> Loaded {
-        Loaded::Value { value: hit.value, source: Source::L2, l2_fresh_for: Some(hit.fresh_for) }
+        Loaded::Value { value: hit.value, source: Source::L2, l2_fresh_for: Some(hit.fresh_for), behind: false }
     }
 
-    fn from_l3(value: Cached) -> Loaded {
-        Loaded::Value { value, source: Source::L3, l2_fresh_for: None }
+    /// A value PostgreSQL gave, from a replica that may be behind when
+    /// `behind`.
+    fn from_shard(value: Cached, behind: bool) -> Loaded {
+        Loaded::Value { value, source: Source::L3, l2_fresh_for: None, behind }
     }
 }
 

@@ -103,24 +103,32 @@ impl Lower {
         // Released after the fill, or when this request is dropped first
         // (its client went away): never left to expire while others wait.
         let leases = Leases::held(&self.l2, view, &mine_keys);
-        // A key whose shard is down is not waited for: its holder will not
-        // fill it, and waiting would hold up the rest of the batch (and
-        // every request waiting on this one) for half its deadline.
+        // A key whose shard's primary is down is not waited for: its holder
+        // will not fill it (a replica's answer is not cached then), and
+        // waiting would hold up the rest of the batch (and every request
+        // waiting on this one) for half its deadline. It is read here: a
+        // replica may answer, else the refusal is immediate.
         let (theirs, down): (Vec<usize>, Vec<usize>) = theirs
             .into_iter()
             .partition(|&i| self.shards.shard_of(view, keys[i]).is_some_and(|s| self.shards.available(s)));
-        for i in down {
-            out[i] = Some(Loaded::Unavailable);
-        }
         let theirs_keys: Vec<&str> = theirs.iter().map(|&i| keys[i]).collect();
+        let down_keys: Vec<&str> = down.iter().map(|&i| keys[i]).collect();
         let load_mine = async {
             if mine_keys.is_empty() {
                 return Vec::new();
             }
             self.fetch_then_fill(view, &mine_keys, leases, deadline).await
         };
-        let (mine_loaded, theirs_loaded) = tokio::join!(load_mine, self.wait_for_holders(view, &theirs_keys, deadline));
-        for (i, loaded) in mine.into_iter().zip(mine_loaded).chain(theirs.into_iter().zip(theirs_loaded)) {
+        let load_down = async {
+            if down_keys.is_empty() {
+                return Vec::new();
+            }
+            self.fetch_then_fill(view, &down_keys, Leases::none(&self.l2, view), deadline).await
+        };
+        let (mine_loaded, theirs_loaded, down_loaded) =
+            tokio::join!(load_mine, self.wait_for_holders(view, &theirs_keys, deadline), load_down);
+        let loaded = mine.into_iter().zip(mine_loaded).chain(theirs.into_iter().zip(theirs_loaded));
+        for (i, loaded) in loaded.chain(down.into_iter().zip(down_loaded)) {
             out[i] = Some(loaded);
         }
         out.into_iter().map(|l| l.unwrap_or(Loaded::Unavailable)).collect()
@@ -235,16 +243,16 @@ impl Lower {
     ) -> Vec<(Loaded, EventTime)> {
         let fetched: Vec<(Loaded, EventTime)> = self
             .shards
-            .fetch(view, keys, deadline)
+            .fetch_marked(view, keys, deadline)
             .await
             .into_iter()
-            .map(|fetched| match fetched {
+            .map(|(fetched, behind)| match fetched {
                 Fetched::Found(row) => {
                     let version = row.event_time;
-                    (Loaded::from_l3(Cached::Found(Arc::new(row))), version)
+                    (Loaded::from_shard(Cached::Found(Arc::new(row)), behind), version)
                 }
-                Fetched::NotFound => (Loaded::from_l3(Cached::Missing), EventTime::NEVER),
-                Fetched::Deleted(at) => (Loaded::from_l3(Cached::Missing), at),
+                Fetched::NotFound => (Loaded::from_shard(Cached::Missing, behind), EventTime::NEVER),
+                Fetched::Deleted(at) => (Loaded::from_shard(Cached::Missing, behind), at),
                 Fetched::Unavailable => (Loaded::Unavailable, EventTime::NEVER),
             })
             .collect();
@@ -324,7 +332,7 @@ pub(crate) fn fills<'a>(
     keys.iter()
         .zip(fetched)
         .filter_map(|(key, (loaded, version))| match loaded {
-            Loaded::Value { value, .. } if protection.cacheable(value) => {
+            Loaded::Value { value, behind: false, .. } if protection.cacheable(value) => {
                 let life = protection.lifetime(view, value, view.l2_ttl);
                 let content = match value {
                     Cached::Found(row) => Content::Found(row.as_ref()),
@@ -376,7 +384,7 @@ impl Reloader for Lower {
         loaded
             .into_iter()
             .map(|loaded| match loaded {
-                Loaded::Value { value, l2_fresh_for, .. } if self.protection.cacheable(&value) => {
+                Loaded::Value { value, l2_fresh_for, behind: false, .. } if self.protection.cacheable(&value) => {
                     let life = self.protection.l1_lifetime(&view, &value, l2_fresh_for);
                     Some((value, life))
                 }

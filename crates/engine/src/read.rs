@@ -42,14 +42,25 @@ impl Tiers {
                 loaded
             };
             let mut unavailable = Vec::new();
+            let mut behind_served = 0;
             for (i, loaded) in misses.into_iter().zip(loaded) {
                 out[i] = Some(match loaded {
+                    Loaded::Value { value, source, behind: true, .. } => match Served::new(value, source) {
+                        Served::Found { row, source, .. } => {
+                            behind_served += 1;
+                            Served::Found { row, source, stale: true }
+                        }
+                        other => other,
+                    },
                     Loaded::Value { value, source, .. } => Served::new(value, source),
                     Loaded::Unavailable => {
                         unavailable.push(i);
                         Served::Unavailable
                     }
                 });
+            }
+            if behind_served > 0 {
+                metrics::counter!("strata_stale_served_total", "view" => view.name.clone()).increment(behind_served);
             }
             if !unavailable.is_empty() {
                 self.serve_stale(view, keys, &unavailable, &mut out).await;
@@ -180,7 +191,7 @@ impl Tiers {
     pub(crate) async fn fill_l1(&self, view: &FeatureView, stamp: Stamp, keys: &[&str], loaded: &[Loaded]) {
         let protection = &self.lower.protection;
         let entries = keys.iter().zip(loaded).filter_map(|(key, loaded)| match loaded {
-            Loaded::Value { value, l2_fresh_for, .. } if protection.cacheable(value) => {
+            Loaded::Value { value, l2_fresh_for, behind: false, .. } if protection.cacheable(value) => {
                 Some(((*key).to_owned(), value.clone(), protection.l1_lifetime(view, value, *l2_fresh_for)))
             }
             _ => None,

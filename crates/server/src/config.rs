@@ -18,7 +18,7 @@ use serde::{Deserialize, Serialize};
 use strata_cache_tiers::L2Config;
 use strata_core::{BreakerConfig, EntitySpec, FeatureServiceSpec, FeatureViewSpec, Registry, RetryPolicy};
 use strata_proto::Limits;
-use strata_shard_router::{PoolOptions, ShardConfig};
+use strata_shard_router::{PoolOptions, ReplicaOptions, ShardConfig};
 
 use crate::admission::{ClientLimit, RateLimits};
 use crate::auth::{Authenticator, Credential, Principal, Views};
@@ -384,6 +384,14 @@ pub struct PostgresSection {
     /// followed without a restart.
     #[serde(with = "humantime_serde")]
     pub map_refresh: Duration,
+    /// The most replay lag a shard's replica may have to answer reads as
+    /// if it were the primary; checked twice per this long. Must be shorter
+    /// than `writes.guard_ttl`.
+    #[serde(with = "humantime_serde")]
+    pub replica_max_lag: Duration,
+    /// Whether cache fills read a replica within `replica_max_lag` before
+    /// the primary. false: replicas answer only while the primary cannot.
+    pub read_from_replicas: bool,
     pub shards: Vec<ShardSection>,
 }
 
@@ -398,12 +406,22 @@ pub struct ShardSection {
     /// An environment variable holding the password.
     #[serde(default)]
     pub password_env: String,
+    /// Connection strings of the shard's streaming replicas (same user and
+    /// password), which may answer reads; writes go to `url` only.
+    #[serde(default)]
+    pub replicas: Vec<String>,
 }
 
 impl ShardSection {
     /// A shard whose password, if any, is in its URL.
     pub fn new(name: impl Into<String>, url: impl Into<String>) -> ShardSection {
-        ShardSection { name: name.into(), url: url.into(), password_file: String::new(), password_env: String::new() }
+        ShardSection {
+            name: name.into(),
+            url: url.into(),
+            password_file: String::new(),
+            password_env: String::new(),
+            replicas: Vec::new(),
+        }
     }
 }
 
@@ -413,6 +431,7 @@ impl std::fmt::Debug for ShardSection {
         f.debug_struct("ShardSection")
             .field("name", &self.name)
             .field("url", &strata_shard_router::redact_url(&self.url))
+            .field("replicas", &self.replicas.iter().map(|u| strata_shard_router::redact_url(u)).collect::<Vec<_>>())
             .finish()
     }
 }
@@ -484,6 +503,8 @@ impl Default for PostgresSection {
             connect_timeout: pool.connect_timeout,
             tls_ca_file: String::new(),
             map_refresh: Duration::from_secs(1),
+            replica_max_lag: pool.replicas.max_lag,
+            read_from_replicas: pool.replicas.prefer,
             shards: Vec::new(),
         }
     }
@@ -801,10 +822,21 @@ impl FileConfig {
             connect_timeout: pg_connect_timeout,
             tls_ca_file,
             map_refresh,
+            replica_max_lag,
+            read_from_replicas,
             shards,
         } = postgres;
         if map_refresh.is_zero() {
             bail!("postgres.map_refresh must be greater than zero");
+        }
+        if replica_max_lag.is_zero() || replica_max_lag >= writes.guard_ttl {
+            // A cache fill from a replica must not be able to bring back a
+            // value older than a deletion whose guard has expired.
+            bail!(
+                "postgres.replica_max_lag ({replica_max_lag:?}) must be greater than zero and shorter than \
+                 writes.guard_ttl ({:?})",
+                writes.guard_ttl
+            );
         }
         if shards.is_empty() {
             bail!("postgres.shards: at least one shard is needed");
@@ -818,15 +850,18 @@ impl FileConfig {
                 bail!("postgres.shards: name {:?} is used twice", shard.name);
             }
         }
-        let needs_tls = shards.iter().any(|s| tokio_postgres_ssl_mode(&s.url).is_some_and(|mode| mode == "require"));
+        let needs_tls = shards
+            .iter()
+            .flat_map(|s| std::iter::once(&s.url).chain(&s.replicas))
+            .any(|url| tokio_postgres_ssl_mode(url).is_some_and(|mode| mode == "require"));
         let postgres_tls = match (tls_ca_file.trim(), needs_tls) {
             ("", false) => None,
             (ca, _) => Some(Arc::new(client_tls("postgres.tls_ca_file", (!ca.is_empty()).then_some(ca))?)),
         };
         let mut shard_configs = Vec::with_capacity(shards.len());
-        for ShardSection { name, url, password_file, password_env } in shards {
+        for ShardSection { name, url, password_file, password_env, replicas } in shards {
             let password = secret(&format!("postgres.shards {name:?}"), String::new(), &password_file, &password_env)?;
-            shard_configs.push(ShardConfig { name, url, password });
+            shard_configs.push(ShardConfig { name, url, password, replicas });
         }
 
         let StampedeSection { enabled, lease_ttl, refresh_queue, refresh_concurrency } = stampede;
@@ -905,6 +940,7 @@ impl FileConfig {
                 breaker,
                 retry: RetryPolicy { attempts, base: base_delay, cap: max_delay },
                 tls: postgres_tls,
+                replicas: ReplicaOptions { max_lag: replica_max_lag, prefer: read_from_replicas },
             },
             shards: shard_configs,
             map_refresh,

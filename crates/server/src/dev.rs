@@ -16,6 +16,8 @@ pub struct DevOptions {
     pub config: Vec<PathBuf>,
     pub data_dir: PathBuf,
     pub shards: usize,
+    /// A streaming replica per shard.
+    pub replicas: bool,
     pub demo_entities: u64,
 }
 
@@ -30,10 +32,12 @@ pub async fn run(options: DevOptions) -> Result<()> {
         data_dir: options.data_dir.clone(),
         ports: DEV_PORTS,
         shards: options.shards,
+        replicas: options.replicas,
         security: None,
     })
     .await?;
-    println!("redis cluster and {} postgres shards up in {:.1?}", options.shards, started.elapsed());
+    let replicas = if options.replicas { ", each with a replica," } else { "" };
+    println!("redis cluster and {} postgres shards{replicas} up in {:.1?}", options.shards, started.elapsed());
 
     // The rest may fail; the stack is stopped whatever happens.
     let result = serve_on(&mut stack, &mut file, &options).await;
@@ -44,7 +48,15 @@ pub async fn run(options: DevOptions) -> Result<()> {
 /// Points a configuration at a running stack's Redis nodes and shards.
 pub fn use_stack(file: &mut FileConfig, stack: &Stack) {
     file.redis.nodes = stack.redis_nodes();
-    file.postgres.shards = stack.description().shards.iter().map(|s| ShardSection::new(&s.name, &s.url)).collect();
+    file.postgres.shards = stack
+        .description()
+        .shards
+        .iter()
+        .map(|s| ShardSection {
+            replicas: s.replica.iter().map(|r| r.url.clone()).collect(),
+            ..ShardSection::new(&s.name, &s.url)
+        })
+        .collect();
 }
 
 async fn serve_on(stack: &mut Stack, file: &mut FileConfig, options: &DevOptions) -> Result<()> {

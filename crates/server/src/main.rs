@@ -211,6 +211,10 @@ enum Command {
         data_dir: PathBuf,
         #[arg(long, default_value_t = 2)]
         shards: usize,
+        /// A streaming replica for every shard (reads may go to it; the
+        /// primary waits for it on every commit).
+        #[arg(long)]
+        replicas: bool,
         /// Entities of the demo data set written to user_features.
         #[arg(long, default_value_t = 100_000)]
         demo_entities: u64,
@@ -408,8 +412,8 @@ async fn run(cli: Cli) -> Result<()> {
             println!("{}", strata_server::auth::hex(&strata_server::auth::token_hash(line.trim())));
             Ok(())
         }
-        Command::Dev { config, data_dir, shards, demo_entities } => {
-            dev::run(DevOptions { config, data_dir, shards, demo_entities }).await
+        Command::Dev { config, data_dir, shards, replicas, demo_entities } => {
+            dev::run(DevOptions { config, data_dir, shards, replicas, demo_entities }).await
         }
     }
 }

@@ -204,6 +204,16 @@ pub const METRICS: &[Metric] = &[
         help: "Epoch of the shard map this instance routes by (it changes twice per reshard)",
     },
     Metric {
+        name: "strata_shard_reads_total",
+        kind: Kind::Counter,
+        help: "Batch reads of shards that have replicas, by shard and what answered: primary, replica (within postgres.replica_max_lag), replica_behind (the primary could not answer; rows served STALE)",
+    },
+    Metric {
+        name: "strata_replica_lag_seconds",
+        kind: Kind::Gauge,
+        help: "Replay lag of each replica at its last check, by shard (<index>-replica-<n>); NaN when unknown (not streaming from a primary, or not answering)",
+    },
+    Metric {
         name: "strata_shard_map_stale_writes_total",
         kind: Kind::Counter,
         help: "Write transactions a shard refused because it knows a newer shard map than the writer, by shard",

@@ -74,6 +74,8 @@ impl RunningServer {
             tracing::warn!(%error, "cannot read the shard map yet; routing by the configuration until it is read");
         }
         shards.follow(config.map_refresh);
+        // Replicas answer reads only while their lag checks allow.
+        shards.watch_replicas();
         // A cluster that does not answer yet is connected to in the
         // background; meanwhile reads are answered from L1 and PostgreSQL.
         let l2 = L2Cache::connect(&config.redis).await.context("bad redis configuration")?;

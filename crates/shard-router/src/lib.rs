@@ -16,6 +16,7 @@
 #![forbid(unsafe_code)]
 
 mod map;
+mod replica;
 mod reshard;
 mod routing;
 mod schema;
@@ -34,6 +35,7 @@ use strata_core::{Breaker, BreakerConfig, BreakerState, EventTime, FeatureView, 
 use tokio_postgres::NoTls;
 
 pub use map::ShardMap;
+pub use replica::ReplicaOptions;
 pub use routing::{jump_hash, shard_for, shard_for_key};
 pub use snapshot::{Column, Exported, Imported};
 
@@ -52,8 +54,11 @@ pub struct ShardConfig {
     /// offers it, when TLS is configured) or `require`.
     pub url: String,
     /// The password, when it is not in the URL (read from a file or the
-    /// environment by the configuration).
+    /// environment by the configuration). The replicas use it too.
     pub password: Option<String>,
+    /// Connection strings of the shard's streaming replicas, which may
+    /// answer reads (see [`ReplicaOptions`]); never written to.
+    pub replicas: Vec<String>,
 }
 
 /// Prints the URL without its password.
@@ -63,6 +68,7 @@ impl std::fmt::Debug for ShardConfig {
             .field("name", &self.name)
             .field("url", &redact_url(&self.url))
             .field("password", &self.password.as_ref().map(|_| "<redacted>"))
+            .field("replicas", &self.replicas.iter().map(|url| redact_url(url)).collect::<Vec<_>>())
             .finish()
     }
 }
@@ -111,6 +117,8 @@ pub struct PoolOptions {
     /// TLS towards the shards (verifying each server's certificate and
     /// name); `None`: plaintext.
     pub tls: Option<Arc<rustls::ClientConfig>>,
+    /// How the shards' replicas answer reads.
+    pub replicas: ReplicaOptions,
 }
 
 impl Default for PoolOptions {
@@ -121,6 +129,7 @@ impl Default for PoolOptions {
             breaker: BreakerConfig::default(),
             retry: RetryPolicy::default(),
             tls: None,
+            replicas: ReplicaOptions::default(),
         }
     }
 }
@@ -329,10 +338,15 @@ fn newer(a: Fetched, b: Fetched) -> Fetched {
 
 struct Shard {
     name: String,
-    /// The shard index as a metrics label.
+    /// The shard index as a metrics label (`<index>-replica-<n>` for a
+    /// replica).
     label: String,
     pool: Pool,
     breaker: Breaker,
+    /// Its streaming replicas (none for a replica itself).
+    replicas: Vec<replica::Replica>,
+    /// Turns among the replicas that may answer.
+    next_replica: std::sync::atomic::AtomicUsize,
 }
 
 /// The state of one shard's connection pool.
@@ -353,6 +367,7 @@ pub struct PoolUsage {
 pub struct ShardRouter {
     shards: Arc<Vec<Shard>>,
     retry: RetryPolicy,
+    replicas: ReplicaOptions,
     /// The shard map this instance routes by; replaced when a newer one is
     /// read from the shards.
     routing: Arc<std::sync::RwLock<Arc<map::Routing>>>,
@@ -367,32 +382,13 @@ impl ShardRouter {
         }
         let mut shards = Vec::with_capacity(configs.len());
         for (index, config) in configs.iter().enumerate() {
-            let mut pg = tokio_postgres::Config::from_str(&config.url)
-                .map_err(|source| ShardError::Config { shard: config.name.clone(), source })?;
-            if pg.get_application_name().is_none() {
-                pg.application_name("strata");
+            let mut shard = Shard::connect(&config.name, index.to_string(), &config.url, config, options)?;
+            for (n, url) in config.replicas.iter().enumerate() {
+                let name = format!("{} (replica {n})", config.name);
+                let node = Shard::connect(&name, format!("{index}-replica-{n}"), url, config, options)?;
+                shard.replicas.push(replica::Replica::new(node));
             }
-            pg.connect_timeout(options.connect_timeout);
-            if let Some(password) = &config.password {
-                pg.password(password);
-            }
-            let recycling = ManagerConfig { recycling_method: RecyclingMethod::Fast };
-            let manager = match &options.tls {
-                Some(tls) if pg.get_ssl_mode() != tokio_postgres::config::SslMode::Disable => {
-                    let connect = tokio_postgres_rustls::MakeRustlsConnect::new((**tls).clone());
-                    Manager::from_config(pg, connect, recycling)
-                }
-                _ => Manager::from_config(pg, NoTls, recycling),
-            };
-            let pool = Pool::builder(manager)
-                .max_size(options.max_connections)
-                .runtime(Runtime::Tokio1)
-                .wait_timeout(Some(options.connect_timeout))
-                .create_timeout(Some(options.connect_timeout))
-                .build()
-                .map_err(|e| ShardError::Pool { shard: config.name.clone(), message: e.to_string() })?;
-            let breaker = Breaker::new(format!("postgres:{}", config.name), options.breaker);
-            shards.push(Shard { name: config.name.clone(), label: index.to_string(), pool, breaker });
+            shards.push(shard);
         }
         let names: Vec<String> = configs.iter().map(|c| c.name.clone()).collect();
         let refs: Vec<&str> = names.iter().map(String::as_str).collect();
@@ -400,6 +396,7 @@ impl ShardRouter {
         Ok(ShardRouter {
             shards: Arc::new(shards),
             retry: options.retry,
+            replicas: options.replicas.clone(),
             routing: Arc::new(std::sync::RwLock::new(Arc::new(routing))),
         })
     }
@@ -507,18 +504,56 @@ impl ShardRouter {
     /// task holds no pool alive).
     pub fn follow(&self, every: Duration) -> tokio::task::JoinHandle<()> {
         let (shards, routing, retry) = (Arc::downgrade(&self.shards), Arc::downgrade(&self.routing), self.retry);
+        let replicas = self.replicas.clone();
         tokio::spawn(async move {
             let mut tick = tokio::time::interval(every);
             tick.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Delay);
             loop {
                 tick.tick().await;
                 let (Some(shards), Some(routing)) = (shards.upgrade(), routing.upgrade()) else { return };
-                let router = ShardRouter { shards, retry, routing };
+                let router = ShardRouter { shards, retry, replicas: replicas.clone(), routing };
                 if let Err(error) = router.refresh_map(every.max(Duration::from_secs(1))).await {
                     tracing::debug!(%error, "cannot read the shard map");
                 }
             }
         })
+    }
+
+    /// Checks every replica's replay lag twice per
+    /// [`ReplicaOptions::max_lag`], until the router is dropped; a replica
+    /// answers reads only while its checks find it within the bound (or
+    /// while its primary cannot answer). `None` when no shard has replicas.
+    pub fn watch_replicas(&self) -> Option<tokio::task::JoinHandle<()>> {
+        if self.shards.iter().all(|s| s.replicas.is_empty()) {
+            return None;
+        }
+        let shards = Arc::downgrade(&self.shards);
+        let every = self.replicas.check_every();
+        Some(tokio::spawn(async move {
+            let mut tick = tokio::time::interval(every);
+            tick.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Delay);
+            loop {
+                tick.tick().await;
+                let Some(shards) = shards.upgrade() else { return };
+                let checks = shards.iter().flat_map(|s| &s.replicas).map(|r| async move {
+                    if let Err(error) = r.check(every.max(Duration::from_millis(250))).await {
+                        tracing::debug!(replica = %r.node.name, %error, "replica lag check failed");
+                    }
+                });
+                join_all(checks).await;
+            }
+        }))
+    }
+
+    /// Checks every replica's lag once, now (each within `timeout`), for a
+    /// caller that cannot wait for [`ShardRouter::watch_replicas`]' next
+    /// round. Returns each shard's replicas' lags (`None`: unknown).
+    pub async fn check_replicas(&self, timeout: Duration) -> Vec<Vec<Option<Duration>>> {
+        let shards = self
+            .shards
+            .iter()
+            .map(|s| join_all(s.replicas.iter().map(|r| async move { r.check(timeout).await.ok().flatten() })));
+        join_all(shards).await
     }
 
     /// The breaker state of each shard, in config order.
@@ -607,6 +642,19 @@ impl ShardRouter {
     /// backoff while the deadline allows. While a reshard moves a key, it is
     /// read from both its shards and the newer row wins.
     pub async fn fetch(&self, view: &FeatureView, keys: &[&str], deadline: tokio::time::Instant) -> Vec<Fetched> {
+        self.fetch_marked(view, keys, deadline).await.into_iter().map(|(fetched, _)| fetched).collect()
+    }
+
+    /// [`ShardRouter::fetch`], telling for each key whether it was read
+    /// from a replica that may be behind: its primary could not answer, and
+    /// the replica's lag is unknown or over [`ReplicaOptions::max_lag`]. Such
+    /// an answer is the best there is, but must not be cached as the truth.
+    pub async fn fetch_marked(
+        &self,
+        view: &FeatureView,
+        keys: &[&str],
+        deadline: tokio::time::Instant,
+    ) -> Vec<(Fetched, bool)> {
         let routing = self.routing();
         let places: Vec<_> = keys.iter().map(|key| routing.place(view, key)).collect();
         let mut by_shard: Vec<Vec<&str>> = vec![Vec::new(); self.shards.len()];
@@ -626,45 +674,113 @@ impl ShardRouter {
             }
             (s, result.ok())
         });
-        let mut answers: Vec<Option<std::collections::HashMap<String, sql::Selected>>> =
+        let mut answers: Vec<Option<(std::collections::HashMap<String, sql::Selected>, bool)>> =
             (0..self.shards.len()).map(|_| None).collect();
         for (s, found) in join_all(queries).await {
             answers[s] = found;
         }
         let mut take = |slot: &map::Slot, key: &str| match slot {
-            Err(_) => Fetched::Unavailable,
+            Err(_) => (Fetched::Unavailable, false),
             Ok(s) => match &mut answers[*s] {
-                None => Fetched::Unavailable,
-                Some(found) => match found.remove(key) {
-                    Some(sql::Selected::Row(row)) => Fetched::Found(row),
-                    Some(sql::Selected::Deleted(at)) => Fetched::Deleted(at),
-                    Some(sql::Selected::Unreadable) => Fetched::Unavailable,
-                    None => Fetched::NotFound,
-                },
+                None => (Fetched::Unavailable, false),
+                Some((found, behind)) => {
+                    let fetched = match found.remove(key) {
+                        Some(sql::Selected::Row(row)) => Fetched::Found(row),
+                        Some(sql::Selected::Deleted(at)) => Fetched::Deleted(at),
+                        Some(sql::Selected::Unreadable) => Fetched::Unavailable,
+                        None => Fetched::NotFound,
+                    };
+                    (fetched, *behind)
+                }
             },
         };
         keys.iter()
             .zip(&places)
             .map(|(key, (home, other))| {
-                let found = take(home, key);
+                let (found, behind) = take(home, key);
                 match other {
-                    Some(other) => newer(found, take(other, key)),
-                    None => found,
+                    Some(other) => {
+                        let (other, other_behind) = take(other, key);
+                        (newer(found, other), behind || other_behind)
+                    }
+                    None => (found, behind),
                 }
             })
             .collect()
     }
 
-    /// One shard's part of a batch read, retried with backoff while the
-    /// deadline allows.
+    /// One shard's part of a batch read, from a replica within the lag
+    /// bound (when preferred) or the primary; when neither answers, from
+    /// any replica that does, marked behind (`true`) unless its lag is
+    /// within the bound. With replicas, the primary gets half the time left,
+    /// so that a replica can still answer for a primary that hangs.
     async fn fetch_from(
         &self,
         s: usize,
         view: &FeatureView,
         keys: &[&str],
         deadline: tokio::time::Instant,
-    ) -> Result<std::collections::HashMap<String, sql::Selected>, ShardError> {
+    ) -> Result<(std::collections::HashMap<String, sql::Selected>, bool), ShardError> {
         let shard = &self.shards[s];
+        if shard.replicas.is_empty() {
+            return self.fetch_primary(shard, view, keys, deadline).await.map(|found| (found, false));
+        }
+        let options = &self.replicas;
+        let count = |from: &'static str| {
+            metrics::counter!("strata_shard_reads_total", "shard" => shard.label.clone(), "from" => from).increment(1);
+        };
+        let mut tried = None;
+        if options.prefer {
+            let fresh: Vec<usize> = (0..shard.replicas.len()).filter(|&r| shard.replicas[r].fresh(options)).collect();
+            if !fresh.is_empty() {
+                let turn = shard.next_replica.fetch_add(1, std::sync::atomic::Ordering::Relaxed);
+                let r = fresh[turn % fresh.len()];
+                let now = tokio::time::Instant::now();
+                match shard.replicas[r].node.read(view, keys, now + deadline.saturating_duration_since(now) / 2).await {
+                    Ok(found) => {
+                        count("replica");
+                        return Ok((found, false));
+                    }
+                    Err(error) => {
+                        tracing::debug!(replica = %shard.replicas[r].node.name, %error, "replica read failed; asking the primary");
+                        tried = Some(r);
+                    }
+                }
+            }
+        }
+        let now = tokio::time::Instant::now();
+        let primary_until = now + deadline.saturating_duration_since(now) / 2;
+        let error = match self.fetch_primary(shard, view, keys, primary_until).await {
+            Ok(found) => {
+                count("primary");
+                return Ok((found, false));
+            }
+            Err(error) => error,
+        };
+        // The primary could not answer: any replica that can, fresh first.
+        let mut order: Vec<usize> = (0..shard.replicas.len()).filter(|&r| Some(r) != tried).collect();
+        order.sort_by_key(|&r| !shard.replicas[r].fresh(options));
+        for r in order {
+            let replica = &shard.replicas[r];
+            if let Ok(found) = replica.node.read(view, keys, deadline).await {
+                let behind = !replica.fresh(options);
+                count(if behind { "replica_behind" } else { "replica" });
+                tracing::debug!(shard = %shard.name, %error, behind, "primary read failed; answered by a replica");
+                return Ok((found, behind));
+            }
+        }
+        Err(error)
+    }
+
+    /// One shard's part of a batch read from its primary, retried with
+    /// backoff while the deadline allows.
+    async fn fetch_primary(
+        &self,
+        shard: &Shard,
+        view: &FeatureView,
+        keys: &[&str],
+        deadline: tokio::time::Instant,
+    ) -> Result<std::collections::HashMap<String, sql::Selected>, ShardError> {
         let mut retry = 0;
         loop {
             let started = Instant::now();
@@ -902,6 +1018,50 @@ impl ShardRouter {
 }
 
 impl Shard {
+    /// A pool and breaker for one server of a shard (its primary or a
+    /// replica), connecting on first use.
+    fn connect(
+        name: &str,
+        label: String,
+        url: &str,
+        config: &ShardConfig,
+        options: &PoolOptions,
+    ) -> Result<Shard, ShardError> {
+        let mut pg = tokio_postgres::Config::from_str(url)
+            .map_err(|source| ShardError::Config { shard: name.to_owned(), source })?;
+        if pg.get_application_name().is_none() {
+            pg.application_name("strata");
+        }
+        pg.connect_timeout(options.connect_timeout);
+        if let Some(password) = &config.password {
+            pg.password(password);
+        }
+        let recycling = ManagerConfig { recycling_method: RecyclingMethod::Fast };
+        let manager = match &options.tls {
+            Some(tls) if pg.get_ssl_mode() != tokio_postgres::config::SslMode::Disable => {
+                let connect = tokio_postgres_rustls::MakeRustlsConnect::new((**tls).clone());
+                Manager::from_config(pg, connect, recycling)
+            }
+            _ => Manager::from_config(pg, NoTls, recycling),
+        };
+        let pool = Pool::builder(manager)
+            .max_size(options.max_connections)
+            .runtime(Runtime::Tokio1)
+            .wait_timeout(Some(options.connect_timeout))
+            .create_timeout(Some(options.connect_timeout))
+            .build()
+            .map_err(|e| ShardError::Pool { shard: name.to_owned(), message: e.to_string() })?;
+        let breaker = Breaker::new(format!("postgres:{name}"), options.breaker);
+        Ok(Shard {
+            name: name.to_owned(),
+            label,
+            pool,
+            breaker,
+            replicas: Vec::new(),
+            next_replica: std::sync::atomic::AtomicUsize::new(0),
+        })
+    }
+
     async fn client(&self) -> Result<deadpool_postgres::Client, ShardError> {
         self.pool.get().await.map_err(|source| ShardError::Connect { shard: self.name.clone(), source })
     }
@@ -957,6 +1117,19 @@ impl Shard {
             Guarded::TimedOut => Err(ShardError::Timeout { shard: self.name.clone() }),
             Guarded::Done(result) => result,
         }
+    }
+
+    /// [`Shard::fetch`] through the breaker, cut at `until`, once.
+    async fn read(
+        &self,
+        view: &FeatureView,
+        keys: &[&str],
+        until: tokio::time::Instant,
+    ) -> Result<std::collections::HashMap<String, sql::Selected>, ShardError> {
+        let started = Instant::now();
+        let result = self.guarded(Some(until), self.fetch(view, keys)).await;
+        self.observe("fetch", started, &result);
+        result
     }
 
     async fn fetch(
@@ -1135,8 +1308,10 @@ mod tests {
             ("postgres://db/strata", "postgres://db/strata"),
         ] {
             assert_eq!(redact_url(url), shown);
-            let printed =
-                format!("{:?}", ShardConfig { name: "a".into(), url: url.into(), password: Some("s3cret".into()) });
+            let printed = format!(
+                "{:?}",
+                ShardConfig { name: "a".into(), url: url.into(), password: Some("s3cret".into()), replicas: vec![] }
+            );
             assert!(!printed.contains("s3"), "{printed}");
         }
     }

@@ -39,7 +39,7 @@ impl ShardRouter {
         keys: &[&str],
         deadline: tokio::time::Instant,
     ) -> Result<Vec<Fetched>, ShardError> {
-        let mut found = self.fetch_from(shard, view, keys, deadline).await?;
+        let mut found = self.fetch_primary(&self.shards[shard], view, keys, deadline).await?;
         Ok(keys
             .iter()
             .map(|key| match found.remove(*key) {
