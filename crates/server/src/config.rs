@@ -1188,6 +1188,7 @@ mod tests {
         "postgres.shards[].url",
         "postgres.shards[].password_file",
         "postgres.shards[].password_env",
+        "postgres.shards[].replicas",
         "auth.principals[].name",
         "auth.principals[].token_sha256",
         "auth.principals[].certificate_names",
