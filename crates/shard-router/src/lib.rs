@@ -545,17 +545,6 @@ impl ShardRouter {
         }))
     }
 
-    /// Checks every replica's lag once, now (each within `timeout`), for a
-    /// caller that cannot wait for [`ShardRouter::watch_replicas`]' next
-    /// round. Returns each shard's replicas' lags (`None`: unknown).
-    pub async fn check_replicas(&self, timeout: Duration) -> Vec<Vec<Option<Duration>>> {
-        let shards = self
-            .shards
-            .iter()
-            .map(|s| join_all(s.replicas.iter().map(|r| async move { r.check(timeout).await.ok().flatten() })));
-        join_all(shards).await
-    }
-
     /// The breaker state of each shard, in config order.
     pub fn states(&self) -> Vec<BreakerState> {
         self.shards.iter().map(|s| s.breaker.state()).collect()
